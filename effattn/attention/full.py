@@ -1,0 +1,130 @@
+"""Full (dense) scaled dot-product attention — the reference every exact mechanism is compared with.
+
+Vaswani et al., 2017, *Attention Is All You Need*, https://arxiv.org/abs/1706.03762
+
+Intuition: every query compares itself with every key; the softmax of the
+scaled similarities weighs the values. Cost O(N M d) time and O(N M) memory —
+the quadratic bottleneck the whole survey is about.
+
+    S = Q K^T / sqrt(d)                     (..., N, M)
+    P = softmax(S + log mask)               masked entries get exactly zero weight
+    O = P V                                 (..., N, dv)
+
+Backward (derived in :mod:`effattn.nn.sparse`):
+
+    dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
+    dQ = dS K / sqrt(d),  dK = dS^T Q / sqrt(d)
+
+Masks: ``causal`` (query i sees keys j <= i), ``key_mask`` (..., M) (True =
+real token), and ``mask``, any boolean array broadcastable to (..., N, M)
+(True = may attend). They combine with AND. A query with no allowed key gets
+an output of zeros and zero gradients (never NaN).
+
+Memory: the forward keeps one N x M matrix (P, computed in place from S);
+the backward adds one more (dP, overwritten by dS): peak two N x M arrays
+per head plus the boolean mask if one is given.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..backend import get_namespace
+from ..checks import check_bool, check_positive_float, check_qkv
+from ..nn.sparse import attend_backward, attend_forward, broadcast_shapes
+from ..registry import Mechanism, register
+
+
+class FullCache(NamedTuple):
+    attend: object   # AttendCache: q, k, v, P (..., N, M), out, scale
+    allowed: object  # bool (..., N, M) or None: the combined mask
+
+
+def combine_masks(n, m, xp, *, causal=False, key_mask=None, mask=None, lead=()):
+    """AND of the causal, key and general masks as one boolean array broadcastable
+    to lead + (n, m); None when nothing is masked."""
+    allowed = None
+    if causal:
+        allowed = xp.arange(m)[None, :] <= xp.arange(n)[:, None]            # (N, M): j <= i
+    if key_mask is not None:
+        km = key_mask[..., None, :]                                          # (..., 1, M)
+        allowed = km if allowed is None else allowed & km
+    if mask is not None:
+        if getattr(mask, "dtype", None) is None or mask.dtype.kind != "b":
+            raise ValueError(f"mask must be a boolean array (True = may attend), got {getattr(mask, 'dtype', type(mask).__name__)}")
+        try:
+            shape = broadcast_shapes(tuple(mask.shape), tuple(lead) + (n, m))
+        except ValueError:
+            shape = None
+        if shape != tuple(lead) + (n, m):
+            raise ValueError(f"mask must broadcast to {tuple(lead) + (n, m)}, got shape {tuple(mask.shape)}")
+        allowed = mask if allowed is None else allowed & mask
+    return allowed
+
+
+def forward(q, k, v, *, causal=False, key_mask=None, mask=None, scale=None):
+    """Dense softmax attention.
+
+    q (..., N, d), k (..., M, d), v (..., M, dv); key_mask (..., M) bool;
+    mask bool broadcastable to (..., N, M); scale defaults to d ** -0.5.
+    Returns out (..., N, dv) in the dtype of q, and a :class:`FullCache`.
+    """
+    n, m, d, _ = check_qkv(q, k, v, key_mask=key_mask)
+    causal = check_bool("causal", causal)
+    scale = d ** -0.5 if scale is None else check_positive_float("scale", scale)
+    xp = get_namespace(q, k, v)
+    allowed = combine_masks(n, m, xp, causal=causal, key_mask=key_mask, mask=mask, lead=q.shape[:-2])
+    out, _, cache = attend_forward(q, k, v, allowed, scale)
+    return out, FullCache(cache, allowed)
+
+
+def backward(dout, cache):
+    """Returns {"q": dq, "k": dk, "v": dv}."""
+    g = attend_backward(dout, cache.attend)
+    return {"q": g["q"], "k": g["k"], "v": g["v"]}
+
+
+def weights(cache):
+    """The attention matrix P (..., N, M): out == P @ v."""
+    return cache.attend.p
+
+
+def pattern(cache):
+    """Full attention's support: everything the masks allow."""
+    p = cache.attend.p
+    xp = get_namespace(p)
+    if cache.allowed is None:
+        return xp.ones(p.shape, dtype=bool)
+    return xp.broadcast_to(cache.allowed, p.shape)
+
+
+def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
+    """Full attention has no parameters and no configuration."""
+    return {}, {}
+
+
+def _figures(out_dir, rng):
+    from ..viz import full_figures
+
+    return full_figures(out_dir)
+
+
+MECHANISM = register(Mechanism(
+    name="full",
+    title="Full attention (Transformer)",
+    citation="Vaswani et al., 2017",
+    url="https://arxiv.org/abs/1706.03762",
+    classes=("TR",),
+    complexity="O(N^2)",
+    causal=True,
+    exact=True,
+    kind="kernel",
+    notebook="00_background",
+    forward=forward,
+    backward=backward,
+    weights=weights,
+    setup=setup,
+    pattern=pattern,
+    figures=_figures,
+    subquadratic=False,
+    summary="Dense scaled dot-product attention: the reference for every exact mechanism.",
+))

@@ -1,0 +1,125 @@
+"""Input validation shared by every public function.
+
+Every check raises ``ValueError`` whose message starts with the argument's
+name and says what was expected, so a user sees at once which input is wrong.
+These helpers only inspect shapes, dtypes and (cheaply, O(size)) finiteness;
+they never copy data.
+"""
+from __future__ import annotations
+
+import numbers
+
+from .backend import get_namespace
+
+
+def is_floating(a) -> bool:
+    return getattr(getattr(a, "dtype", None), "kind", None) == "f"
+
+
+def check_float_array(name, a, *, min_ndim=1, ndim=None, finite=True):
+    """``a`` must be a floating array of rank >= min_ndim (or exactly ndim), finite."""
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+        raise ValueError(f"{name} must be an array, got {type(a).__name__}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must have rank {ndim}, got shape {tuple(a.shape)}")
+    if a.ndim < min_ndim:
+        raise ValueError(f"{name} must have rank >= {min_ndim}, got shape {tuple(a.shape)}")
+    if not is_floating(a):
+        raise ValueError(f"{name} must be a floating-point array (float32 or float64), got dtype {a.dtype}")
+    if finite and a.size and not bool(get_namespace(a).isfinite(a).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return a
+
+
+def check_int(name, value, *, minimum=1):
+    """``value`` must be an integer >= minimum (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_positive_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def check_bool(name, value):
+    if not isinstance(value, (bool,)) and type(value).__name__ != "bool_":
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_causal(causal, supported: bool, why: str = ""):
+    """Validate the ``causal`` flag; raise with the mechanism's reason when unsupported."""
+    causal = check_bool("causal", causal)
+    if causal and not supported:
+        raise ValueError(f"causal=True is not supported: {why}")
+    return causal
+
+
+def check_key_mask(key_mask, lead, m):
+    """``key_mask``: boolean, shape broadcastable to ``lead + (m,)``; True marks a real key."""
+    if key_mask is None:
+        return None
+    if not hasattr(key_mask, "dtype") or key_mask.dtype.kind != "b":
+        raise ValueError(f"key_mask must be a boolean array (True = real token), got {getattr(key_mask, 'dtype', type(key_mask).__name__)}")
+    if key_mask.ndim < 1 or key_mask.shape[-1] != m:
+        raise ValueError(f"key_mask must have shape (..., {m}) matching the key length, got {tuple(key_mask.shape)}")
+    if key_mask.ndim - 1 > len(lead) or not _broadcastable(key_mask.shape[:-1], lead):
+        raise ValueError(f"key_mask leading shape {tuple(key_mask.shape[:-1])} does not broadcast to {tuple(lead)}")
+    return key_mask
+
+
+def _broadcastable(a, b):
+    for x, y in zip(reversed(a), reversed(b)):
+        if x != 1 and y != 1 and x != y:
+            return False
+    return True
+
+
+def check_qkv(q, k, v, *, key_mask=None, self_attention=False):
+    """Validate ``q (..., N, d)``, ``k (..., M, d)``, ``v (..., M, dv)`` and ``key_mask (..., M)``.
+
+    Leading (batch, head) axes must be equal; dtypes floating and equal.
+    ``self_attention=True`` also requires ``M == N``. Returns ``(N, M, d, dv)``.
+    """
+    check_float_array("q", q, min_ndim=2)
+    check_float_array("k", k, min_ndim=2)
+    check_float_array("v", v, min_ndim=2)
+    n, d = q.shape[-2:]
+    m = k.shape[-2]
+    if k.shape[-1] != d:
+        raise ValueError(f"k must have the same feature size d={d} as q, got shape {tuple(k.shape)}")
+    if v.shape[-2] != m:
+        raise ValueError(f"v must have as many positions as k (M={m}), got shape {tuple(v.shape)}")
+    if k.shape[:-2] != q.shape[:-2] or v.shape[:-2] != q.shape[:-2]:
+        raise ValueError(f"k and v must have the leading (batch, head) shape of q {tuple(q.shape[:-2])}, "
+                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if n < 1 or m < 1 or d < 1:
+        raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if self_attention and m != n:
+        raise ValueError(f"k must have the same length as q (self-attention, N={n}), got M={m}")
+    check_key_mask(key_mask, q.shape[:-2], m)
+    return n, m, d, v.shape[-1]
+
+
+def check_param(name, a, shape, dtype=None):
+    """A learnable parameter: floating, exactly ``shape`` (None entries are free), dtype like the inputs."""
+    check_float_array(name, a, min_ndim=0)
+    if len(a.shape) != len(shape) or any(s is not None and s != t for s, t in zip(shape, a.shape)):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(a.shape)}")
+    if dtype is not None and a.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype} like the inputs, got {a.dtype}")
+    return a

@@ -1,0 +1,1 @@
+"""Mechanisms that are whole layers (Set Transformer blocks, ...): ``forward(x, ...) -> (out, cache)``."""

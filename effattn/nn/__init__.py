@@ -1,0 +1,1 @@
+"""Building blocks, each a forward/backward pair (CS231n style)."""

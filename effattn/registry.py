@@ -1,0 +1,184 @@
+"""The table of mechanisms that drives the tests, the command line, the figures,
+the benchmarks and the README.
+
+A mechanism module registers itself at import time::
+
+    register(Mechanism(name="local", title="Blockwise local attention", ...,
+                       forward=forward, backward=backward, weights=weights,
+                       setup=setup, pattern=pattern))
+
+and every module under ``effattn/attention`` and ``effattn/layers`` is
+imported on the first :func:`get` / :func:`names`, so adding a file is all it
+takes to join the contract tests (``tests/test_contract.py``), ``python -m
+effattn list/figures/check/bench`` and the README table.
+
+Kernel mechanisms map ``(q, k, v) -> out``. Their :class:`Case` is built from
+``setup(rng, n=..., d=..., heads=..., causal=..., dtype=...) -> (params, config)``:
+``params`` are the mechanism's learnable arrays (shape per head or shared, as
+the mechanism documents; they go into ``case.inputs`` and get gradients) and
+``config`` its sizes, flags and random draws. The same ``setup`` lets
+``nn.MultiHeadAttention`` build any kernel inside a model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from typing import Callable
+
+import numpy as np
+
+from . import backend
+
+KINDS = ("kernel", "layer")
+
+# The survey's taxonomy (Figure 2 / Table 1 of Tay et al.).
+TAXONOMY = {
+    "FP": "fixed patterns",
+    "CP": "combination of patterns",
+    "LP": "learnable patterns",
+    "M": "neural memory",
+    "LR": "low rank",
+    "KR": "kernels",
+    "RC": "recurrence",
+    "DS": "downsampling",
+    "SP": "sparse models / conditional computation",
+    "TR": "transformer (baseline)",
+}
+
+
+@dataclasses.dataclass
+class Case:
+    """One example input of a mechanism.
+
+    inputs:  every differentiable array (q, k, v or x, and the mechanism's parameters)
+    config:  everything else (sizes, flags, random draws), passed as keywords
+    seq_inputs: names of inputs whose axis -2 is the sequence position (causality test)
+    key_inputs: names of inputs whose axis -2 is indexed by key position (key_mask test)
+    out_follows_keys: output rows are the key positions too (layers such as ISAB,
+        shared-QK Reformer): the key_mask test then compares only unmasked rows
+    n, m: query and key lengths
+    """
+
+    inputs: dict
+    config: dict
+    seq_inputs: tuple = ("q", "k", "v")
+    key_inputs: tuple = ("k", "v")
+    out_follows_keys: bool = False
+    n: int = 0
+    m: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Mechanism:
+    """The registry entry of one mechanism (see the module docstring)."""
+
+    name: str
+    title: str
+    citation: str
+    url: str
+    classes: tuple
+    complexity: str
+    causal: bool
+    exact: bool
+    kind: str
+    notebook: str
+    forward: Callable
+    backward: Callable
+    weights: Callable | None = None
+    setup: Callable | None = None          # kernels: (rng, *, n, d, heads, causal, dtype) -> (params, config)
+    make_example: Callable | None = None   # layers (or special kernels): (rng, batch, heads, n, d, causal, dtype) -> Case
+    pattern: Callable | None = None        # exact kernels: cache -> bool (..., N, M) built from the paper's rule
+    reference: Callable | None = None      # optional dense O(N^2) oracle: (**inputs, **config) -> out
+    sizes: tuple = ()                      # config entries that must be positive integers (bad-input test)
+    figures: Callable | None = None        # (out_dir, rng) -> list of written paths (extra figures)
+    tol32: float = 1e-4                    # float32 vs float64 tolerance (max abs err / max abs value)
+    subquadratic: bool = True              # efficient path must not allocate N x N
+    summary: str = ""
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        unknown = [c for c in self.classes if c not in TAXONOMY]
+        if unknown:
+            raise ValueError(f"classes {unknown} are not survey taxonomy codes {tuple(TAXONOMY)}")
+        if self.kind == "kernel" and self.setup is None and self.make_example is None:
+            raise ValueError(f"kernel {self.name!r} needs setup= (or make_example=)")
+        if self.kind == "layer" and self.make_example is None:
+            raise ValueError(f"layer {self.name!r} needs make_example=")
+
+    def example(self, rng, batch=2, heads=2, n=64, d=8, causal=False, dtype="float64") -> Case:
+        """A random :class:`Case` of this mechanism, drawn on the host from ``rng`` and
+        moved to the active backend. Same rng state, same case."""
+        if not isinstance(rng, np.random.Generator):
+            raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        if causal and not self.causal:
+            raise ValueError(f"causal=True is not supported by {self.name}")
+        if self.make_example is not None:
+            return self.make_example(rng, batch=batch, heads=heads, n=n, d=d, causal=causal, dtype=dtype)
+        shape = (batch, heads, n, d)
+        q, k, v = (backend.asarray(rng.standard_normal(shape), dtype=dtype) for _ in range(3))
+        params, config = self.setup(rng, n=n, d=d, heads=heads, causal=causal, dtype=dtype)
+        inputs = {"q": q, "k": k, "v": v, **params}
+        return Case(inputs=inputs, config={"causal": causal, **config}, n=n, m=n)
+
+
+_REGISTRY: dict[str, Mechanism] = {}
+_DISCOVERED = {"done": False}
+
+
+def register(mech: Mechanism) -> Mechanism:
+    """Add a mechanism to the table (its name must be new)."""
+    if mech.name in _REGISTRY and _REGISTRY[mech.name] is not mech:
+        raise ValueError(f"a mechanism named {mech.name!r} is already registered")
+    _REGISTRY[mech.name] = mech
+    return mech
+
+
+def _discover():
+    if _DISCOVERED["done"]:
+        return
+    _DISCOVERED["done"] = True
+    for pkg_name in ("effattn.attention", "effattn.layers"):
+        pkg = importlib.import_module(pkg_name)
+        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{pkg_name}.{info.name}")
+
+
+def _order(m: Mechanism):
+    return (m.notebook, m.name != "full", m.name)
+
+
+def names(kind: str | None = None) -> list:
+    """Registered names, in the survey's order (by notebook), optionally only one kind."""
+    _discover()
+    mechs = sorted(_REGISTRY.values(), key=_order)
+    return [m.name for m in mechs if kind is None or m.kind == kind]
+
+
+def get(name: str) -> Mechanism:
+    """The :class:`Mechanism` registered as ``name``; unknown names list the valid ones."""
+    _discover()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown mechanism {name!r}; registered: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def all_mechanisms() -> list:
+    return [get(n) for n in names()]
+
+
+def markdown_table() -> str:
+    """The README's table of mechanisms."""
+    rows = ["| name | mechanism | paper | taxonomy | complexity | causal | exact | kind | notebook |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for m in all_mechanisms():
+        rows.append(
+            f"| `{m.name}` | {m.title} | [{m.citation}]({m.url}) | {', '.join(m.classes)} | {m.complexity} | "
+            f"{'yes' if m.causal else 'no'} | {'yes' if m.exact else 'approx.'} | {m.kind} | "
+            f"[{m.notebook}](notebooks/{m.notebook}.ipynb) |")
+    return "\n".join(rows)
+
+

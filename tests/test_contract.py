@@ -1,0 +1,253 @@
+"""The contract every registered mechanism must keep (DESIGN.md, "The registry").
+
+Parametrized over ``effattn.names()``: registering a mechanism is all it takes
+to be tested here. Oracles are independent of the code under test: central
+finite differences, and dense attention (``full``) masked by the mechanism's
+own pattern, built from the paper's rule.
+"""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import effattn
+from effattn.backend import asarray, get_namespace, to_numpy
+from effattn.gradcheck import check_gradients
+
+NAMES = effattn.names()
+KERNELS = effattn.names("kernel")
+CAUSAL = [n for n in NAMES if effattn.get(n).causal]
+EXACT = [n for n in KERNELS if effattn.get(n).exact]
+HYP = settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+def run(spec, case, **extra):
+    return spec.forward(**case.inputs, **{**case.config, **extra})
+
+
+def np64(x):
+    return np.asarray(to_numpy(x), dtype=np.float64)
+
+
+def random_key_mask(rng, case, frac=0.3):
+    batch = next(iter(case.inputs.values())).shape[0]
+    km = rng.random((batch, 1, case.m)) > frac
+    km[:, :, 0] = True  # keep at least one real key per row
+    return asarray(km)
+
+
+# --------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", NAMES)
+@HYP
+@given(n=st.integers(5, 23), seed=st.integers(0, 2**16))
+def test_gradients_match_finite_differences(name, causal, n, seed):
+    spec = effattn.get(name)
+    if causal and not spec.causal:
+        pytest.skip("not a causal mechanism")
+    rng = np.random.default_rng(seed)
+    case = spec.example(rng, batch=1, heads=2, n=n, d=3, causal=causal)
+    errors = check_gradients(spec.forward, spec.backward, case.inputs, case.config, rng=rng)
+    assert set(errors) == set(case.inputs)
+    bad = {k: e for k, e in errors.items() if not e < 1e-6}
+    assert not bad, f"{name}: gradient relative errors {bad}"
+
+
+def test_gradients_with_key_mask():
+    for name in NAMES:
+        spec = effattn.get(name)
+        rng = np.random.default_rng(3)
+        case = spec.example(rng, batch=2, heads=1, n=9, d=3)
+        km = random_key_mask(rng, case)
+        errors = check_gradients(spec.forward, spec.backward, case.inputs, {**case.config, "key_mask": km}, rng=rng)
+        bad = {k: e for k, e in errors.items() if not e < 1e-6}
+        assert not bad, f"{name} with key_mask: gradient relative errors {bad}"
+
+
+# --------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", EXACT)
+@HYP
+@given(n=st.integers(5, 47), seed=st.integers(0, 2**16), masked=st.booleans())
+def test_exact_equals_dense_masked_by_pattern(name, causal, n, seed, masked):
+    spec = effattn.get(name)
+    if causal and not spec.causal:
+        pytest.skip("not a causal mechanism")
+    rng = np.random.default_rng(seed)
+    case = spec.example(rng, batch=2, heads=2, n=n, d=4, causal=causal)
+    extra = {"key_mask": random_key_mask(rng, case)} if masked else {}
+    out, cache = run(spec, case, **extra)
+    if spec.reference is not None:
+        ref = spec.reference(**case.inputs, **{**case.config, **extra})
+    else:
+        assert spec.pattern is not None, f"exact kernel {name} needs pattern= or reference="
+        i = case.inputs
+        ref, _ = effattn.get("full").forward(i["q"], i["k"], i["v"], causal=causal, mask=spec.pattern(cache), **extra)
+    np.testing.assert_allclose(np64(out), np64(ref), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_out_equals_weights_times_v(name):
+    spec = effattn.get(name)
+    for causal in ([False, True] if spec.causal else [False]):
+        case = spec.example(np.random.default_rng(1), batch=2, heads=2, n=13, d=4, causal=causal)
+        out, cache = run(spec, case)
+        W = spec.weights(cache)
+        assert tuple(W.shape[-2:]) == (case.n, case.m)
+        np.testing.assert_allclose(np64(out), np64(W @ case.inputs["v"]), rtol=0, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- causality
+@pytest.mark.parametrize("name", CAUSAL)
+def test_causal_outputs_ignore_the_future(name):
+    spec = effattn.get(name)
+    rng = np.random.default_rng(2)
+    n = 29
+    case = spec.example(rng, batch=2, heads=2, n=n, d=4, causal=True)
+    out, _ = run(spec, case)
+    for t in (1, n // 3, n - 1):
+        changed = dict(case.inputs)
+        for key in case.seq_inputs:
+            x = np64(case.inputs[key]).copy()
+            x[..., t:, :] = rng.standard_normal(x[..., t:, :].shape) * 3
+            changed[key] = asarray(x, dtype=case.inputs[key].dtype)
+        out2, _ = spec.forward(**changed, **case.config)
+        assert np.array_equal(np64(out)[..., :t, :], np64(out2)[..., :t, :]), f"{name}: output before {t} changed"
+        assert not np.array_equal(np64(out)[..., t:, :], np64(out2)[..., t:, :])
+
+
+# --------------------------------------------------------------------------- key mask
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", NAMES)
+def test_masked_keys_change_nothing(name, causal):
+    spec = effattn.get(name)
+    if causal and not spec.causal:
+        pytest.skip("not a causal mechanism")
+    rng = np.random.default_rng(4)
+    case = spec.example(rng, batch=2, heads=2, n=21, d=4, causal=causal)
+    km = random_key_mask(rng, case)
+    out, _ = run(spec, case, key_mask=km)
+    changed = dict(case.inputs)
+    hidden = ~np.asarray(to_numpy(km))[..., :, None]  # (B, 1, M, 1)
+    for key in case.key_inputs:
+        x = np64(case.inputs[key])
+        x = np.where(hidden, rng.standard_normal(x.shape) * 5, x)
+        changed[key] = asarray(x, dtype=case.inputs[key].dtype)
+    out2, _ = spec.forward(**changed, **{**case.config, "key_mask": km})
+    a, b = np64(out), np64(out2)
+    if case.out_follows_keys:
+        keep = np.broadcast_to(np.asarray(to_numpy(km))[..., :, None], a.shape)
+        a, b = a[keep], b[keep]
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+    # and the mask matters: without it the changed keys do change the output
+    out3, _ = spec.forward(**changed, **case.config)
+    out4, _ = run(spec, case)
+    assert not np.allclose(np64(out3), np64(out4))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fully_masked_rows_are_finite(name):
+    spec = effattn.get(name)
+    for causal in ([False, True] if spec.causal else [False]):
+        case = spec.example(np.random.default_rng(5), batch=2, heads=1, n=11, d=4, causal=causal)
+        km = np.ones((2, 1, case.m), dtype=bool)
+        km[0] = False
+        out, cache = run(spec, case, key_mask=asarray(km))
+        assert np.isfinite(np64(out)).all()
+        grads = spec.backward(asarray(np.ones(out.shape), dtype=out.dtype), cache)
+        assert all(np.isfinite(np64(g)).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_huge_logits_are_finite(name):
+    spec = effattn.get(name)
+    for causal in ([False, True] if spec.causal else [False]):
+        for dtype in ("float64", "float32"):
+            case = spec.example(np.random.default_rng(6), batch=1, heads=2, n=17, d=4, causal=causal, dtype=dtype)
+            first = case.seq_inputs[0]
+            case.inputs[first] = case.inputs[first] * 1e4
+            out, cache = run(spec, case)
+            assert np.isfinite(np64(out)).all(), f"{name} ({dtype}, causal={causal}) not finite with logits x 1e4"
+            grads = spec.backward(asarray(np.ones(out.shape), dtype=out.dtype), cache)
+            assert all(np.isfinite(np64(g)).all() for g in grads.values())
+
+
+# --------------------------------------------------------------------------- dtype
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_agrees_with_float64(name):
+    spec = effattn.get(name)
+    for causal in ([False, True] if spec.causal else [False]):
+        c64 = spec.example(np.random.default_rng(7), batch=2, heads=2, n=19, d=8, causal=causal, dtype="float64")
+        c32 = spec.example(np.random.default_rng(7), batch=2, heads=2, n=19, d=8, causal=causal, dtype="float32")
+        o64, cache64 = run(spec, c64)
+        o32, cache32 = run(spec, c32)
+        assert o32.dtype == np.float32 and o64.dtype == np.float64
+        err = np.abs(np64(o32) - np64(o64)).max() / max(np.abs(np64(o64)).max(), 1e-30)
+        assert err < spec.tol32, f"{name}: float32 error {err:.2e} above {spec.tol32:.0e}"
+        g32 = spec.backward(asarray(np.ones(o32.shape), dtype="float32"), cache32)
+        assert all(g.dtype == np.float32 for g in g32.values()), {k: g.dtype for k, g in g32.items()}
+
+
+# --------------------------------------------------------------------------- bad input
+def _expect_error(fn, *words):
+    with pytest.raises(ValueError) as info:
+        fn()
+    msg = str(info.value)
+    assert any(w in msg for w in words), f"error {msg!r} does not name {words}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input_raises_value_error_naming_it(name):
+    spec = effattn.get(name)
+    case = spec.example(np.random.default_rng(8), batch=1, heads=2, n=12, d=4)
+    first = case.seq_inputs[0]
+
+    def with_input(key, value):
+        return lambda: spec.forward(**{**case.inputs, key: value}, **case.config)
+
+    x = case.inputs[first]
+    _expect_error(with_input(first, x[0, 0, 0]), first)                         # wrong rank
+    _expect_error(with_input(first, x.astype("int64")), first)                  # not floating
+    bad = np64(x).copy()
+    bad[0, 0, 0, 0] = np.nan
+    _expect_error(with_input(first, asarray(bad)), first)                       # non-finite
+    if spec.kind == "kernel":
+        k, v = case.inputs["k"], case.inputs["v"]
+        xp = get_namespace(k)
+        _expect_error(with_input("k", xp.concatenate([k, k[..., :1]], axis=-1)), "k", "d=")    # mismatched d
+        _expect_error(with_input("v", xp.concatenate([v, v[..., :1, :]], axis=-2)), "v", "k")  # M mismatch
+    _expect_error(lambda: spec.forward(**case.inputs, **{**case.config, "key_mask": asarray(np.ones((1, 1, case.m + 1), bool))}), "key_mask")
+    if not spec.causal:
+        _expect_error(lambda: spec.forward(**case.inputs, **{**case.config, "causal": True}), "causal")
+    for size in spec.sizes:
+        for value in (0, -1):
+            _expect_error(lambda: spec.forward(**case.inputs, **{**case.config, size: value}), size)
+
+
+# --------------------------------------------------------------------------- determinism and cost
+@pytest.mark.parametrize("name", NAMES)
+def test_same_seed_same_output(name):
+    spec = effattn.get(name)
+    a = run(spec, spec.example(np.random.default_rng(9), batch=1, heads=2, n=16, d=4))[0]
+    b = run(spec, spec.example(np.random.default_rng(9), batch=1, heads=2, n=16, d=4))[0]
+    assert np.array_equal(np64(a), np64(b))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if effattn.get(n).subquadratic])
+def test_efficient_path_never_allocates_n_by_n(name):
+    """forward + backward at N = 2048 must stay well under one N x N float64 matrix (32 MiB)."""
+    import tracemalloc
+
+    spec = effattn.get(name)
+    n = 2048
+    case = spec.example(np.random.default_rng(10), batch=1, heads=1, n=n, d=8, causal=False)
+    if effattn.get_backend() != "numpy":
+        pytest.skip("tracemalloc sees host memory only")
+    tracemalloc.start()
+    try:
+        out, cache = run(spec, case)
+        spec.backward(np.ones_like(out), cache)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * n * n * 8, f"{name}: peak {peak / 2**20:.1f} MiB at N={n} (an N x N float64 is 32 MiB)"
