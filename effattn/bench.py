@@ -1,0 +1,202 @@
+"""Time and peak-memory scaling of every mechanism against the sequence length N.
+
+For each mechanism and N: forward + backward on one (B = H = 1) example in
+float32 with d = 64, the median wall time of ``repeats`` runs, and the peak
+memory that ``tracemalloc`` sees (NumPy registers its buffers with it) in a
+separate run, counting only what forward + backward allocate beyond the
+inputs. Then:
+
+- the exponent ``p`` of a least-squares fit ``time ~ N^p`` (and memory);
+- the ratio to ``full`` at each N (time and memory);
+- the machine's float32 matmul rate measured in the same run, and the share
+  of it that ``full`` reaches (full's forward + backward does 12 N^2 d flops:
+  QK^T, PV forward; dV, dP, dQ, dK backward).
+
+Machines here are shared and noisy: quote ratios and exponents, not lone
+absolute times.
+"""
+from __future__ import annotations
+
+import csv
+import gc
+import math
+import os
+import time
+import tracemalloc
+
+import numpy as np
+
+from . import backend
+from .registry import get, names
+
+DEFAULT_N = (1024, 2048, 4096, 8192, 16384)
+QUICK_N = (256, 512, 1024, 2048)
+
+
+def _sync():
+    if backend.get_backend() == "cupy":
+        backend.xp().cuda.Stream.null.synchronize()
+
+
+def matmul_rate(n=1024, repeats=5, dtype="float32"):
+    """float32 GEMM rate (flop/s) of this machine: median over repeats of (n x n) @ (n x n)."""
+    xp = backend.xp()
+    rng = np.random.default_rng(0)
+    a = backend.asarray(rng.standard_normal((n, n)), dtype=dtype)
+    b = backend.asarray(rng.standard_normal((n, n)), dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        _sync()
+        t0 = time.perf_counter()
+        a @ b
+        _sync()
+        times.append(time.perf_counter() - t0)
+    del xp
+    return 2.0 * n ** 3 / float(np.median(times))
+
+
+def _case(spec, n, d, dtype, causal):
+    case = spec.example(np.random.default_rng(0), batch=1, heads=1, n=n, d=d, causal=causal, dtype=dtype)
+    return case
+
+
+def measure(spec, n, *, d=64, dtype="float32", causal=False, repeats=3):
+    """One point: dict(name, n, time_s, peak_bytes)."""
+    case = _case(spec, n, d, dtype, causal)
+    out, cache = spec.forward(**case.inputs, **case.config)
+    dout = backend.xp().ones_like(out)
+    del out, cache
+    gc.collect()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        t0 = time.perf_counter()
+        out, cache = spec.forward(**case.inputs, **case.config)
+        spec.backward(dout, cache)
+        _sync()
+        times.append(time.perf_counter() - t0)
+        del out, cache
+    peak = float("nan")
+    if backend.get_backend() == "numpy":
+        gc.collect()
+        tracemalloc.start()
+        try:
+            out, cache = spec.forward(**case.inputs, **case.config)
+            spec.backward(dout, cache)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        del out, cache
+    return {"name": spec.name, "n": n, "d": d, "dtype": dtype, "causal": causal,
+            "time_s": float(np.median(times)), "peak_bytes": float(peak)}
+
+
+def fit_exponent(ns, values):
+    """Slope of the least-squares line through (log N, log value)."""
+    pts = [(math.log(n), math.log(v)) for n, v in zip(ns, values) if v and v > 0 and math.isfinite(v)]
+    if len(pts) < 2:
+        return float("nan")
+    x = np.array([p[0] for p in pts])
+    y = np.array([p[1] for p in pts])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def run(mech_names=None, ns=DEFAULT_N, *, d=64, dtype="float32", causal=False, repeats=3,
+        full_max_n=16384, max_seconds=60.0, progress=True):
+    """Measure every requested mechanism at every N. Returns (rows, summary dict).
+
+    ``full`` is skipped above ``full_max_n`` (an N x N float32 matrix at 65536 is 16 GiB);
+    a mechanism whose last point took longer than ``max_seconds`` skips its larger N.
+    """
+    from tqdm import tqdm
+
+    mech_names = list(mech_names or names("kernel"))
+    if "full" not in mech_names:
+        mech_names = ["full"] + mech_names
+    for name in mech_names:
+        if get(name).kind != "kernel":
+            raise ValueError(f"bench measures kernels; {name!r} is a {get(name).kind}")
+    rate = matmul_rate()
+    rows = []
+    jobs = [(name, n) for name in mech_names for n in sorted(ns)]
+    skip = set()
+    bar = tqdm(jobs, desc="bench", disable=not progress or None)
+    for name, n in bar:
+        bar.set_postfix_str(f"{name} N={n}")
+        spec = get(name)
+        if name in skip or (name == "full" and n > full_max_n):
+            continue
+        if causal and not spec.causal:
+            skip.add(name)
+            continue
+        row = measure(spec, n, d=d, dtype=dtype, causal=causal, repeats=repeats)
+        rows.append(row)
+        if row["time_s"] * repeats > max_seconds:
+            skip.add(name)
+    return rows, summarise(rows, rate, d)
+
+
+def summarise(rows, rate, d):
+    full = {r["n"]: r for r in rows if r["name"] == "full"}
+    for r in rows:
+        f = full.get(r["n"])
+        r["speedup_vs_full"] = f["time_s"] / r["time_s"] if f else float("nan")
+        r["memory_vs_full"] = r["peak_bytes"] / f["peak_bytes"] if f and f["peak_bytes"] else float("nan")
+    summary = {"matmul_gflops": rate / 1e9, "mechanisms": {}}
+    for name in dict.fromkeys(r["name"] for r in rows):
+        pts = sorted((r for r in rows if r["name"] == name), key=lambda r: r["n"])
+        ns = [r["n"] for r in pts]
+        summary["mechanisms"][name] = {
+            "n": ns,
+            "time_exponent": fit_exponent(ns, [r["time_s"] for r in pts]),
+            "memory_exponent": fit_exponent(ns, [r["peak_bytes"] for r in pts]),
+        }
+    if full:
+        nmax = max(full)
+        flops = 12.0 * nmax * nmax * d
+        summary["full_fraction_of_matmul"] = flops / full[nmax]["time_s"] / rate
+        summary["full_peak_in_nn_matrices"] = full[nmax]["peak_bytes"] / (nmax * nmax * 4)
+        summary["full_n"] = nmax
+    return summary
+
+
+def write_csv(rows, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    keys = ["name", "n", "d", "dtype", "causal", "time_s", "peak_bytes", "speedup_vs_full", "memory_vs_full"]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def write_figures(rows, out_dir):
+    from . import viz
+
+    paths = []
+    for value, label, fname in (("time_s", "forward + backward time (s)", "scaling_time.png"),
+                                ("peak_bytes", "peak memory (bytes, tracemalloc)", "scaling_memory.png")):
+        pts = [r for r in rows if math.isfinite(r[value])]
+        if not pts:
+            continue
+        ax = viz.plot_scaling(pts, value=value, ylabel=label, title=f"{label} vs N (d=64, float32)")
+        paths.append(viz.save(ax.figure, os.path.join(out_dir, fname)))
+    return paths
+
+
+def format_table(rows, summary):
+    lines = [f"float32 matmul rate: {summary['matmul_gflops']:.1f} GFLOP/s"]
+    if "full_fraction_of_matmul" in summary:
+        lines.append(f"full at N={summary['full_n']}: {100 * summary['full_fraction_of_matmul']:.0f}% of the matmul rate, "
+                     f"peak memory {summary['full_peak_in_nn_matrices']:.2f} N x N float32 matrices")
+    lines.append(f"{'mechanism':22s} {'N':>6s} {'time (s)':>10s} {'peak MiB':>9s} {'x faster':>9s} {'mem/full':>9s}")
+    for r in rows:
+        lines.append(f"{r['name']:22s} {r['n']:6d} {r['time_s']:10.4f} {r['peak_bytes'] / 2**20:9.1f} "
+                     f"{r['speedup_vs_full']:9.2f} {r['memory_vs_full']:9.3f}")
+    lines.append("")
+    lines.append(f"{'mechanism':22s} {'N range':>14s} {'time exp':>9s} {'mem exp':>8s}")
+    for name, s in summary["mechanisms"].items():
+        rng = f"{s['n'][0]}-{s['n'][-1]}" if s["n"] else "-"
+        lines.append(f"{name:22s} {rng:>14s} {s['time_exponent']:9.2f} {s['memory_exponent']:8.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""Figures: attention patterns, weight matrices, scaling curves (matplotlib, one shared style).
+
+Every function takes NumPy or CuPy arrays (moved to the host here) and either
+an existing ``ax`` or makes its own figure. ``save(fig, path)`` writes a PNG
+and closes the figure. Mechanism modules import from here lazily (inside
+their ``figures`` function) so importing effattn does not import matplotlib.
+"""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+if os.environ.get("MPLBACKEND") is None and not os.environ.get("DISPLAY"):
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from .backend import to_numpy  # noqa: E402
+
+PATTERN_CMAP = ListedColormap(["#f4f4f4", "#1f5fa8"])
+WEIGHT_CMAP = "viridis"
+CATEGORY_CMAP = "tab20"
+
+
+def _host2d(a):
+    a = np.asarray(to_numpy(a))
+    while a.ndim > 2:
+        a = a[0]
+    return a
+
+
+def plot_pattern(matrix, ax=None, title=None, *, weights=None, grid=None, xlabel="key position j",
+                 ylabel="query position i", colorbar=None):
+    """Draw an attention support (boolean) or a weight matrix (float), queries down, keys across.
+
+    matrix: (..., N, M); leading axes take index 0. ``weights`` forces the
+    float/boolean style (default: by dtype). ``grid``: draw block lines every
+    ``grid`` positions. Returns the axes.
+    """
+    a = _host2d(matrix)
+    is_weights = a.dtype.kind == "f" if weights is None else weights
+    if ax is None:
+        side = 3.2 if a.shape[1] <= 64 else 4.2
+        _, ax = plt.subplots(figsize=(side * min(max(a.shape[1] / max(a.shape[0], 1), 0.5), 2.5), side))
+    if is_weights:
+        im = ax.imshow(a, cmap=WEIGHT_CMAP, interpolation="nearest", aspect="auto")
+        if colorbar is None or colorbar:
+            ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    else:
+        ax.imshow(a != 0, cmap=PATTERN_CMAP, interpolation="nearest", aspect="auto", vmin=0, vmax=1)
+    if grid:
+        for t in range(grid, max(a.shape), grid):
+            if t < a.shape[1]:
+                ax.axvline(t - 0.5, color="#888", lw=0.5)
+            if t < a.shape[0]:
+                ax.axhline(t - 0.5, color="#888", lw=0.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def plot_patterns(matrices, titles, suptitle=None, ncols=None, **kw):
+    """Several patterns side by side (e.g. one per head). Returns the figure."""
+    k = len(matrices)
+    ncols = ncols or min(k, 4)
+    nrows = -(-k // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, m, t in zip(axes.flat, matrices, titles):
+        plot_pattern(m, ax=ax, title=t, colorbar=False, **kw)
+    for ax in list(axes.flat)[k:]:
+        ax.axis("off")
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path):
+    """Write ``fig`` as a PNG (folders made as needed), close it, return the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def mechanism_pattern_figure(spec, rng=None, n=48, out_dir="figures"):
+    """Default figure of a kernel: the support of its effective attention matrix,
+    bidirectional and (if supported) causal, from its registered example."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    modes = [False, True] if spec.causal else [False]
+    mats, titles = [], []
+    for causal in modes:
+        case = spec.example(np.random.default_rng(0), batch=1, heads=1, n=n, d=8, causal=causal)
+        _, cache = spec.forward(**case.inputs, **case.config)
+        w = spec.weights(cache)
+        mats.append(np.abs(_host2d(w)) > 0 if spec.exact else _host2d(w))
+        titles.append(f"{spec.name} ({'causal' if causal else 'bidirectional'})")
+    fig = plot_patterns(mats, titles, suptitle=f"{spec.title}: {spec.complexity}", weights=not spec.exact)
+    return save(fig, os.path.join(out_dir, f"{spec.name}_pattern.png"))
+
+
+def full_figures(out_dir):
+    """Full attention: bidirectional (encoder), causal (decoder), cross-attention (encoder-decoder)."""
+    n, m = 16, 24
+    ones = np.ones((n, n), bool)
+    fig = plot_patterns(
+        [ones, np.tril(ones), np.ones((n, m), bool)],
+        ["encoder: bidirectional", "decoder: causal", "encoder-decoder: cross (N=16, M=24)"],
+        suptitle="Full attention in the three modes")
+    return [save(fig, os.path.join(out_dir, "full_modes.png"))]
+
+
+def plot_scaling(rows, value="time_s", ax=None, title=None, ylabel=None):
+    """Log-log curves of a measured quantity against N, one line per mechanism.
+
+    rows: dicts with keys name, n and ``value``. Returns the axes.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4.2))
+    by_name = {}
+    for r in rows:
+        by_name.setdefault(r["name"], []).append((r["n"], r[value]))
+    for name, pts in by_name.items():
+        pts.sort()
+        ax.loglog([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=name,
+                  lw=2.2 if name == "full" else 1.2, color="k" if name == "full" else None)
+    ax.set_xlabel("sequence length N")
+    ax.set_ylabel(ylabel or value)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return ax

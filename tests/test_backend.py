@@ -1,0 +1,67 @@
+"""The backend rule: only effattn/backend.py chooses numpy or cupy."""
+import ast
+import pathlib
+
+import numpy as np
+import pytest
+
+import effattn
+from effattn import backend
+
+ROOT = pathlib.Path(effattn.__file__).parent
+COMPUTE = ["nn", "attention", "layers", "models"]
+
+
+def _imports(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module.split(".")[0]
+
+
+@pytest.mark.parametrize("folder", COMPUTE)
+def test_compute_modules_never_import_numpy_or_cupy(folder):
+    files = list((ROOT / folder).rglob("*.py"))
+    bad = {str(f.relative_to(ROOT)): sorted(set(_imports(f)) & {"numpy", "cupy", "cupyx"}) for f in files}
+    bad = {k: v for k, v in bad.items() if v}
+    assert not bad, f"compute modules import numpy/cupy directly (use effattn.backend.get_namespace): {bad}"
+
+
+def test_default_backend_and_namespace():
+    assert backend.get_backend() in ("numpy", "cupy")
+    a = np.ones(3)
+    assert backend.get_namespace(a, None) is np
+    assert backend.to_numpy({"a": a, "b": [a]})["b"][0] is not None
+
+
+def test_use_backend_restores_and_rejects_unknown():
+    before = backend.get_backend()
+    with backend.use_backend("numpy"):
+        assert backend.get_backend() == "numpy"
+    assert backend.get_backend() == before
+    with pytest.raises(ValueError, match="backend"):
+        backend.set_backend("torch")
+
+
+def test_missing_cupy_gives_one_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "cupy":
+            raise ImportError("No module named 'cupy'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    monkeypatch.setitem(backend._cupy, "module", None)
+    with pytest.raises(backend.BackendError, match=r"effattn\[cuda12\]"):
+        backend.set_backend("cupy")
+
+
+def test_scatter_add_accumulates_repeats():
+    t = np.zeros(3)
+    backend.scatter_add(t, np.array([0, 0, 2]), np.array([1.0, 2.0, 5.0]))
+    np.testing.assert_array_equal(t, [3.0, 0.0, 5.0])

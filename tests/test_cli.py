@@ -1,0 +1,51 @@
+"""The command line: every subcommand runs, errors are one clear line with a non-zero exit."""
+import subprocess
+import sys
+
+import pytest
+
+from effattn.__main__ import main
+
+
+def test_list_markdown_has_every_mechanism(capsys):
+    import effattn
+
+    assert main(["list", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    for name in effattn.names():
+        assert f"`{name}`" in out
+
+
+def test_figures_only_full(tmp_path):
+    assert main(["figures", "--out", str(tmp_path), "--only", "full"]) == 0
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert "full_pattern.png" in names and "full_modes.png" in names
+
+
+def test_check_full_passes(capsys):
+    assert main(["check", "--only", "full"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+def test_bench_tiny(tmp_path, capsys):
+    assert main(["bench", "--names", "full", "--n", "64", "128", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "time exp" in out and (tmp_path / "scaling.csv").exists() and (tmp_path / "scaling_time.png").exists()
+
+
+def test_unknown_name_is_one_line_error(capsys):
+    assert main(["check", "--only", "no_such_thing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "registered:" in err[0] and "full" in err[0]
+
+
+def test_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "effattn", "list"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "full" in r.stdout
+
+
+@pytest.mark.parametrize("argv", [["bench", "--n", "x"], ["nope"]])
+def test_bad_arguments_exit_nonzero(argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code != 0
