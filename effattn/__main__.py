@@ -36,6 +36,34 @@ def cmd_list(args):
     return 0
 
 
+def cmd_readme(args):
+    """Rewrite the README's mechanism table and figure gallery (between their marker comments)."""
+    import glob
+    import re
+
+    reg = _registry()
+    text = open(args.path).read()
+    gallery = []
+    figs = sorted(glob.glob(os.path.join(args.figures, "*.png")))
+    for m in reg.all_mechanisms():
+        own = [f for f in figs if os.path.basename(f).startswith(m.name + "_")]
+        if own:
+            gallery.append(f"**{m.title}** (`{m.name}`)\n\n" + " ".join(
+                f'<img src="{f}" height="220" alt="{os.path.basename(f)}">' for f in own) + "\n")
+    extra = [f for f in figs if os.path.basename(f).startswith(("overview", "scaling"))]
+    if extra:
+        gallery.append("**Overview and scaling**\n\n" + " ".join(
+            f'<img src="{f}" height="260" alt="{os.path.basename(f)}">' for f in extra) + "\n")
+    for marker, body in (("mechanisms", reg.markdown_table()), ("gallery", "\n".join(gallery))):
+        pat = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
+        if not pat.search(text):
+            raise ValueError(f"{args.path} has no <!-- {marker}:start/end --> markers")
+        text = pat.sub(lambda mt: mt.group(1) + body + "\n" + mt.group(2), text)
+    open(args.path, "w").write(text)
+    print(f"updated {args.path}")
+    return 0
+
+
 def _selected(only):
     reg = _registry()
     names = only or reg.names()
@@ -61,7 +89,7 @@ def cmd_figures(args):
             written.extend(spec.figures(args.out, np.random.default_rng(0)) or [])
     if not args.only:
         written.append(overview_figure(args.out))
-    for path in written:
+    for path in dict.fromkeys(written):
         print(path)
     return 0
 
@@ -75,7 +103,6 @@ def overview_figure(out_dir):
     for spec in reg.all_mechanisms():
         if spec.kind != "kernel":
             continue
-        causal = spec.causal and spec.name not in ("full",)
         case = spec.example(np.random.default_rng(0), batch=1, heads=1, n=32, d=8, causal=False)
         _, cache = spec.forward(**case.inputs, **case.config)
         w = np.asarray(_to_host(spec.weights(cache)))
@@ -83,7 +110,6 @@ def overview_figure(out_dir):
             w = w[0]
         mats.append(np.abs(w) > 1e-12 if spec.exact else np.abs(w))
         titles.append(f"{spec.name} [{','.join(spec.classes)}]")
-        del causal
     fig = viz.plot_patterns(mats, titles, suptitle="Effective attention of every kernel (N = 32)", ncols=6)
     return viz.save(fig, os.path.join(out_dir, "overview_patterns.png"))
 
@@ -170,6 +196,11 @@ def build_parser():
     s = sub.add_parser("list", help="the registered mechanisms")
     s.add_argument("--markdown", action="store_true", help="the README table")
     s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("readme", help="rewrite the README's mechanism table and gallery")
+    s.add_argument("--path", default="README.md")
+    s.add_argument("--figures", default="figures")
+    s.set_defaults(func=cmd_readme)
 
     s = sub.add_parser("figures", help="render one PNG per mechanism plus overview figures")
     s.add_argument("--out", default="figures")

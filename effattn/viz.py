@@ -16,6 +16,7 @@ if os.environ.get("MPLBACKEND") is None and not os.environ.get("DISPLAY"):
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .backend import to_numpy  # noqa: E402
 
@@ -45,17 +46,19 @@ def plot_pattern(matrix, ax=None, title=None, *, weights=None, grid=None, xlabel
         side = 3.2 if a.shape[1] <= 64 else 4.2
         _, ax = plt.subplots(figsize=(side * min(max(a.shape[1] / max(a.shape[0], 1), 0.5), 2.5), side))
     if is_weights:
-        im = ax.imshow(a, cmap=WEIGHT_CMAP, interpolation="nearest", aspect="auto")
+        im = ax.imshow(a, cmap=WEIGHT_CMAP, interpolation="nearest", aspect="equal")
         if colorbar is None or colorbar:
             ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     else:
-        ax.imshow(a != 0, cmap=PATTERN_CMAP, interpolation="nearest", aspect="auto", vmin=0, vmax=1)
+        ax.imshow(a != 0, cmap=PATTERN_CMAP, interpolation="nearest", aspect="equal", vmin=0, vmax=1)
     if grid:
         for t in range(grid, max(a.shape), grid):
             if t < a.shape[1]:
                 ax.axvline(t - 0.5, color="#888", lw=0.5)
             if t < a.shape[0]:
                 ax.axhline(t - 0.5, color="#888", lw=0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
