@@ -1,0 +1,545 @@
+"""Sparse Sinkhorn attention: learn to *sort* blocks, then attend locally.
+
+Tay, Bahri, Yang, Metzler, Juan, 2020, *Sparse Sinkhorn Attention*,
+https://arxiv.org/abs/2002.11296
+
+Intuition. Local (blockwise) attention is cheap but myopic. Sinkhorn attention
+keeps the cheap block-local computation and adds one more block per query
+block: a block chosen by a small learned *sorting network* (SortNet) from the
+whole sequence. The choice is made differentiable by relaxing a permutation
+matrix into a doubly stochastic one with Sinkhorn normalisation, so every
+query block sees its own block plus a *soft mixture* of other blocks.
+
+Notation (paper -> code). The sequence of length N (``n``) is split into
+N_B (``nb``) blocks of b (``block``) tokens; the last block is padded and the
+padding masked.
+
+    psi_P(X)_i = sum_{t in block i} X_t          block summary: SUM pooling, as the paper
+                                                 (X = keys here; masked/padded keys excluded)
+    R = W2^T ReLU(W1^T psi_P(X) + b1) + b2       SortNet, a 2-layer MLP: (N_B, N_B)
+    log_alpha = (R + epsilon) / tau              epsilon: Gumbel noise (config ``gumbel``),
+                                                 tau: temperature (config ``tau``)
+    S^0 = log_alpha
+    S^k = F_c(F_r(S^{k-1})),  k = 1..n_iters     log-space Sinkhorn balancing:
+        F_r(X) = X - logsumexp_j X   (rows),  F_c(X) = X - logsumexp_i X   (columns)
+    P = exp(S^{n_iters})                         soft permutation, rows and columns sum to ~1
+    K_s = P K_blocks,  V_s = P V_blocks          sorted blocks: (N_B, N_B) @ (N_B, b*d)
+    O_i = softmax(Q_i [K_s,i ; K_i]^T / sqrt(d)) [V_s,i ; V_i]
+                                                 ONE softmax over the 2b concatenated keys
+
+Parameters (learnable, SHARED by every batch element and head):
+
+    W1 (d, d_h), b1 (d_h,)         first SortNet layer (d_h = hidden width, free)
+    W2 (d_h, L),  b2 (L,)          second layer; L >= N_B (an input with fewer blocks
+                                   uses the first N_B columns, like a max-length table)
+
+Config: ``block`` b (int), ``n_iters`` (int), ``tau`` (float), ``gumbel`` (array
+broadcastable to (..., G, G) with G >= N_B, top-left N_B x N_B used; None = no
+noise, i.e. evaluation mode), ``sortcut`` (int or None), ``hard`` (bool),
+``perm`` (int array (..., N_B) or None), ``scale``.
+
+Causal mode (the paper's *causal Sinkhorn balancing*). Three things must not
+look at the future, and the contract test checks it bit for bit:
+
+1. The sort logits of row i. Row i of R is SortNet(psi(block i-1)) — the
+   summary of the *previous*, complete block (row 0 gets the zero summary).
+   Block i's own summary would contain keys after a query early in block i.
+2. The support: block i may draw only from strictly earlier blocks j < i
+   (log_alpha = -inf elsewhere), which are entirely in the past of every query
+   of block i. Block 0 has no sorted part.
+3. The balancing: the row step only touches row i; the column step
+   normalises entry (i, j) by the log-sum-exp over rows i' <= i of column j
+   (a cumulative, causally masked column normalisation), so row i never sees
+   rows below it. Cost O(N_B^3) per iteration instead of O(N_B^2).
+
+The local block is causally masked inside (key t' <= query t).
+
+SortCut (``sortcut=n_k``, encoder only): sort, then keep only the first n_k
+sorted blocks; *every* query attends to the same n_k * b sorted keys (no local
+block). O(N n_k b d). ``n_k`` larger than N_B is clipped to N_B.
+
+Hard permutations. ``perm`` (ints, -1 = no block) replaces P by the one-hot
+matrix of the given block choices; ``hard=True`` takes perm = row-wise argmax
+of the balanced P (a permutation when P is close to one, as tau -> 0; in
+general a many-to-one block map). A query block whose hard choice is its own
+block gets no sorted part (its keys would otherwise appear twice). Then the
+result equals ``full`` masked by :func:`induced_pattern`. Hard choices are
+constants for the backward (SortNet gets zero gradient).
+
+Padding and key_mask: masked or padded keys and values are zeroed before the
+mixing and excluded from the summaries; a sorted slot is a real key if some
+block it may draw from has a real key in that slot.
+
+Backward (all by hand). Local attention: :func:`effattn.nn.sparse.attend_backward`.
+Mixing: dP = dK_s K_blocks^T + dV_s V_blocks^T, dK_blocks += P^T dK_s (same for V).
+Through P = exp(S): dS = P * dP. Through the Sinkhorn iterations, in reverse
+(:func:`sinkhorn_backward`), each normalisation Y = X - lse(X) has
+
+    dX = dY - softmax(X) * sum(dY)        (sum and softmax along the normalised axis)
+
+and the causal column step Y[i,j] = X[i,j] - log sum_{i'<=i} exp X[i',j] has
+
+    dX[i',j] = dY[i',j] - sum_{i>=i'} dY[i,j] exp(X[i',j] - C[i,j]).
+
+Then dR = dlog_alpha / tau, and the MLP and the sum pooling back to the keys.
+
+Cost (non-causal): O(N b d) for the block-local attention, O(N_B^2 b d) =
+O(N N_B d) for the mixing, O(n_iters N_B^2) for the balancing. With b fixed
+the mixing is O(N^2 d / b); :func:`default_block` therefore picks
+b ~ sqrt(N) (a power of two), so N_B ~ sqrt(N) and everything is O(N^1.5 d)
+time and O(N sqrt(N)) memory (the survey quotes the memory as O(B^2 + N_B^2)
+per block). No N x N array is allocated.
+
+Conventions next to the known implementations: lucidrains'
+``sinkhorn-transformer`` sorts buckets with a SortNet on the (summed) bucket
+keys and concatenates the sorted and the local bucket in one softmax, as here;
+it counts ``bucket_size`` in tokens, as our ``block``. Its causal variant uses
+the cumulative mean of the buckets; here we use the previous block's summary.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from ..backend import asarray, get_namespace
+from ..checks import check_bool, check_float_array, check_int, check_param, check_positive_float, check_qkv
+from ..nn.sparse import attend_backward, attend_forward, group_mask, pad_axis, round_up
+from ..registry import Mechanism, register
+
+NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------- random draws
+def draw_gumbel(rng, shape):
+    """Standard Gumbel noise epsilon = -log(-log U), drawn on the host from a numpy Generator.
+
+    shape (..., N_B, N_B); the same draws give the same result on any backend."""
+    return rng.gumbel(0.0, 1.0, size=tuple(shape))
+
+
+def default_block(n):
+    """The default block size for length n: the power of two nearest sqrt(n), at least 2.
+
+    Balances the two costs N b d (local attention) and N_B^2 b d = N^2 d / b
+    (mixing) at b ~ sqrt(N). Smaller than n for n >= 5 so tests exercise padding."""
+    n = check_int("n", n)
+    return max(2, 2 ** int(round(math.log2(math.sqrt(n)))))
+
+
+# --------------------------------------------------------------------------- Sinkhorn
+class SinkhornCache(NamedTuple):
+    steps: list      # per half-step: ("row", Y) or ("col", Y) or ("ccol", X, C)
+    causal: bool
+    support: object  # bool, finite entries of log_alpha
+
+
+def _lse(x, axis):
+    """Log-sum-exp along axis (kept), -inf for an all -inf slice, no warnings."""
+    xp = get_namespace(x)
+    m = x.max(axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0.0).astype(x.dtype, copy=False)
+    s = xp.exp(x - m).sum(axis=axis, keepdims=True)
+    pos = s > 0
+    return xp.where(pos, xp.log(xp.where(pos, s, 1.0)) + m, NEG_INF).astype(x.dtype, copy=False)
+
+
+def _subtract(x, lse):
+    """x - lse with empty slices (lse = -inf, x = -inf) staying -inf instead of NaN."""
+    xp = get_namespace(x)
+    return x - xp.where(xp.isfinite(lse), lse, 0.0).astype(x.dtype, copy=False)
+
+
+def _cumulative_col_lse(x):
+    """C[i, j] = log sum_{i' <= i} exp x[i', j] via an (..., N_B, N_B, N_B) masked tensor.
+
+    Exact prefix computation (the max is taken over i' <= i only), so row i never
+    depends on rows below it, bit for bit."""
+    xp = get_namespace(x)
+    nb = x.shape[-2]
+    tri = xp.arange(nb)[None, :] <= xp.arange(nb)[:, None]            # (i, i'): i' <= i
+    t = xp.where(tri[:, :, None], x[..., None, :, :], NEG_INF)         # (..., i, i', j)
+    return _lse(t, axis=-2)[..., 0, :], tri                            # (..., i, j)
+
+
+def sinkhorn_forward(log_alpha, n_iters, causal=False):
+    """Log-space Sinkhorn balancing: n_iters x (row normalisation, then column normalisation).
+
+    log_alpha (..., N_B, N_B); -inf entries are forbidden (they stay -inf, weight 0).
+    causal=True uses the cumulative column normalisation (module docstring).
+    Returns log P (..., N_B, N_B) and a :class:`SinkhornCache`. Rows (and, for a
+    square full support, columns) of exp(log P) sum to 1 as n_iters grows.
+    """
+    check_float_array("log_alpha", log_alpha, min_ndim=2, finite=False)
+    if log_alpha.shape[-1] != log_alpha.shape[-2]:
+        raise ValueError(f"log_alpha must be square in its last two axes, got {tuple(log_alpha.shape)}")
+    xp = get_namespace(log_alpha)
+    if bool(xp.isnan(log_alpha).any()) or bool(xp.isposinf(log_alpha).any()):
+        raise ValueError("log_alpha contains NaN or +inf (only -inf marks a forbidden entry)")
+    n_iters = check_int("n_iters", n_iters)
+    causal = check_bool("causal", causal)
+    x = log_alpha
+    steps = []
+    for _ in range(n_iters):
+        x = _subtract(x, _lse(x, axis=-1))                  # F_r: rows sum to one
+        steps.append(("row", x))
+        if causal:
+            c, _ = _cumulative_col_lse(x)                   # (..., N_B, N_B)
+            steps.append(("ccol", x, c))
+            x = _subtract(x, c)                             # F_c, causal: over rows i' <= i
+        else:
+            x = _subtract(x, _lse(x, axis=-2))              # F_c: columns sum to one
+            steps.append(("col", x))
+    return x, SinkhornCache(steps, causal, xp.isfinite(log_alpha))
+
+
+def sinkhorn_backward(dlog_p, cache):
+    """Gradient of log_alpha given dL/d(log P), through every iteration in reverse.
+
+    Y = X - lse(X) along an axis:  dX = dY - exp(Y) * sum(dY)   (exp(Y) = softmax(X)).
+    Causal column step Y = X - C:  dX[i',j] = dY[i',j] - sum_{i>=i'} dY[i,j] exp(X[i',j] - C[i,j]).
+    Forbidden (-inf) entries get zero gradient.
+    """
+    xp = get_namespace(dlog_p)
+    g = dlog_p
+    for step in reversed(cache.steps):
+        if step[0] == "row":
+            w = xp.exp(step[1])                                              # softmax over j
+            g = g - w * g.sum(axis=-1, keepdims=True)
+        elif step[0] == "col":
+            w = xp.exp(step[1])                                              # softmax over i
+            g = g - w * g.sum(axis=-2, keepdims=True)
+        else:
+            x, c = step[1], step[2]
+            nb = x.shape[-2]
+            tri = xp.arange(nb)[None, :] <= xp.arange(nb)[:, None]           # (i, i')
+            cc = xp.where(xp.isfinite(c), c, 0.0)
+            e = x[..., None, :, :] - cc[..., :, None, :]                      # (..., i, i', j)
+            w = xp.where(tri[:, :, None], xp.exp(xp.where(tri[:, :, None], e, NEG_INF)), 0.0)
+            g = g - (g[..., :, None, :] * w).sum(axis=-3)                    # sum over i >= i'
+    return xp.where(cache.support, g, 0.0).astype(dlog_p.dtype, copy=False)
+
+
+# --------------------------------------------------------------------------- attention
+class SinkhornCache2(NamedTuple):
+    attend: object       # AttendCache of the block attention
+    sink: object         # SinkhornCache or None (hard / perm)
+    p: object            # (..., N_B, N_B) the mixing matrix used (soft P or one-hot)
+    kz: object           # (..., N_B, b*d) masked key blocks (flattened)
+    vz: object           # (..., N_B, b*dv)
+    mk: object           # (..., N_B, b, 1) float: real, unmasked key
+    s_in: object         # (..., N_B, d) SortNet input (summaries; causal: shifted)
+    z: object            # (..., N_B, d_h) SortNet pre-activation
+    h: object            # (..., N_B, d_h) ReLU(z)
+    params: tuple        # W1, b1, W2, b2
+    n: int
+    b: int
+    nb: int
+    tau: float
+    causal: bool
+    soft: bool
+    sortcut: object      # n_k or None
+    lead: tuple
+
+
+def _check_gumbel(gumbel, nb, dtype, xp):
+    if gumbel is None:
+        return None
+    check_float_array("gumbel", gumbel, min_ndim=2)
+    if gumbel.shape[-1] < nb or gumbel.shape[-2] < nb:
+        raise ValueError(f"gumbel must have at least N_B={nb} rows and columns in its last two axes, got {tuple(gumbel.shape)}")
+    return gumbel[..., :nb, :nb].astype(dtype, copy=False)
+
+
+def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_iters=8, tau=0.75,
+            gumbel=None, sortcut=None, hard=False, perm=None, scale=None):
+    """Sparse Sinkhorn attention (self-attention: M == N).
+
+    q, k (..., N, d), v (..., N, dv); params W1 (d, d_h), b1 (d_h,), W2 (d_h, L>=N_B),
+    b2 (L,), shared across batch and heads. Returns out (..., N, dv) and a cache.
+    """
+    n, m, d, dv = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
+    causal = check_bool("causal", causal)
+    b = check_int("block", block)
+    n_iters = check_int("n_iters", n_iters)
+    tau = check_positive_float("tau", tau)
+    hard = check_bool("hard", hard)
+    scale = d ** -0.5 if scale is None else check_positive_float("scale", scale)
+    xp = get_namespace(q, k, v)
+    nb = -(-n // b)
+    if sortcut is not None:
+        sortcut = min(check_int("sortcut", sortcut), nb)
+        if causal:
+            raise ValueError("causal=True is not supported with sortcut: SortCut lets every query see the "
+                             "first sorted blocks, which mix the whole sequence (the paper uses it for encoding)")
+    check_param("W1", W1, (d, None), dtype=q.dtype)
+    dh = W1.shape[1]
+    check_param("b1", b1, (dh,), dtype=q.dtype)
+    check_param("W2", W2, (dh, None), dtype=q.dtype)
+    if W2.shape[1] < nb:
+        raise ValueError(f"W2 must have at least N_B={nb} columns (one per block), got shape {tuple(W2.shape)}")
+    check_param("b2", b2, (W2.shape[1],), dtype=q.dtype)
+    gumbel = _check_gumbel(gumbel, nb, q.dtype, xp)
+    lead = tuple(q.shape[:-2])
+    npad = nb * b
+
+    # ---- blocks ------------------------------------------------------------------
+    pos = xp.arange(npad).reshape(nb, b)                                 # (N_B, b) original positions
+    qb = pad_axis(q, npad).reshape(lead + (nb, b, d))                   # (..., N_B, b, d)
+    kb = pad_axis(k, npad).reshape(lead + (nb, b, d))
+    vb = pad_axis(v, npad).reshape(lead + (nb, b, dv))
+    real = pos < n                                                      # (N_B, b)
+    if key_mask is not None:
+        real = real & pad_axis(key_mask[..., None], npad, value=False)[..., 0].reshape(key_mask.shape[:-1] + (nb, b))
+    real = xp.broadcast_to(real, lead + (nb, b))                         # (..., N_B, b)
+    mk = real[..., None].astype(q.dtype)                                 # (..., N_B, b, 1)
+    kz = kb * mk                                                         # masked keys -> 0
+    vz = vb * mk
+
+    # ---- SortNet: R = W2^T ReLU(W1^T psi(X) + b1) + b2 -----------------------------
+    summ = kz.sum(axis=-2)                                               # psi: sum pooling (..., N_B, d)
+    if causal:                                                           # row i from block i-1 (complete)
+        s_in = xp.concatenate([xp.zeros_like(summ[..., :1, :]), summ[..., :-1, :]], axis=-2)
+    else:
+        s_in = summ
+    z = s_in @ W1 + b1                                                   # (..., N_B, d) @ (d, d_h) -> (..., N_B, d_h)
+    h = xp.maximum(z, 0)
+    r = h @ W2[:, :nb] + b2[:nb]                                         # (..., N_B, d_h) @ (d_h, N_B) -> (..., N_B, N_B)
+    if causal:
+        support = xp.arange(nb)[None, :] < xp.arange(nb)[:, None]        # block i draws from j < i
+    else:
+        support = xp.ones((nb, nb), dtype=bool)
+
+    # ---- soft permutation -------------------------------------------------------
+    sink = None
+    if perm is None and not hard:
+        la = r if gumbel is None else r + gumbel                         # R + epsilon
+        la = xp.where(support, la * (1.0 / tau), NEG_INF).astype(q.dtype, copy=False)
+        logp, sink = sinkhorn_forward(la, n_iters, causal=causal)        # (..., N_B, N_B)
+        p = xp.exp(logp)
+        slot_from = xp.broadcast_to(support, lead + (nb, nb))
+    else:
+        if perm is None:                                                 # hard: argmax of balanced P
+            la = r if gumbel is None else r + gumbel
+            la = xp.where(support, la * (1.0 / tau), NEG_INF).astype(q.dtype, copy=False)
+            logp, _ = sinkhorn_forward(la, n_iters, causal=causal)
+            choice = xp.argmax(logp, axis=-1)                            # (..., N_B)
+            choice = xp.where(support.any(axis=-1), choice, -1)
+        else:
+            if getattr(perm, "dtype", None) is None or perm.dtype.kind not in "iu":
+                raise ValueError(f"perm must be an integer array (..., N_B={nb}), got {getattr(perm, 'dtype', type(perm).__name__)}")
+            if perm.shape[-1] != nb or bool(((perm < -1) | (perm >= nb)).any()):
+                raise ValueError(f"perm must have shape (..., {nb}) with entries in [-1, {nb}), got shape {tuple(perm.shape)}")
+            choice = perm
+            if causal and bool(((choice >= xp.arange(nb)) & (choice >= 0)).any()):
+                raise ValueError("perm: with causal=True block i may only draw from a block j < i")
+        choice = xp.broadcast_to(choice, lead + (nb,))
+        onehot = (choice[..., :, None] == xp.arange(nb)) & (choice[..., :, None] != xp.arange(nb)[:, None])
+        p = onehot.astype(q.dtype)                                       # own block excluded (no duplicate)
+        slot_from = onehot
+
+    # ---- sorted blocks: K_s = P K_blocks ----------------------------------------
+    kzf = kz.reshape(lead + (nb, b * d))
+    vzf = vz.reshape(lead + (nb, b * dv))
+    ks = (p @ kzf).reshape(lead + (nb, b, d))                            # (..., N_B, N_B) @ (..., N_B, b d)
+    vs = (p @ vzf).reshape(lead + (nb, b, dv))
+    slot_ok = (slot_from.astype(q.dtype) @ real.astype(q.dtype)) > 0     # (..., N_B, b): sorted slot is a real key
+    q_real = pos < n                                                     # (N_B, b)
+
+    if sortcut is None:
+        local = group_mask(pos, pos, n, n, causal=causal, key_mask=key_mask)       # (.., N_B, b, b)
+        sorted_ok = q_real[:, :, None] & slot_ok[..., :, None, :]                  # (..., N_B, b, b)
+        allowed = xp.concatenate([sorted_ok, xp.broadcast_to(local, lead + (nb, b, b))], axis=-1)
+        kcat = xp.concatenate([ks, kb], axis=-2)                         # (..., N_B, 2b, d)
+        vcat = xp.concatenate([vs, vb], axis=-2)
+        out, _, acache = attend_forward(qb, kcat, vcat, allowed, scale)  # one softmax over 2b keys
+    else:
+        nk = sortcut
+        kc = ks[..., :nk, :, :].reshape(lead + (1, nk * b, d))           # first n_k sorted blocks
+        vc = vs[..., :nk, :, :].reshape(lead + (1, nk * b, dv))
+        allowed = q_real.reshape(npad)[:, None] & slot_ok[..., :nk, :].reshape(lead + (1, 1, nk * b))
+        out, _, acache = attend_forward(qb.reshape(lead + (1, npad, d)), kc, vc, allowed, scale)
+    out = out.reshape(lead + (npad, dv))[..., :n, :]
+    cache = SinkhornCache2(acache, sink, p, kzf, vzf, mk, s_in, z, h, (W1, b1, W2, b2), n, b, nb, tau,
+                           causal, sink is not None, sortcut, lead)
+    return out, cache
+
+
+def backward(dout, cache):
+    """Returns {"q", "k", "v", "W1", "b1", "W2", "b2"} (module docstring for the derivation)."""
+    xp = get_namespace(dout)
+    c = cache
+    lead, n, b, nb = c.lead, c.n, c.b, c.nb
+    npad = nb * b
+    d = c.s_in.shape[-1]
+    dv = dout.shape[-1]
+    W1, b1, W2, b2 = c.params
+    dout_p = pad_axis(dout, npad)
+    if c.sortcut is None:
+        g = attend_backward(dout_p.reshape(lead + (nb, b, dv)), c.attend)
+        dqb = g["q"]                                                     # (..., N_B, b, d)
+        dks, dkb = g["k"][..., :b, :], g["k"][..., b:, :]
+        dvs, dvb = g["v"][..., :b, :], g["v"][..., b:, :]
+    else:
+        nk = c.sortcut
+        g = attend_backward(dout_p.reshape(lead + (1, npad, dv)), c.attend)
+        dqb = g["q"]
+        dks = xp.zeros(lead + (nb, b, d), dtype=dout.dtype)
+        dvs = xp.zeros(lead + (nb, b, dv), dtype=dout.dtype)
+        dks[..., :nk, :, :] = g["k"].reshape(lead + (nk, b, d))
+        dvs[..., :nk, :, :] = g["v"].reshape(lead + (nk, b, dv))
+        dkb = 0.0
+        dvb = 0.0
+    dksf = dks.reshape(lead + (nb, b * d))
+    dvsf = dvs.reshape(lead + (nb, b * dv))
+    pt = c.p.swapaxes(-1, -2)
+    dkz = (pt @ dksf).reshape(lead + (nb, b, d))                          # dK_blocks = P^T dK_s
+    dvz = (pt @ dvsf).reshape(lead + (nb, b, dv))
+    dW1 = xp.zeros_like(W1)
+    db1 = xp.zeros_like(b1)
+    dW2 = xp.zeros_like(W2)
+    db2 = xp.zeros_like(b2)
+    if c.soft:
+        dp = dksf @ c.kz.swapaxes(-1, -2) + dvsf @ c.vz.swapaxes(-1, -2)  # dP = dK_s K^T + dV_s V^T (..., N_B, N_B)
+        dla = sinkhorn_backward(dp * c.p, c.sink)                         # d log P = P * dP
+        dr = dla * (1.0 / c.tau)                                          # log_alpha = (R + eps) / tau
+        hd = c.h.shape[-1]
+        dW2[:, :nb] = c.h.reshape(-1, hd).T @ dr.reshape(-1, nb)         # (d_h, rows) @ (rows, N_B)
+        db2[:nb] = dr.reshape(-1, nb).sum(axis=0)
+        dh = dr @ W2[:, :nb].T                                            # (..., N_B, N_B) @ (N_B, d_h)
+        dz = dh * (c.z > 0)
+        dW1[...] = c.s_in.reshape(-1, d).T @ dz.reshape(-1, hd)
+        db1[...] = dz.reshape(-1, hd).sum(axis=0)
+        ds_in = dz @ W1.T                                                 # (..., N_B, d)
+        if c.causal:                                                      # s_in[i] = summ[i-1]
+            dsumm = xp.concatenate([ds_in[..., 1:, :], xp.zeros_like(ds_in[..., :1, :])], axis=-2)
+        else:
+            dsumm = ds_in
+        dkz = dkz + dsumm[..., :, None, :]                                # sum pooling: each key of the block
+    dk_blocks = dkb + dkz * c.mk
+    dv_blocks = dvb + dvz * c.mk
+    return {
+        "q": dqb.reshape(lead + (npad, d))[..., :n, :],
+        "k": dk_blocks.reshape(lead + (npad, d))[..., :n, :],
+        "v": dv_blocks.reshape(lead + (npad, dv))[..., :n, :],
+        "W1": dW1, "b1": db1, "W2": dW2, "b2": db2,
+    }
+
+
+def weights(cache):
+    """The effective (..., N, N) matrix W with out == W @ v.
+
+    Softmax weights over the concatenated keys, the sorted part mapped back to
+    the original positions through P: W[(i,r), (j,s)] = A_sorted[i,r,s] P[i,j] m[j,s]
+    + [j == i] A_local[i,r,s]. Teaching sizes only (allocates N x N)."""
+    xp = get_namespace(cache.p)
+    lead, n, b, nb = cache.lead, cache.n, cache.b, cache.nb
+    npad = nb * b
+    a = cache.attend.p
+    m = cache.mk[..., 0]                                                  # (..., N_B, b)
+    if cache.sortcut is None:
+        a_s, a_l = a[..., :b], a[..., b:]                                 # (..., N_B, b, b) each
+        w = a_s[..., :, :, None, :] * cache.p[..., :, None, :, None] * m[..., None, None, :, :]
+        eye = xp.eye(nb, dtype=a.dtype)[:, None, :, None]                 # (N_B, 1, N_B, 1)
+        w = w + eye * a_l[..., :, :, None, :]                             # (..., N_B, b, N_B, b)
+        w = w.reshape(lead + (npad, npad))
+    else:
+        nk = cache.sortcut
+        a4 = a.reshape(lead + (npad, nk, b)).swapaxes(-1, -2).swapaxes(-2, -3)   # (..., b, npad, n_k)
+        w = a4 @ cache.p[..., None, :nk, :]                               # (..., b, npad, N_B)
+        w = w.swapaxes(-2, -3).swapaxes(-1, -2) * m[..., None, :, :]      # (..., npad, N_B, b)
+        w = w.reshape(lead + (npad, npad))
+    return w[..., :n, :n]
+
+
+def induced_pattern(cache):
+    """Hard mode: the boolean (..., N, N) support of W — own block (causal inside) plus the
+    chosen block — built from the block choices and the masks, for the 'equals full' test."""
+    xp = get_namespace(cache.p)
+    lead, n, b, nb = cache.lead, cache.n, cache.b, cache.nb
+    npad = nb * b
+    blk = xp.arange(npad) // b
+    own = blk[:, None] == blk[None, :]                                    # (npad, npad)
+    if cache.causal:
+        own = own & (xp.arange(npad)[None, :] <= xp.arange(npad)[:, None])
+    chosen = cache.p[..., blk[:, None], blk[None, :]] > 0                 # (..., npad, npad)
+    pat = own | chosen
+    return pat[..., :n, :n]
+
+
+def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
+    """Default config for length n: b = :func:`default_block`, 8 Sinkhorn iterations,
+    tau = 0.75, Gumbel noise of shape (heads, N_B, N_B); SortNet with d_h = d."""
+    b = default_block(n)
+    nb = -(-n // b)
+    dh = max(d, 2)
+    params = {
+        "W1": asarray(rng.standard_normal((d, dh)) * d ** -0.5, dtype=dtype),
+        "b1": asarray(rng.standard_normal(dh) * 0.1, dtype=dtype),
+        "W2": asarray(rng.standard_normal((dh, nb)) * dh ** -0.5, dtype=dtype),
+        "b2": asarray(rng.standard_normal(nb) * 0.1, dtype=dtype),
+    }
+    config = {"block": b, "n_iters": 8, "tau": 0.75, "gumbel": asarray(draw_gumbel(rng, (heads, nb, nb)), dtype=dtype)}
+    return params, config
+
+
+def _figures(out_dir, rng):
+    import os
+
+    from .. import viz
+    from ..backend import to_numpy
+
+    paths = []
+    # 1. the soft permutation across iterations and temperatures
+    nb = 8
+    logits = asarray(rng.standard_normal((nb, nb)) * 2.0)
+    temps = (2.0, 0.75, 0.25)
+    iters = (0, 1, 3, 20)
+    mats, titles = [], []
+    for tau in temps:
+        for it in iters:
+            la = logits * (1.0 / tau)
+            if it == 0:                                   # before balancing: softmax over all entries
+                la = la - _lse(_lse(la, axis=-1), axis=-2)
+                logp = la
+            else:
+                logp = sinkhorn_forward(la, it)[0]
+            mats.append(to_numpy(get_namespace(logp).exp(logp)))
+            titles.append(f"tau={tau}, {it} iter" + ("s" if it != 1 else ""))
+    fig = viz.plot_patterns(mats, titles, suptitle="Sinkhorn balancing: exp(log P) vs iterations and temperature",
+                            ncols=len(iters), weights=True, xlabel="source block j", ylabel="target block i")
+    paths.append(viz.save(fig, os.path.join(out_dir, "sinkhorn_permutation.png")))
+    # 2. block reordering: the soft permutation and the effective attention it implies
+    n, d = 32, 8
+    q, k, v = (asarray(rng.standard_normal((1, 1, n, d))) for _ in range(3))
+    params, config = setup(rng, n=n, d=d, heads=1)
+    _, c_s = forward(q, k, v, **params, **config)
+    _, c_h = forward(q, k, v, **params, **config, hard=True)
+    _, c_c = forward(q, k, v, **params, **config, causal=True)
+    fig = viz.plot_patterns(
+        [to_numpy(c_s.p[0, 0]), to_numpy(weights(c_s)), to_numpy(weights(c_h)), to_numpy(weights(c_c))],
+        ["soft permutation P (blocks)", "W soft (bidirectional)", "W hard (argmax P)", "W soft (causal)"],
+        suptitle=f"Sinkhorn attention, N={n}, b={config['block']}", ncols=4, weights=True)
+    paths.append(viz.save(fig, os.path.join(out_dir, "sinkhorn_blocks.png")))
+    return paths
+
+
+MECHANISM = register(Mechanism(
+    name="sinkhorn",
+    title="Sparse Sinkhorn attention",
+    citation="Tay et al., 2020",
+    url="https://arxiv.org/abs/2002.11296",
+    classes=("LP",),
+    complexity="O(B^2)",
+    causal=True,
+    exact=False,
+    kind="kernel",
+    notebook="03_learned_patterns",
+    forward=forward,
+    backward=backward,
+    weights=weights,
+    setup=setup,
+    sizes=("block", "n_iters"),
+    figures=_figures,
+    summary="SortNet + Sinkhorn balancing softly permutes blocks; each block attends to its own and a sorted block.",
+    extra={"induced_pattern": induced_pattern},
+))
