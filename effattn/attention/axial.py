@@ -1,0 +1,248 @@
+"""Axial attention: attend along one axis of the sequence laid out as a grid.
+
+Ho, Kalchbrenner, Weissenborn, Salimans, 2019, *Axial Attention in
+Multidimensional Transformers*, https://arxiv.org/abs/1912.12180
+
+Intuition. An image of r x c pixels flattened to N = r c tokens costs N^2 with
+full attention. Axial attention keeps the grid: a row attention lets every
+pixel look at the c pixels of its row, a column attention at the r pixels of
+its column. Each is a batch of small full attentions — rows as the groups of
+a batched matmul — costing O(N (r + c)) = O(N sqrt N) on a square grid, and a
+row layer followed by a column layer already connects every pair of pixels.
+
+Layout. Position i of the (padded) sequence is the raster-order cell
+(i // c, i mod c) of a grid ``shape = (r, c)`` (any number of axes works:
+``shape = (s_0, ..., s_{k-1})``, C order, the last axis varies fastest).
+
+    row    attention:  A_row(i)    = {j : row(j) = row(i)}       (the last axis)
+    column attention:  A_column(i) = {j : col(j) = col(i)}       (the second-to-last axis)
+    both:              A_row(i) ∪ A_column(i), ONE softmax over the union
+    causal (the paper's masked arrangement, raster order): intersect with j <= i,
+    so the row attention sees the earlier cells of its row, the column
+    attention the cells above it, and "both" every earlier key that shares
+    the query's row or column.
+
+Conventions (config): ``axis`` is "row", "column", "both" (the default: one
+kernel call whose pattern is the union, so the pattern of one call already
+has the O(N sqrt N) support the survey draws; the paper applies row and
+column attention in SEPARATE layers — pass axis="row" / "column" to each
+layer to do that), an int (one grid axis) or a tuple of ints (union over
+those axes). ``shape=None`` picks a near-square grid c = ceil(sqrt N),
+r = ceil(N / c); when r c > N the tail of the last row is padding, masked
+(so the last row is shorter and the last columns one cell shorter).
+lucidrains' ``axial-attention`` (``AxialAttention(dim, num_dimensions=2,
+dim_index=...)``) takes the tensor already shaped (B, r, c, d) and sums the
+outputs of one attention per axis (``sum_axial_out=True``): that is a sum of
+separately normalised row and column outputs, not our single softmax over the
+union; run axis="row" and axis="column" and add the outputs to get it.
+Without padding support there, N must equal r c; here any N works.
+
+Implementation: the rows (or columns) are groups of ``attend_forward``
+((..., r, c, d) for rows, the grid transposed (..., c, r, d) for columns).
+"both" merges the two parts under one softmax through their log-sum-exps
+(:mod:`effattn.nn.union`); the query itself is in its row and its column, so
+it is removed from the column part (the only overlap).
+
+Complexity: O(N (r + c) d) time, O(N (r + c)) memory; O(N sqrt N) for a
+square grid. Backward: the union backward (flash-attention
+dS = P * (dP - rowsum(dO * O)) per part plus the log-sum-exp merge terms).
+
+Cache: :class:`AxialCache` (the union cache and the grid).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from ..backend import get_namespace
+from ..backend import xp as active_xp
+from ..checks import check_bool, check_int, check_positive_float, check_qkv
+from ..nn.union import Part, union_backward, union_forward, union_weights
+from ..registry import Mechanism, register
+
+
+class AxialCache(NamedTuple):
+    union: object     # UnionCache
+    shape: tuple      # the grid
+    axes: tuple       # grid axes attended along
+    causal: bool
+    n: int
+
+
+def default_shape(n):
+    """A near-square grid for n positions: c = ceil(sqrt n) columns, r = ceil(n / c) rows."""
+    n = check_int("n", n)
+    cols = math.isqrt(n - 1) + 1 if n > 1 else 1   # ceil(sqrt(n))
+    return (-(-n // cols), cols)
+
+
+def check_shape(shape, n):
+    """``shape``: a tuple of >= 1 positive ints whose product is >= n (the padded grid)."""
+    if not isinstance(shape, (tuple, list)) or len(shape) < 1:
+        raise ValueError(f"shape must be a tuple of positive grid sizes, e.g. (rows, cols), got {shape!r}")
+    shape = tuple(check_int("shape", s) for s in shape)
+    if math.prod(shape) < n:
+        raise ValueError(f"shape {shape} holds {math.prod(shape)} cells, fewer than the N={n} positions")
+    return shape
+
+
+def resolve_axes(axis, ndim):
+    """axis ("row" | "column" | "both" | int | tuple of ints) -> sorted tuple of grid axes."""
+    names = {"row": (ndim - 1,), "column": (ndim - 2,) if ndim >= 2 else None, "both": tuple(range(ndim))}
+    if isinstance(axis, str):
+        if axis not in names or names[axis] is None:
+            raise ValueError(f"axis must be 'row', 'column', 'both', an int or a tuple of ints, got {axis!r}"
+                             f" (grid of {ndim} axes)")
+        return names[axis]
+    axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+    out = []
+    for a in axes:
+        if isinstance(a, bool) or not isinstance(a, int) or not -ndim <= a < ndim:
+            raise ValueError(f"axis must name grid axes in [-{ndim}, {ndim}), got {axis!r}")
+        out.append(a % ndim)
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"axis must name distinct grid axes, got {axis!r}")
+    return tuple(sorted(out))
+
+
+def _coords(pos, shape):
+    """Grid coordinates of raster positions: list of arrays, one per axis (C order)."""
+    coords = []
+    rest = pos
+    for s in reversed(shape):
+        coords.append(rest % s)
+        rest = rest // s
+    return coords[::-1]
+
+
+def axial_pattern(n, shape, axis="both", *, causal=False, xp=None):
+    """The rule as a bool (n, n) mask: j shares every grid coordinate of i except
+    along one of the attended axes (and j <= i if causal)."""
+    xp = active_xp() if xp is None else xp
+    axes = resolve_axes(axis, len(shape))
+    ci = _coords(xp.arange(n)[:, None], shape)       # per axis (N, 1)
+    cj = _coords(xp.arange(n)[None, :], shape)       # per axis (1, N)
+    allowed = xp.zeros((n, n), dtype=bool)
+    for a in axes:
+        same = xp.ones((n, n), dtype=bool)
+        for b in range(len(shape)):
+            if b != a:
+                same = same & (ci[b] == cj[b])       # same coordinates off axis a
+        allowed = allowed | same
+    if causal:
+        allowed = allowed & (xp.arange(n)[None, :] <= xp.arange(n)[:, None])
+    return allowed
+
+
+def axial_part(n, shape, axis, *, causal, exclude_self=False, xp=None):
+    """The :class:`Part` of one grid axis: groups = lines of the grid along ``axis``."""
+    xp = active_xp() if xp is None else xp
+    pos = xp.arange(math.prod(shape)).reshape(shape)
+    lines = xp.moveaxis(pos, axis, -1).reshape(-1, shape[axis])   # (cells / s_a, s_a): one line per group
+    i = lines[:, :, None]
+    j = lines[:, None, :]
+    ok = (i < n) & (j < n)                                        # padding cells are masked
+    if causal:
+        ok = ok & (j <= i)                                        # raster order: earlier in the line
+    if exclude_self:
+        ok = ok & (j != i)                                        # i is already in the first part
+    return Part(lines, lines, ok, f"axis {axis}")
+
+
+def forward(q, k, v, *, causal=False, key_mask=None, shape=None, axis="both", scale=None):
+    """Axial attention.
+
+    q, k, v (..., N, d) / (..., N, dv) (self-attention); shape: the grid
+    (default :func:`default_shape`); axis: "row" | "column" | "both" | int |
+    tuple of ints; key_mask (..., N) bool. Returns out (..., N, dv), :class:`AxialCache`.
+    """
+    n, _, d, _ = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
+    causal = check_bool("causal", causal)
+    shape = default_shape(n) if shape is None else check_shape(shape, n)
+    axes = resolve_axes(axis, len(shape))
+    scale = d ** -0.5 if scale is None else check_positive_float("scale", scale)
+    xp = get_namespace(q, k, v)
+    parts = tuple(axial_part(n, shape, a, causal=causal, exclude_self=t > 0, xp=xp) for t, a in enumerate(axes))
+    out, cache = union_forward(q, k, v, parts, key_mask=key_mask, scale=scale)
+    return out, AxialCache(cache, shape, axes, causal, n)
+
+
+def backward(dout, cache):
+    """Gradients {"q": dq, "k": dk, "v": dv}."""
+    return union_backward(dout, cache.union)
+
+
+def weights(cache):
+    """The effective attention matrix (..., N, N): out == W @ v. Teaching sizes only."""
+    return union_weights(cache.union)
+
+
+def pattern(cache):
+    """The rule (not the fast path) as a bool (N, N) mask."""
+    xp = get_namespace(cache.union.out)
+    return axial_pattern(cache.n, cache.shape, cache.axes, causal=cache.causal, xp=xp)
+
+
+def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
+    """No parameters; a near-square grid with padding, axis="both"."""
+    return {}, {"shape": default_shape(n), "axis": "both"}
+
+
+def grid_figure(out_dir, shape=(6, 8), query=(3, 5)):
+    """axial_grid.png: the row and column of one query drawn on the grid (non-causal and causal),
+    next to the N x N masks of row, column and both."""
+    import os
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .. import viz
+
+    r, c = shape
+    n = r * c
+    qi = query[0] * c + query[1]
+    fig, axes = plt.subplots(2, 3, figsize=(11, 7))
+    for col, (ax_name, title) in enumerate((("row", "row attention"), ("column", "column attention"),
+                                            ("both", "both: row ∪ column"))):
+        for rowi, causal in enumerate((False, True)):
+            ax = axes[rowi, col]
+            allowed = axial_pattern(n, shape, ax_name, causal=causal, xp=np)[qi].reshape(shape).astype(float)
+            allowed[query] = 0.5
+            ax.imshow(allowed, cmap="Blues", vmin=0, vmax=1.2)
+            ax.set_xticks(range(c))
+            ax.set_yticks(range(r))
+            ax.set_title(f"{title} ({'causal' if causal else 'bidirectional'})", fontsize=9)
+            ax.text(query[1], query[0], "q", ha="center", va="center", color="k")
+    fig.suptitle(f"Axial attention on a {r} x {c} grid: the keys of the query q (raster order)")
+    fig.tight_layout()
+    paths = [viz.save(fig, os.path.join(out_dir, "axial_grid.png"))]
+    mats = [axial_pattern(n, shape, a, causal=True, xp=np) for a in ("row", "column", "both")]
+    fig = viz.plot_patterns(mats, ["row (causal)", "column (causal)", "both (causal)"],
+                            suptitle=f"Axial attention as N x N masks (grid {r} x {c}, N={n})", grid=c)
+    paths.append(viz.save(fig, os.path.join(out_dir, "axial_masks.png")))
+    return paths
+
+
+def _figures(out_dir, rng):
+    return grid_figure(out_dir)
+
+
+MECHANISM = register(Mechanism(
+    name="axial",
+    title="Axial attention",
+    citation="Ho et al., 2019",
+    url="https://arxiv.org/abs/1912.12180",
+    classes=("FP",),
+    complexity="O(N sqrt(N))",
+    causal=True,
+    exact=True,
+    kind="kernel",
+    notebook="01_fixed_patterns",
+    forward=forward,
+    backward=backward,
+    weights=weights,
+    setup=setup,
+    pattern=pattern,
+    figures=_figures,
+    summary="The sequence as a grid; attend along its rows and columns: O(N sqrt N) on a square grid.",
+))
