@@ -1,0 +1,177 @@
+"""Linear attention (the Linear Transformer): attention as a kernel, phi(x) = elu(x) + 1.
+
+Katharopoulos, Vyas, Pappas, Fleuret, 2020, *Transformers are RNNs: Fast
+Autoregressive Transformers with Linear Attention*, https://arxiv.org/abs/2006.16236
+
+Intuition: softmax attention weighs value j by sim(q_i, k_j) = exp(q_i . k_j /
+sqrt(d)). Any non-negative similarity works as long as the weights are
+normalised; if sim(q, k) = phi(q) . phi(k) is a dot product of feature maps,
+the sums over keys can be done *once* for all queries (re-associate
+(phi(Q) phi(K)^T) V = phi(Q) (phi(K)^T V)), and the cost becomes linear in N.
+This is a different attention, not an approximation of softmax: its own exact
+formula is W_ij = phi(q_i) . phi(k_j) / sum_l phi(q_i) . phi(k_l).
+
+Equations (paper eq. 4-6, 8-9 and 16-20), phi(x) = elu(x) + 1 (> 0 elementwise):
+
+    non-causal: V'_i = phi(Q_i)^T sum_j phi(K_j) V_j^T / (phi(Q_i)^T sum_j phi(K_j) + eps)
+    causal:     S_i = sum_{j<=i} phi(K_j) V_j^T,   Z_i = sum_{j<=i} phi(K_j)
+                V'_i = phi(Q_i)^T S_i / (phi(Q_i)^T Z_i + eps)
+
+The causal form is an RNN with state (S, Z) of size (d, dv) + (d,): a decoder
+calls :func:`initial_state` once and :func:`recurrent_step` per token at
+O(d dv) cost each, whatever the position. The parallel form uses chunked
+prefix sums (:mod:`effattn.nn.kernel_attention`): O(N C d + N d dv).
+
+No 1/sqrt(d) scaling is used (as in the paper and fast-transformers).
+
+``eps`` (default 1e-6) is added to the denominator, as fast-transformers'
+``LinearAttention`` / ``CausalLinearAttention`` do (``eps=1e-6``). Since
+elu + 1 > 0, the denominator is positive whenever a key is visible; a row
+with every key masked gives out = 0 (its denominator is eps, the numerator 0).
+
+Shapes: q (..., N, d), k (..., M, d), v (..., M, dv) -> out (..., N, dv).
+key_mask (..., M): masked keys get phi(k_j) = 0, hence exactly zero weight.
+
+Complexity: O(N d dv) time, O(N d) memory non-causal; causal adds the C x C
+intra-chunk blocks: O(N C (d + dv)) time, O(N C + (N / C) d dv) memory.
+
+Backward: through :func:`effattn.nn.kernel_attention.kernel_attention_backward`
+(derived there) to dphi(Q), dphi(K), then elu's derivative (1 for x > 0,
+exp(x) otherwise).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..backend import get_namespace
+from ..backend import xp as _active_xp
+from ..checks import check_bool, check_causal, check_float_array, check_int, check_qkv
+from ..nn.functional import elu_backward, elu_forward
+from ..nn.kernel_attention import (kernel_attention_backward, kernel_attention_forward,
+                                   kernel_attention_loop, kernel_attention_weights,
+                                   recurrent_state, recurrent_update)
+from ..registry import Mechanism, register
+
+EPS = 1e-6
+
+
+class LinearCache(NamedTuple):
+    kernel: object    # KernelAttentionCache: phi(Q), phi(K) (masked), v, states, 1 / den
+    elu_q: object     # elu cache of q
+    elu_k: object     # elu cache of k
+    key_mask: object  # (..., M) bool or None
+
+
+def feature_map(x):
+    """phi(x) = elu(x) + 1 (elementwise, > 0). Returns (phi, cache)."""
+    y, cache = elu_forward(x)
+    return y + 1.0, cache
+
+
+def _check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    return float(eps)
+
+
+def forward(q, k, v, *, causal=False, key_mask=None, eps=EPS, chunk=128):
+    """Linear attention. q (..., N, d), k (..., M, d), v (..., M, dv); causal needs N == M.
+
+    eps >= 0 is added to the denominator; ``chunk`` is the block length of the
+    causal prefix sums (any positive integer: same result up to rounding).
+    Returns out (..., N, dv) and a :class:`LinearCache`.
+    """
+    n, m, d, _ = check_qkv(q, k, v, key_mask=key_mask, self_attention=bool(causal is True))
+    causal = check_causal(causal, True)
+    eps = _check_eps(eps)
+    chunk = check_int("chunk", chunk)
+    phi_q, elu_q = feature_map(q)                     # (..., N, d)
+    phi_k, elu_k = feature_map(k)                     # (..., M, d)
+    if key_mask is not None:
+        phi_k = phi_k * key_mask[..., :, None]        # masked keys: zero features, zero weight
+    out, kcache = kernel_attention_forward(phi_q, phi_k, v, causal=causal, chunk=chunk, eps=eps)
+    return out, LinearCache(kcache, elu_q, elu_k, key_mask)
+
+
+def backward(dout, cache):
+    """Returns {"q": dq, "k": dk, "v": dv}."""
+    g = kernel_attention_backward(dout, cache.kernel)
+    dphi_k = g["phi_k"]
+    if cache.key_mask is not None:
+        dphi_k = dphi_k * cache.key_mask[..., :, None]
+    return {"q": elu_backward(g["phi_q"], cache.elu_q), "k": elu_backward(dphi_k, cache.elu_k), "v": g["v"]}
+
+
+def weights(cache):
+    """W_ij = phi(q_i) . phi(k_j) / (sum_l phi(q_i) . phi(k_l) + eps) (causal: j <= i): out == W @ v."""
+    return kernel_attention_weights(cache.kernel)
+
+
+def reference(q, k, v, *, causal=False, key_mask=None, eps=EPS, chunk=128):
+    """The explicit O(N^2) formula, as a readable oracle."""
+    xp = get_namespace(q, k, v)
+    phi_q, phi_k = feature_map(q)[0], feature_map(k)[0]
+    a = phi_q @ phi_k.swapaxes(-1, -2)                                   # (..., N, M)
+    if key_mask is not None:
+        a = a * key_mask[..., None, :]
+    if causal:
+        a = a * xp.tril(xp.ones(a.shape[-2:], dtype=bool))
+    den = a.sum(axis=-1, keepdims=True) + eps
+    return xp.where(den != 0, a / xp.where(den != 0, den, 1.0), 0.0) @ v
+
+
+def loop(q, k, v, *, causal=False, key_mask=None, eps=EPS):
+    """Readable per-step form (the RNN of §3.4), for tests."""
+    phi_q, phi_k = feature_map(q)[0], feature_map(k)[0]
+    if key_mask is not None:
+        phi_k = phi_k * key_mask[..., :, None]
+    return kernel_attention_loop(phi_q, phi_k, v, causal=causal, eps=eps)
+
+
+def initial_state(lead, d, dv, *, dtype="float64"):
+    """The empty decoder state (S, Z): zeros (*lead, d, dv) and (*lead, d) on the active backend.
+    ``lead`` is the (batch, heads) shape."""
+    lead = tuple(check_int("lead", int(x), minimum=1) for x in lead)
+    return recurrent_state(lead, check_int("d", d), check_int("dv", dv), _active_xp(), dtype)
+
+
+def recurrent_step(q_t, k_t, v_t, state, *, eps=EPS):
+    """One causal decoding step: q_t, k_t (..., d), v_t (..., dv), state from :func:`initial_state`
+    (or a previous step). Returns (out_t (..., dv), new_state); equals row t of the causal
+    parallel :func:`forward`."""
+    check_float_array("q_t", q_t)
+    check_float_array("k_t", k_t)
+    check_float_array("v_t", v_t)
+    if k_t.shape != q_t.shape:
+        raise ValueError(f"k_t must have the shape of q_t {tuple(q_t.shape)}, got {tuple(k_t.shape)}")
+    s, z = state
+    if tuple(s.shape) != tuple(q_t.shape) + (v_t.shape[-1],) or tuple(z.shape) != tuple(q_t.shape):
+        raise ValueError(f"state must be (S {tuple(q_t.shape) + (v_t.shape[-1],)}, Z {tuple(q_t.shape)}), "
+                         f"got S {tuple(s.shape)}, Z {tuple(z.shape)}")
+    return recurrent_update(feature_map(q_t)[0], feature_map(k_t)[0], v_t, state, _check_eps(eps))
+
+
+def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
+    """No parameters; a causal chunk shorter than small n so the chunk padding is exercised."""
+    return {}, ({"chunk": max(2, min(128, n // 3))} if causal else {})
+
+
+MECHANISM = register(Mechanism(
+    name="linear",
+    title="Linear Transformer",
+    citation="Katharopoulos et al., 2020",
+    url="https://arxiv.org/abs/2006.16236",
+    classes=("KR",),
+    complexity="O(N)",
+    causal=True,
+    exact=False,
+    kind="kernel",
+    notebook="06_kernels",
+    forward=forward,
+    backward=backward,
+    weights=weights,
+    setup=setup,
+    reference=reference,
+    sizes=("chunk",),
+    summary="phi(x) = elu(x) + 1 feature maps: attention in O(N d^2), an RNN when causal.",
+))

@@ -1,0 +1,210 @@
+"""Linformer: project keys and values along the sequence to a fixed length k.
+
+Wang, Li, Khabsa, Fang, Ma, 2020, *Linformer: Self-Attention with Linear
+Complexity*, https://arxiv.org/abs/2006.04768
+
+Intuition: the attention matrix P = softmax(Q K^T / sqrt(d)) is approximately
+low rank (its singular values decay fast; paper Fig. 1, notebook 05_low_rank).
+So instead of N keys, attend to k << N learned *mixtures* of keys: project the
+length axis of K and V with learned matrices E, F in R^{k x N_max}:
+
+    head_i = softmax( Q (E K)^T / sqrt(d) ) (F V)                           (paper eq. 7)
+             (N, d) (d, k)                   (k, dv)
+
+P_bar = softmax(Q (E K)^T / sqrt(d)) is N x k; the cost is O(N k d) time and
+O(N k) memory, linear in N for fixed k.
+
+The implied N x N matrix (what the notebooks compare with softmax):
+out = P_bar F V, so W = P_bar F (N x k times k x N), out == W @ v.
+
+Parameter sharing (``sharing``; the paper's §4 names):
+
+- "none":       one E and one F per head: ``E``, ``F`` of shape (H, k, N_max)
+- "headwise":   E and F shared by all heads of the layer: ``E``, ``F`` (k, N_max) (the default,
+                as fairseq's and lucidrains' implementations do)
+- "key_value":  additionally E = F: only ``E`` (k, N_max) is passed, used for keys and values
+- "layerwise":  one E for keys and values of every head and *every layer*: at kernel level the
+                same as "key_value" (``E`` (k, N_max)); a model passes the same E to every layer.
+
+E and F are learnable parameters with gradients (dE sums over the batch and,
+when shared, over heads; with E = F the two uses add up).
+
+Lengths: E has a maximum length N_max (the paper fixes n); an input of length
+M <= N_max uses the first M columns E[:, :M] (as lucidrains' ``linformer``
+slices ``proj_k[:n]`` and fairseq pads the input up to N_max, which gives the
+same result since padded rows are zero). M > N_max raises ValueError.
+
+key_mask: masked positions are zeroed in K *and* V before projecting (as
+lucidrains / HF-style implementations mask the input). Note what this means
+for a linear projection: a masked key then contributes the zero vector to each
+of the k projected keys E K, so it changes nothing in E K and F V: masked
+tokens contribute nothing to the projections — which is all "masked keys get
+zero weight" can mean here, since the k projected slots themselves always
+exist (a query always has k slots to attend to, and the softmax weight of a
+slot does not become zero). The implied W has exactly zero columns at masked
+keys. A batch element with every key masked gets E K = 0 and F V = 0, hence
+out = 0.
+
+Causal decoding is impossible: each projected key mixes all positions,
+including future ones, so ``causal=True`` raises ValueError.
+
+Backward (P_bar from :func:`effattn.nn.sparse.attend_forward`):
+
+    dV_p = P_bar^T dO,  dK_p = dS^T Q / sqrt(d),  dQ = dS K_p / sqrt(d)
+    K_p = E_M K~ (K~ = K masked)  =>  dE_M = dK_p K~^T,  dK~ = E_M^T dK_p,  dK = dK~ * mask
+    V_p = F_M V~                  =>  dF_M = dV_p V~^T,  dV~ = F_M^T dV_p,  dV = dV~ * mask
+    dE = [dE_M, 0] (k, N_max), summed over batch (and heads when shared).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..backend import get_namespace
+from ..checks import check_causal, check_choice, check_float_array, check_qkv
+from ..nn.sparse import attend_backward, attend_forward, pad_axis
+from ..registry import Mechanism, register
+
+SHARING = ("none", "headwise", "key_value", "layerwise")
+CAUSAL_WHY = ("Linformer projects the whole sequence (E K mixes every position, future ones included), "
+              "so a query cannot be kept from seeing later keys")
+
+
+class LinformerCache(NamedTuple):
+    attend: object     # AttendCache: q, K_p (..., k, d), V_p (..., k, dv), P_bar (..., N, k)
+    k_masked: object   # (..., M, d) K with masked rows zeroed
+    v_masked: object   # (..., M, dv)
+    e: object          # (k, M) or (H, k, M): E[..., :M]
+    f: object          # F[..., :M] (the same array as e when shared)
+    key_mask: object
+    sharing: str
+    n_max: int
+    e_shape: tuple     # shape of the E parameter (for the gradient)
+
+
+def _check_projection(name, a, sharing, heads, m, dtype):
+    check_float_array(name, a, min_ndim=2)
+    per_head = sharing == "none"
+    want = 3 if per_head else 2
+    if a.ndim != want:
+        shape = "(H, k, N_max)" if per_head else "(k, N_max)"
+        raise ValueError(f"{name} must have shape {shape} for sharing={sharing!r}, got {tuple(a.shape)}")
+    if per_head and a.shape[0] != heads:
+        raise ValueError(f"{name} must have one projection per head (H={heads}) for sharing='none', got {tuple(a.shape)}")
+    if a.shape[-1] < m:
+        raise ValueError(f"{name} has length N_max={a.shape[-1]} but the keys have M={m} > N_max positions")
+    if a.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype} like q, got {a.dtype}")
+    return a[..., :m]                                          # first M columns
+
+
+def forward(q, k, v, E, F=None, *, causal=False, key_mask=None, sharing="headwise", scale=None):
+    """Linformer attention. q (..., N, d), k (..., M, d), v (..., M, dv).
+
+    E, F: (H, k, N_max) for sharing="none", (k, N_max) for "headwise"; only E (k, N_max)
+    for "key_value" / "layerwise" (F must be None). Returns out (..., N, dv), a LinformerCache.
+    """
+    n, m, d, _ = check_qkv(q, k, v, key_mask=key_mask)
+    check_causal(causal, False, CAUSAL_WHY)
+    check_choice("sharing", sharing, SHARING)
+    heads = q.shape[-3] if q.ndim >= 3 else 1
+    scale = d ** -0.5 if scale is None else float(scale)
+    e = _check_projection("E", E, sharing, heads, m, q.dtype)
+    if sharing in ("key_value", "layerwise"):
+        if F is not None:
+            raise ValueError(f"F must be None for sharing={sharing!r} (E is used for keys and values)")
+        f = e
+    else:
+        if F is None:
+            raise ValueError(f"F is required for sharing={sharing!r}")
+        f = _check_projection("F", F, sharing, heads, m, q.dtype)
+        if F.shape != E.shape:
+            raise ValueError(f"F must have the shape of E {tuple(E.shape)}, got {tuple(F.shape)}")
+    km = key_mask
+    k_m = k if km is None else k * km[..., :, None]            # (..., M, d): masked keys zeroed
+    v_m = v if km is None else v * km[..., :, None]            # (..., M, dv)
+    kp = e @ k_m                                               # (H, k, M) or (k, M) @ (..., M, d) -> (..., k, d)
+    vp = f @ v_m                                               # (.., k, M) @ (..., M, dv) -> (..., k, dv)
+    out, _, ac = attend_forward(q, kp, vp, None, scale)       # softmax(Q K_p^T / sqrt(d)) V_p
+    return out, LinformerCache(ac, k_m, v_m, e, f, km, sharing, E.shape[-1], tuple(E.shape))
+
+
+def _reduce_to(g, ndim):
+    """Sum leading (batch / head) axes so g has ``ndim`` axes."""
+    while g.ndim > ndim:
+        g = g.sum(axis=0)
+    return g
+
+
+def backward(dout, cache):
+    """Returns {"q", "k", "v", "E"} and "F" unless E = F."""
+    ac, k_m, v_m, e, f, km, sharing, n_max, e_shape = cache
+    g = attend_backward(dout, ac)
+    dkp, dvp = g["k"], g["v"]                                  # (..., k, d), (..., k, dv)
+    dk = e.swapaxes(-1, -2) @ dkp                              # (.., M, k) @ (..., k, d) -> (..., M, d)
+    dv = f.swapaxes(-1, -2) @ dvp                              # (..., M, dv)
+    if km is not None:
+        dk = dk * km[..., :, None]
+        dv = dv * km[..., :, None]
+    de = _reduce_to(dkp @ k_m.swapaxes(-1, -2), len(e_shape))  # (..., k, d) @ (..., d, M) -> (k, M) or (H, k, M)
+    df = _reduce_to(dvp @ v_m.swapaxes(-1, -2), len(e_shape))
+    m = k_m.shape[-2]
+    grads = {"q": g["q"], "k": dk, "v": dv}
+    if sharing in ("key_value", "layerwise"):
+        grads["E"] = pad_axis(de + df, n_max, axis=-1)          # (k, N_max): zero beyond M
+    else:
+        grads["E"] = pad_axis(de, n_max, axis=-1)
+        grads["F"] = pad_axis(df, n_max, axis=-1)
+    assert grads["E"].shape[-1] == n_max and m <= n_max
+    return grads
+
+
+def weights(cache):
+    """The implied matrix W = P_bar F[:, :M] (..., N, M), zero at masked keys: out == W @ v."""
+    w = cache.attend.p @ cache.f                               # (..., N, k) @ (.., k, M) -> (..., N, M)
+    if cache.key_mask is not None:
+        w = w * cache.key_mask[..., None, :]
+    return w
+
+
+def draw_projection(rng, k, n_max, *, heads=None):
+    """Initial E or F: N(0, 1/k) entries (lucidrains' linformer: uniform(-1/sqrt(k), 1/sqrt(k));
+    fairseq: xavier). (k, n_max), or (heads, k, n_max). Host NumPy array."""
+    shape = (k, n_max) if heads is None else (heads, k, n_max)
+    return rng.standard_normal(shape) * k ** -0.5
+
+
+def default_k(n):
+    """Projected length: 128 at large n (the paper uses k = 128 and 256 for n = 512), always
+    below n so the projection compresses."""
+    return max(1, min(128, n // 2))
+
+
+def setup(rng, *, n, d, heads, causal=False, dtype="float64", sharing="headwise"):
+    """Headwise-shared E, F (k, N_max = n), k = min(128, n // 2)."""
+    from ..backend import asarray
+
+    kk = default_k(n)
+    heads_arg = heads if sharing == "none" else None
+    params = {"E": asarray(draw_projection(rng, kk, n, heads=heads_arg), dtype=dtype)}
+    if sharing in ("none", "headwise"):
+        params["F"] = asarray(draw_projection(rng, kk, n, heads=heads_arg), dtype=dtype)
+    return params, {"sharing": sharing}
+
+
+MECHANISM = register(Mechanism(
+    name="linformer",
+    title="Linformer",
+    citation="Wang et al., 2020",
+    url="https://arxiv.org/abs/2006.04768",
+    classes=("LR",),
+    complexity="O(N)",
+    causal=False,
+    exact=False,
+    kind="kernel",
+    notebook="05_low_rank",
+    forward=forward,
+    backward=backward,
+    weights=weights,
+    setup=setup,
+    summary="Learned k x N projections E, F compress keys and values along the sequence: O(N k).",
+))
