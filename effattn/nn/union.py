@@ -36,9 +36,11 @@ Backward, with dO given (a_k depends on every lse through L):
 
 and :func:`attend_backward` turns (d o_k, d lse_k) into dQ, dK, dV of the
 group arrays (dS = P * (dP - rowsum(P dP)) + P * d lse). Query gradients go
-back through the inverse permutation (a gather, no scatter); key and value
-gradients are scatter-added (``scatter_rows``) because a key is read by
-several groups. Rows with no allowed key in any part give out = 0 and zero
+back through the inverse permutation (a gather, no scatter); so do key and
+value gradients when a part's keys are laid out like its queries
+(``k_idx is q_idx``: rows of a grid attending within themselves); a shared key
+list is summed over the groups first; otherwise key and value gradients are
+scatter-added (``scatter_rows``) because a key is read by several groups. Rows with no allowed key in any part give out = 0 and zero
 gradients (L = -inf, every a_k = 0).
 
 Cost: sum over parts of O(G bq bk d); memory one (G, bq, bk) score buffer per
@@ -144,13 +146,27 @@ def union_backward(dout, cache):
         g = attend_backward(dob, att, dlse)
         lead = g["q"].shape[:-3]
         gq = g["q"].reshape(lead + (np_, g["q"].shape[-1]))[..., inv, :]   # group order -> sequence order
-        kidx = xp.clip(part.k_idx, 0, np_ - 1)
-        gk = scatter_rows(g["k"], kidx, np_)                      # keys read by several groups add up
-        gv = scatter_rows(g["v"], kidx, np_)
+        gk, gv = _key_grads(g["k"], g["v"], part, inv, np_)
         dq = gq if dq is None else dq + gq
         dk = gk if dk is None else dk + gk
         dv = gv if dv is None else dv + gv
     return {"q": dq[..., :n, :], "k": dk[..., :n, :], "v": dv[..., :n, :]}
+
+
+def _key_grads(gk, gv, part, inv, np_):
+    """Key/value gradients of one part back in sequence order (..., Np, ·)."""
+    xp = get_namespace(gk)
+    lead = gk.shape[:-3]
+    if part.k_idx is part.q_idx:
+        # the keys are laid out like the queries (a permutation): undo it, nothing repeats
+        return (gk.reshape(lead + (np_, gk.shape[-1]))[..., inv, :],
+                gv.reshape(lead + (np_, gv.shape[-1]))[..., inv, :])
+    kidx = xp.clip(part.k_idx, 0, np_ - 1)
+    if kidx.shape[0] == 1 and gk.shape[-3] > 1:
+        # one key list shared by every group: add the groups up first (cheap), then scatter once
+        gk, gv = gk.sum(axis=-3, keepdims=True), gv.sum(axis=-3, keepdims=True)
+    # keys read by several groups add up (scatter-add, repeats accumulate)
+    return scatter_rows(gk, kidx, np_), scatter_rows(gv, kidx, np_)
 
 
 def union_weights(cache):
