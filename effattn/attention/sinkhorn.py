@@ -62,7 +62,8 @@ Hard permutations. ``perm`` (ints, -1 = no block) replaces P by the one-hot
 matrix of the given block choices; ``hard=True`` takes perm = row-wise argmax
 of the balanced P (a permutation when P is close to one, as tau -> 0; in
 general a many-to-one block map). A query block whose hard choice is its own
-block gets no sorted part (its keys would otherwise appear twice). Then the
+block gets no sorted part (its keys would otherwise appear twice; not with
+SortCut, which has no local part). Then the
 result equals ``full`` masked by :func:`induced_pattern`. Hard choices are
 constants for the backward (SortNet gets zero gradient).
 
@@ -333,8 +334,10 @@ def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_it
             if causal and bool(((choice >= xp.arange(nb)) & (choice >= 0)).any()):
                 raise ValueError("perm: with causal=True block i may only draw from a block j < i")
         choice = xp.broadcast_to(choice, lead + (nb,))
-        onehot = (choice[..., :, None] == xp.arange(nb)) & (choice[..., :, None] != xp.arange(nb)[:, None])
-        p = onehot.astype(q.dtype)                                       # own block excluded (no duplicate)
+        onehot = choice[..., :, None] == xp.arange(nb)                   # (..., N_B, N_B)
+        if sortcut is None:                                              # own block excluded (no duplicate)
+            onehot = onehot & (choice[..., :, None] != xp.arange(nb)[:, None])
+        p = onehot.astype(q.dtype)
         slot_from = onehot
 
     # ---- sorted blocks: K_s = P K_blocks ----------------------------------------
@@ -453,11 +456,15 @@ def weights(cache):
 
 def induced_pattern(cache):
     """Hard mode: the boolean (..., N, N) support of W — own block (causal inside) plus the
-    chosen block — built from the block choices and the masks, for the 'equals full' test."""
+    chosen block; SortCut: the blocks chosen by the first n_k rows, for every query."""
     xp = get_namespace(cache.p)
     lead, n, b, nb = cache.lead, cache.n, cache.b, cache.nb
     npad = nb * b
     blk = xp.arange(npad) // b
+    if cache.sortcut is not None:                                         # every query: blocks of rows < n_k
+        cols = cache.p[..., :cache.sortcut, :].sum(axis=-2) > 0           # (..., N_B)
+        pat = xp.broadcast_to(cols[..., None, blk], cache.p.shape[:-2] + (npad, npad))
+        return pat[..., :n, :n]
     own = blk[:, None] == blk[None, :]                                    # (npad, npad)
     if cache.causal:
         own = own & (xp.arange(npad)[None, :] <= xp.arange(npad)[:, None])
