@@ -1,0 +1,437 @@
+"""Longformer: sliding-window attention, dilated per head, plus symmetric global attention.
+
+Beltagy, Peters, Cohan, 2020, *Longformer: The Long-Document Transformer*,
+https://arxiv.org/abs/2004.05150
+
+Intuition: most of what a token needs is nearby, so each token attends to a
+band of ``w`` neighbours on each side (a convolution-like receptive field
+that grows with depth). Dilating the band on some heads (look at every
+``delta``-th neighbour) widens the field at no extra cost. A few task-chosen
+positions ([CLS], the question tokens) get *global* attention: they attend to
+every token and every token attends to them, so information can cross the
+whole sequence in two hops.
+
+Rule (query i, key j; ``delta`` = the head's dilation, G = global positions):
+
+    local  i not in G:  j = i + t delta with |t| <= w      (the dilated band)
+                        or j in G                           (the global keys)
+    global i in G:      every j                             (a dense row)
+    causal=True:        additionally j <= i everywhere (band j in [i - w delta, i],
+                        global keys only when j <= i, global rows causal too)
+
+Separate global projections (the paper, Section 3.1; HuggingFace
+``LongformerSelfAttention``): global attention has its own Q_g, K_g, V_g.
+HuggingFace computes ``query_global``/``key_global``/``value_global`` for all
+positions and uses them like this (``_compute_global_attn_output_from_hidden``
+and ``_concat_with_global_key_attn_probs``), which is what this module does
+when ``q_global, k_global, v_global`` (shapes of q, k, v) are given:
+
+    rows i in G:      softmax_j( q_global_i . k_global_j / sqrt(d) ) over ALL j, weights v_global
+    rows i not in G:  one softmax over [band keys k_j  +  global keys k_g (the *local* k)],
+                      weights the local v (band values and global positions' values)
+
+So the global projections feed only the global *rows*; the local rows see the
+global positions through the ordinary k and v. Without them (the default,
+``q_global=k_global=v_global=None``) the global rows use q, k, v, and then
+``out == weights(cache) @ v`` holds (with separate projections the global
+rows of ``weights`` are over ``v_global``).
+
+A global key inside a query's band is counted once: HuggingFace removes
+global positions from the windowed scores
+(``remove_from_windowed_attention_mask``) and keeps them in the global-key
+list; the ``allowed`` mask here does the same.
+
+Conventions: ``w`` is the one-sided window, as in the paper's
+``attention_window`` of the original code ("window size = number of attention
+locations on each side"). HuggingFace's ``config.attention_window`` is the
+two-sided size: ``w = attention_window // 2`` (``one_sided_attn_window_size``).
+HuggingFace has no dilation (only the original TVM kernel does);
+``dilation`` is an int or one int per head.
+
+Implementation (never N x N): per head, positions are reordered by residue
+modulo delta, so the dilated band becomes a plain band of width w inside each
+residue class; the reordered sequence is cut into blocks of w queries whose
+keys are the previous, own and next block (``neighbour_blocks``; causal: the
+previous and own block) plus the g global keys appended to every block, and
+:func:`effattn.nn.sparse.attend_forward` does the masked softmax per block.
+The global rows are a dense (g x N) attention.
+
+Shapes: q, k, q_global, k_global (..., N, d); v, v_global (..., N, dv);
+key_mask (..., N) bool; out (..., N, dv). Blocks: G = Np / w with Np >= N
+the padded, reordered length.
+
+Complexity: O(N (3w + g) d) time and O(N (3w + g)) memory for the band, plus
+O(g N d) for the global rows: O(N (w + g)) — the survey's O(n(k + m)).
+
+Backward: per block, the flash-attention derivation of
+:func:`effattn.nn.sparse.attend_backward` (dV = P^T dO, dS = P (dP - rowsum(dO O)),
+dQ = scale dS K, dK = scale dS^T Q); the block gradients go back to positions
+by the inverse reordering (a gather: each query row appears once), the
+adjoint of the neighbour-block slicing (slice additions) and a sum over
+blocks for the global keys. The global rows' gradients go to q, k, v (or to
+q_global, k_global, v_global).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+from ..backend import get_namespace
+from ..checks import check_bool, check_float_array, check_int, check_positive_float, check_qkv
+from ..nn.functional import softmax_forward
+from ..nn.neighbours import neighbour_blocks, neighbour_blocks_backward
+from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, gather_rows, group_mask, pad_axis, round_up
+from ..registry import Case, Mechanism, register
+
+
+# --------------------------------------------------------------------------- configuration
+def _dilations(dilation, q):
+    """dilation: int (all heads) or a sequence of one int per head (axis -3 of q) -> tuple."""
+    if isinstance(dilation, numbers.Integral) and not isinstance(dilation, bool):
+        return (check_int("dilation", dilation),)
+    try:
+        dils = tuple(dilation)
+    except TypeError:
+        raise ValueError(f"dilation must be an integer >= 1 or one integer per head, got {dilation!r}") from None
+    dils = tuple(check_int("dilation", x) for x in dils)
+    if q.ndim < 3 or q.shape[-3] != len(dils):
+        raise ValueError(f"dilation has {len(dils)} entries but q has shape {tuple(q.shape)} "
+                         f"(one dilation per head, heads on axis -3)")
+    if len(set(dils)) == 1:
+        return dils[:1]
+    return dils
+
+
+def _global_positions(global_positions, n):
+    """Sorted unique global positions as a tuple of ints in [0, n)."""
+    if global_positions is None:
+        return ()
+    if hasattr(global_positions, "tolist"):
+        global_positions = global_positions.tolist()
+    try:
+        pos = [int(p) for p in global_positions]
+    except (TypeError, ValueError):
+        raise ValueError(f"global_positions must be a sequence of integer positions, got {global_positions!r}") from None
+    bad = [p for p in pos if not 0 <= p < n]
+    if bad:
+        raise ValueError(f"global_positions must lie in [0, N={n}), got {bad}")
+    return tuple(sorted(set(pos)))
+
+
+class Layout(NamedTuple):
+    """Where each position goes in the blocked, residue-ordered layout (per head or shared).
+
+    perm (Hd, Np) or (Np,): original position of each layout slot (n = padding);
+    inv (Hd, n) or (n,): layout slot of each position; qpos (.., G, w) query positions
+    per block; kpos (.., G, C w) band key positions per block (n = none);
+    identity: all dilations 1 (the layout is the sequence itself, padded)."""
+
+    perm: object
+    inv: object
+    qpos: object
+    kpos: object
+    dil: object       # int array (Hd, 1, 1, 1) or (1, 1, 1) of dilations, for the band rule
+    identity: bool
+    np_: int
+    blocks: int
+    after: int
+
+
+def make_layout(n, w, dils, causal, xp):
+    """The blocked layout of a sequence of n positions for one-sided window w and dilations dils."""
+    perms, invs = [], []
+    lengths = []
+    for delta in dils:
+        lp = round_up(-(-n // delta), w)                  # residue class length, padded to blocks of w
+        r = xp.arange(delta)[:, None]
+        u = xp.arange(lp)[None, :]
+        perm = (r + delta * u).reshape(-1)                # slot r * lp + u holds position r + delta u
+        perms.append(xp.where(perm < n, perm, n))
+        i = xp.arange(n)
+        invs.append((i % delta) * lp + i // delta)        # inverse: position -> slot
+        lengths.append(delta * lp)
+    np_ = max(lengths)
+    perm = xp.stack([pad_axis(p[:, None], np_, axis=0, value=n)[:, 0] for p in perms])   # (Hd, Np)
+    inv = xp.stack(invs)                                                               # (Hd, n)
+    g = np_ // w
+    after = 0 if causal else 1
+    qpos = perm.reshape(len(dils), g, w)                                               # (Hd, G, w)
+    kpos = neighbour_blocks(qpos[..., None], 1, after, fill=n)[..., 0]                  # (Hd, G, C w)
+    dil = xp.asarray(dils).reshape(len(dils), 1, 1, 1)
+    if len(dils) == 1:                                   # shared layout: no head axis
+        perm, inv, qpos, kpos, dil = perm[0], inv[0], qpos[0], kpos[0], dil[0]
+    return Layout(perm, inv, qpos, kpos, dil, all(dd == 1 for dd in dils), np_, g, after)
+
+
+def _to_layout(x, lay, n):
+    """x (..., n, f) -> (..., Np, f) in layout order (padding slots: zeros or a clipped copy, masked)."""
+    if lay.identity:
+        return pad_axis(x, lay.np_)
+    xp = get_namespace(x)
+    idx = xp.minimum(lay.perm, n - 1)
+    if idx.ndim == 1:
+        return x[..., idx, :]
+    return gather_rows(x, idx[:, None, :])[..., 0, :, :]             # (..., H, 1, Np, f) -> (..., H, Np, f)
+
+
+def _from_layout(y, lay, n):
+    """y (..., Np, f) in layout order -> (..., n, f) in sequence order (a new array)."""
+    if lay.identity:
+        return y[..., :n, :].copy()
+    if lay.inv.ndim == 1:
+        return y[..., lay.inv, :]
+    return gather_rows(y, lay.inv[:, None, :])[..., 0, :, :]
+
+
+# --------------------------------------------------------------------------- forward / backward
+class LongformerCache(NamedTuple):
+    band: object        # AttendCache of the blocks: (..., G, w, C w + g)
+    glob: object        # AttendCache of the global rows (..., g, N), or None when g = 0
+    layout: Layout
+    gidx: object        # int (g,) global positions
+    n: int
+    w: int
+    causal: bool
+    separate: bool      # q_global, k_global, v_global were given
+    lead: tuple
+    dims: tuple         # (d, dv)
+
+
+def _check_globals(q, k, v, q_global, k_global, v_global):
+    given = [x is not None for x in (q_global, k_global, v_global)]
+    if not any(given):
+        return False
+    if not all(given):
+        raise ValueError("q_global, k_global and v_global must be given together (or none of them)")
+    for name, x, like in (("q_global", q_global, q), ("k_global", k_global, k), ("v_global", v_global, v)):
+        check_float_array(name, x, min_ndim=2)
+        if tuple(x.shape) != tuple(like.shape) or x.dtype != like.dtype:
+            raise ValueError(f"{name} must have the shape {tuple(like.shape)} and dtype {like.dtype} of "
+                             f"{name[0]}, got {tuple(x.shape)} {x.dtype}")
+    return True
+
+
+def forward(q, k, v, *, w, dilation=1, global_positions=(), q_global=None, k_global=None, v_global=None,
+            causal=False, key_mask=None, scale=None):
+    """Longformer attention.
+
+    q, k (..., N, d), v (..., N, dv); w one-sided window (int >= 1); dilation int or one per head;
+    global_positions sequence of ints in [0, N); q_global, k_global (..., N, d), v_global (..., N, dv)
+    optional separate global projections; key_mask (..., N) bool. Returns out (..., N, dv), cache.
+    """
+    n, _, d, dv = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
+    causal = check_bool("causal", causal)
+    w = check_int("w", w)
+    dils = _dilations(dilation, q)
+    gpos = _global_positions(global_positions, n)
+    separate = _check_globals(q, k, v, q_global, k_global, v_global)
+    scale = d ** -0.5 if scale is None else check_positive_float("scale", scale)
+    xp = get_namespace(q, k, v)
+    lead = tuple(q.shape[:-2])
+    lay = make_layout(n, w, dils, causal, xp)
+    g = len(gpos)
+    gidx = xp.asarray(gpos, dtype=xp.int64)
+    is_global = xp.zeros(n + 1, dtype=bool)                               # slot n = padding, never global
+    is_global[gidx] = True
+
+    # band: blocks of w queries in layout order, keys = neighbour blocks + the g global keys
+    gb = lay.blocks
+    qb = _to_layout(q, lay, n).reshape(lead + (gb, w, d))                 # (..., G, w, d)
+    kw = neighbour_blocks(_to_layout(k, lay, n).reshape(lead + (gb, w, d)), 1, lay.after)    # (..., G, C w, d)
+    vw = neighbour_blocks(_to_layout(v, lay, n).reshape(lead + (gb, w, dv)), 1, lay.after)   # (..., G, C w, dv)
+    kpos = lay.kpos
+    if g:
+        kg = xp.broadcast_to(k[..., gidx, :][..., None, :, :], lead + (gb, g, d))             # (..., G, g, d)
+        vg = xp.broadcast_to(v[..., gidx, :][..., None, :, :], lead + (gb, g, dv))            # (..., G, g, dv)
+        kw = xp.concatenate([kw, kg], axis=-2)                                               # (..., G, C w + g, d)
+        vw = xp.concatenate([vw, vg], axis=-2)
+        kpos = xp.concatenate([kpos, xp.broadcast_to(gidx, kpos.shape[:-1] + (g,))], axis=-1)
+    allowed = group_mask(lay.qpos, kpos, n, n, causal=causal, key_mask=key_mask)             # validity, causal, key_mask
+    diff = lay.kpos[..., None, :] - lay.qpos[..., :, None]                                   # (.., G, w, C w): j - i
+    # band rule: j = i + t delta, |t| <= w; a global key is taken from the global list, not the band
+    band = (abs(diff) <= w * lay.dil) & (diff % lay.dil == 0) & ~is_global[lay.kpos][..., None, :]
+    if g:
+        band = xp.concatenate([band, xp.ones(band.shape[:-1] + (g,), dtype=bool)], axis=-1)
+    rule = band & ~is_global[lay.qpos][..., :, None]                      # global rows are computed densely below
+    allowed = allowed & rule
+    ob, _, band_cache = attend_forward(qb, kw, vw, allowed, scale)       # (..., G, w, dv)
+    out = _from_layout(ob.reshape(lead + (lay.np_, dv)), lay, n)          # (..., N, dv)
+
+    glob_cache = None
+    if g:
+        qsrc, ksrc, vsrc = (q_global, k_global, v_global) if separate else (q, k, v)
+        allowed_g = None
+        if causal:
+            allowed_g = xp.arange(n)[None, :] <= gidx[:, None]            # (g, N): j <= i
+        if key_mask is not None:
+            km = key_mask[..., None, :]                                   # (..., 1, N)
+            allowed_g = km if allowed_g is None else allowed_g & km
+        # global rows: softmax(q_g K_g^T / sqrt(d)) V_g over all positions
+        og, _, glob_cache = attend_forward(qsrc[..., gidx, :], ksrc, vsrc, allowed_g, scale)  # (..., g, dv)
+        out[..., gidx, :] = og
+    return out, LongformerCache(band_cache, glob_cache, lay, gidx, n, w, causal, separate, lead, (d, dv))
+
+
+def backward(dout, cache):
+    """Gradients {"q", "k", "v"} (+ "q_global", "k_global", "v_global" when given)."""
+    band, glob, lay, gidx, n, w, causal, separate, lead, (d, dv) = cache
+    xp = get_namespace(dout)
+    gb = lay.blocks
+    cw = lay.kpos.shape[-1]
+    dob = _to_layout(dout, lay, n).reshape(lead + (gb, w, dv))            # (..., G, w, dv); global rows have P = 0
+    gr = attend_backward(dob, band)
+    dq = _from_layout(gr["q"].reshape(lead + (lay.np_, d)), lay, n)      # each query row appears once
+    dk = _from_layout(neighbour_blocks_backward(gr["k"][..., :cw, :], 1, lay.after).reshape(lead + (lay.np_, d)), lay, n)
+    dv_ = _from_layout(neighbour_blocks_backward(gr["v"][..., :cw, :], 1, lay.after).reshape(lead + (lay.np_, dv)), lay, n)
+    grads = {"q": dq, "k": dk, "v": dv_}
+    if glob is not None:
+        dk[..., gidx, :] += gr["k"][..., cw:, :].sum(axis=-3)            # global keys: sum over blocks (unique positions)
+        dv_[..., gidx, :] += gr["v"][..., cw:, :].sum(axis=-3)
+        gg = attend_backward(dout[..., gidx, :], glob)
+        if separate:
+            dqg = xp.zeros(lead + (n, d), dtype=dout.dtype)
+            dqg[..., gidx, :] = gg["q"]
+            grads.update(q_global=dqg, k_global=gg["k"], v_global=gg["v"])
+        else:
+            dq[..., gidx, :] += gg["q"]
+            dk += gg["k"]
+            dv_ += gg["v"]
+    elif separate:
+        grads.update(q_global=xp.zeros_like(dq), k_global=xp.zeros_like(dk), v_global=xp.zeros_like(dv_))
+    return grads
+
+
+def weights(cache):
+    """The (..., N, N) matrix W with out == W @ v (rows of global positions are over
+    v_global when separate global projections were given)."""
+    band, glob, lay, gidx, n, *_ = cache
+    kpos = lay.kpos
+    if glob is not None:
+        xp = get_namespace(band.p)
+        kpos = xp.concatenate([kpos, xp.broadcast_to(gidx, kpos.shape[:-1] + (len(gidx),))], axis=-1)
+    wm = dense_from_groups(band.p, lay.qpos, kpos, n + 1, n + 1)[..., :n, :n]
+    if glob is not None:
+        wm[..., gidx, :] = glob.p
+    return wm
+
+
+def longformer_pattern(n, w, dilation=1, global_positions=(), causal=False, xp=None):
+    """The paper's rule as a boolean (.., N, N) matrix (one per head for per-head dilation)."""
+    if xp is None:
+        xp = get_namespace(None)
+    dils = (dilation,) if isinstance(dilation, numbers.Integral) else tuple(dilation)
+    dil = xp.asarray(dils).reshape(-1, 1, 1)
+    i = xp.arange(n)[:, None]
+    j = xp.arange(n)[None, :]
+    is_g = xp.zeros(n, dtype=bool)
+    is_g[xp.asarray(_global_positions(global_positions, n), dtype=xp.int64)] = True
+    allowed = ((abs(j - i) <= w * dil) & ((j - i) % dil == 0)) | is_g[:, None] | is_g[None, :]
+    if causal:
+        allowed = allowed & (j <= i)
+    return allowed[0] if len(dils) == 1 else allowed
+
+
+def pattern(cache):
+    """Support of the attention (without key_mask): band | global rows | global columns."""
+    lay, gidx = cache.layout, cache.gidx
+    xp = get_namespace(cache.band.p)
+    dils = tuple(int(x) for x in lay.dil.reshape(-1).tolist())
+    return longformer_pattern(cache.n, cache.w, dils if len(dils) > 1 else dils[0], gidx.tolist(), cache.causal, xp)
+
+
+def reference(q, k, v, q_global=None, k_global=None, v_global=None, *, w, dilation=1, global_positions=(),
+              causal=False, key_mask=None, scale=None):
+    """Dense O(N^2) oracle: builds the N x N scores of the local and of the global projections
+    and takes, per row, the paper's / HuggingFace's rule."""
+    n, _, d, _ = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
+    xp = get_namespace(q, k, v)
+    scale = d ** -0.5 if scale is None else scale
+    separate = q_global is not None
+    dils = _dilations(dilation, q)
+    gpos = _global_positions(global_positions, n)
+    is_g = xp.zeros(n, dtype=bool)
+    is_g[xp.asarray(gpos, dtype=xp.int64)] = True
+    dil = xp.asarray(dils).reshape(-1, 1, 1)
+    i = xp.arange(n)[:, None]
+    j = xp.arange(n)[None, :]
+    keep = xp.ones((n, n), dtype=bool) if not causal else (j <= i)
+    if key_mask is not None:
+        keep = keep & key_mask[..., None, :]
+    local = (((abs(j - i) <= w * dil) & ((j - i) % dil == 0)) | is_g[None, :]) & keep   # band or a global key
+    s = (q @ k.swapaxes(-1, -2)) * scale                                                  # (..., N, N)
+    p, _, _ = softmax_forward(s, xp.broadcast_to(local, s.shape))
+    out = p @ v
+    qg, kg, vg = (q_global, k_global, v_global) if separate else (q, k, v)
+    sg = (qg @ kg.swapaxes(-1, -2)) * scale                                               # (..., N, N)
+    pg, _, _ = softmax_forward(sg, xp.broadcast_to(keep, sg.shape))
+    return xp.where(is_g[:, None], pg @ vg, out)
+
+
+# --------------------------------------------------------------------------- setup and examples
+def default_config(n, heads):
+    """Defaults: w = 3 below N = 128 (so tests pad), 64 from N = 1024; the last head dilated by 2
+    (the paper dilates a few heads); global positions 0 ([CLS]) and N // 2."""
+    w = 3 if n < 128 else (16 if n < 1024 else 64)
+    dilation = 1 if heads < 2 else tuple([1] * (heads - 1) + [2])
+    gpos = (0,) if n < 4 else (0, n // 2)
+    return {"w": w, "dilation": dilation, "global_positions": gpos}
+
+
+def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
+    """No learnable parameters (the global projections are inputs: see :func:`separate_global_case`)."""
+    return {}, default_config(n, heads)
+
+
+def separate_global_case(rng, batch=2, heads=2, n=16, d=4, causal=False, dtype="float64", **config):
+    """A :class:`Case` with separate global projections q_global, k_global, v_global as inputs."""
+    from ..backend import asarray
+
+    shape = (batch, heads, n, d)
+    names = ("q", "k", "v", "q_global", "k_global", "v_global")
+    inputs = {nm: asarray(rng.standard_normal(shape), dtype=dtype) for nm in names}
+    cfg = {"causal": causal, **default_config(n, heads), **config}
+    return Case(inputs=inputs, config=cfg, seq_inputs=names, key_inputs=("k", "v", "k_global", "v_global"), n=n, m=n)
+
+
+def _figures(out_dir, rng):
+    import os
+
+    from .. import viz
+
+    n, w = 48, 4
+    mats = [longformer_pattern(n, w, 1, ()),
+            longformer_pattern(n, w, 2, ()),
+            longformer_pattern(n, w, 1, (0, 20)),
+            longformer_pattern(n, w, 1, (0, 20), causal=True)]
+    titles = ["band w=4", "dilated band (delta=2)", "band + global {0, 20}", "causal band + global"]
+    fig = viz.plot_patterns(mats, titles, suptitle="Longformer: O(N(w + g))")
+    paths = [viz.save(fig, os.path.join(out_dir, "longformer_band_global.png"))]
+    per_head = longformer_pattern(n, w, (1, 2, 3, 4), (0,))
+    fig = viz.plot_patterns(list(per_head), [f"head {h}: dilation {h + 1}" for h in range(4)],
+                            suptitle="Longformer: a different dilation per head (global position 0)")
+    paths.append(viz.save(fig, os.path.join(out_dir, "longformer_dilation_per_head.png")))
+    return paths
+
+
+MECHANISM = register(Mechanism(
+    name="longformer",
+    title="Longformer",
+    citation="Beltagy et al., 2020",
+    url="https://arxiv.org/abs/2004.05150",
+    classes=("FP", "M"),
+    complexity="O(n(k+m))",
+    causal=True,
+    exact=True,
+    kind="kernel",
+    notebook="02_combination_of_patterns",
+    forward=forward,
+    backward=backward,
+    weights=weights,
+    setup=setup,
+    pattern=pattern,
+    reference=reference,
+    sizes=("w", "dilation"),
+    figures=_figures,
+    summary="Dilated sliding window (per head) plus symmetric global attention on chosen positions, "
+            "with optional separate global projections (HuggingFace convention).",
+))
