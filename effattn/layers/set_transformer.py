@@ -509,34 +509,60 @@ def pma_example(rng, batch=2, heads=2, n=64, d=8, causal=False, dtype="float64")
 
 
 # --------------------------------------------------------------------------- figures
-def _figures(out_dir, rng):
-    """Inducing points' and seeds' attention over a 2-D point set (untrained parameters
-    and a set sorted along its first coordinate, so the columns read left to right)."""
+def _figure_set(rng, n=64, D=8):
+    """A 2-D point cloud sorted along its first coordinate (so columns read left to right),
+    lifted to D features: x (1, n, D) on the active backend."""
+    pts = rng.standard_normal((n, 2)) * [2.0, 1.0]            # host (numpy) arrays from the Generator
+    hp = get_namespace(pts)                                     # the host array module, not imported here
+    pts = pts[hp.argsort(pts[:, 0], kind="stable")]
+    return asarray(hp.concatenate([pts, hp.sin(pts @ rng.standard_normal((2, D - 2)))], axis=1)[None])
+
+
+def _stacked(viz, w, title, ylabel):
+    """One wide panel per head of an (h, r, N) weight array."""
+    h = w.shape[0]
+    fig, axes = viz.plt.subplots(h, 1, figsize=(9, 1.0 + 0.3 * w.shape[1] * h), squeeze=False)
+    for j, ax in enumerate(axes[:, 0]):
+        im = ax.imshow(w[j], cmap=viz.WEIGHT_CMAP, interpolation="nearest", aspect="auto")   # (r, N): wide
+        fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+        ax.set_title(f"head {j}", fontsize=10)
+        ax.set_ylabel(ylabel)
+    axes[-1, 0].set_xlabel("set element j (sorted by its first coordinate)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _isab_figures(out_dir, rng):
+    """The inducing points' attention over a set, per head (untrained parameters)."""
     import os
 
     from .. import viz
     from ..backend import to_numpy
 
-    n, D, heads = 64, 8, 2
-    pts = rng.standard_normal((n, 2)) * [2.0, 1.0]            # host (numpy) arrays from the Generator
-    hp = get_namespace(pts)                                     # the host array module, not imported here
-    pts = pts[hp.argsort(pts[:, 0], kind="stable")]
-    x = asarray(hp.concatenate([pts, hp.sin(pts @ rng.standard_normal((2, D - 2)))], axis=1)[None])
-    _, c = isab_forward(x, heads=heads, **init_isab(rng, D, D, 8))
-    w = to_numpy(isab_weights(c))[0]                  # (h, m, N)
-    fig = viz.plot_patterns([w[j] for j in range(heads)],
-                            [f"ISAB head {j}: m=8 inducing points over N={n}" for j in range(heads)],
-                            suptitle="ISAB: the inducing points' attention, MAB(I, X)", weights=True,
-                            xlabel="set element j (sorted by x_0)", ylabel="inducing point i")
-    paths = [viz.save(fig, os.path.join(out_dir, "isab_inducing_attention.png"))]
-    _, c = pma_forward(x, heads=heads, **init_pma(rng, D, D, 4))
-    w = to_numpy(pma_weights(c))[0]                   # (h, k, N)
-    fig = viz.plot_patterns([w[j] for j in range(heads)],
-                            [f"PMA head {j}: k=4 seeds over N={n}" for j in range(heads)],
-                            suptitle="PMA: the seeds' attention, MAB(S, rFF(Z))", weights=True,
-                            xlabel="set element j (sorted by x_0)", ylabel="seed i")
-    paths.append(viz.save(fig, os.path.join(out_dir, "pma_seed_attention.png")))
-    return paths
+    heads, m = 2, 8
+    x = _figure_set(rng)
+    _, c = isab_forward(x, heads=heads, **init_isab(rng, x.shape[-1], x.shape[-1], m))
+    w = to_numpy(isab_weights(c))[0]                   # (h, m, N)
+    fig = _stacked(viz, w, f"ISAB: how the m={m} inducing points read a set of N={x.shape[-2]} (MAB(I, X), untrained)",
+                   "inducing point i")
+    return [viz.save(fig, os.path.join(out_dir, "isab_inducing_attention.png"))]
+
+
+def _pma_figures(out_dir, rng):
+    """The seeds' attention over a set, per head (untrained parameters)."""
+    import os
+
+    from .. import viz
+    from ..backend import to_numpy
+
+    heads, k = 2, 4
+    x = _figure_set(rng)
+    _, c = pma_forward(x, heads=heads, **init_pma(rng, x.shape[-1], x.shape[-1], k))
+    w = to_numpy(pma_weights(c))[0]                    # (h, k, N)
+    fig = _stacked(viz, w, f"PMA: how the k={k} seeds pool a set of N={x.shape[-2]} (MAB(S, rFF(Z)), untrained)",
+                   "seed i")
+    return [viz.save(fig, os.path.join(out_dir, "pma_seed_attention.png"))]
 
 
 _COMMON = dict(
@@ -548,7 +574,7 @@ _COMMON = dict(
     kind="layer",
     notebook="04_neural_memory",
     sizes=("heads",),
-    figures=_figures,
+
 )
 
 ISAB = register(Mechanism(
@@ -559,6 +585,7 @@ ISAB = register(Mechanism(
     backward=isab_backward,
     weights=isab_weights,
     make_example=isab_example,
+    figures=_isab_figures,
     summary="m learned inducing points read the set, then every element reads them: a global memory, O(N m).",
     **_COMMON,
 ))
@@ -571,6 +598,7 @@ PMA = register(Mechanism(
     backward=pma_backward,
     weights=pma_weights,
     make_example=pma_example,
+    figures=_pma_figures,
     summary="k learned seed vectors attend over the set: permutation-invariant pooling, O(N k).",
     **_COMMON,
 ))
