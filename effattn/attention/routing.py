@@ -1,0 +1,402 @@
+"""Routing Transformer: content-based sparse attention with online k-means.
+
+Roy, Saffar, Vaswani, Grangier, 2021, *Efficient Content-Based Sparse Attention
+with Routing Transformers* (TACL), https://arxiv.org/abs/2003.05997
+
+Intuition: route queries and keys to the same few clusters with k-means and
+let a query attend only to the keys of its cluster. The centroids are shared by
+queries and keys and learned online (an exponential moving average of the
+members, no gradient), so similar queries and keys meet. With c ~ sqrt(N)
+clusters of w = N / c members each, the cost is O(N w) = O(N sqrt N).
+
+Algorithm 1 of the paper, in its symbols (mu: the c centroids (c, d)):
+
+    Q <- LayerNorm(Q),  K <- LayerNorm(K)         scale and bias disabled
+    Q_prob = mu Q^T,    K_prob = mu K^T           (c, N) similarity to each centroid
+    Q_idx = top-w(Q_prob) per cluster, sorted by position;  same for K_idx    (balanced)
+    A = softmax(Q' K'^T / sqrt(d))  within each cluster (causal: Q_idx >= K_idx)
+    X = scatter(Q_idx, A V')                      a token in several clusters: the mean
+    mu <- lambda mu + (1 - lambda)/2 mean_{i: mu(Q_i)=mu} Q_i + (1 - lambda)/2 mean_{j: mu(K_j)=mu} K_j
+
+Conventions (ours, with the references'):
+
+* attention uses the layer-normalised q and k (the paper's Algorithm 1) with scale
+  d^-0.5 (``scale=`` overrides). lucidrains' ``routing_transformer`` l2-normalises
+  for the k-means, then attends with the raw q and the l2-normalised k (shared QK).
+* balanced clusters: each cluster takes its w nearest queries and w nearest keys
+  (top-w of the similarity to the centroid, ties to the earlier position) — a
+  token may be in several clusters or in none. Its output is the *mean* of its
+  cluster outputs (lucidrains' ``scatter_mean``), zero when in no cluster.
+* ``update_centroids`` is the explicit online k-means step (state, no gradient):
+  assignment by the nearest centroid (argmax of the similarity), lambda = 0.999,
+  and the members' *mean* (the paper writes the sum; ``reduce="sum"`` gives it).
+* causal: with top-w selection, whether an early key makes a cluster's top-w
+  depends on *later* tokens, so outputs before t change when tokens after t do
+  (the information leaks, and incremental decoding differs from training).
+  ``selection="recent"`` (the default with ``causal=True``) is decoding-safe:
+  query i joins its nearest centroid's cluster and attends to the w most recent
+  keys j <= i of that cluster (keys assigned by their nearest centroid too). Pass
+  ``selection="topk"`` with ``causal=True`` to get the paper's rule.
+* key_mask: masked keys are never selected ahead of real keys (similarity -inf)
+  and get zero weight.
+
+Shapes: q, k (..., N, d), v (..., N, dv) (self-attention, M = N); centroids
+(c, d) shared by the heads or (H, c, d) one set per head.
+
+Complexity: similarities O(N c d), selection O(c N log N) (a stable sort per
+cluster), attention O(c w^2 d) = O(N w d): O(N sqrt N) for c = sqrt N.
+
+Backward (memberships held fixed):
+    d out_b = gather(d out / count, Q_idx);  attend_backward inside each cluster;
+    dQn = scatter(Q_idx, dQ'),  dKn = scatter(K_idx, dK'),  dV = scatter(K_idx, dV');
+    layer norm backward:  dx = rstd (g - mean(g) - xhat mean(g xhat)).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from ..backend import asarray, get_namespace, to_numpy
+from ..checks import check_bool, check_choice, check_float_array, check_int, check_positive_float, check_qkv
+from ..nn.functional import layer_norm_backward, layer_norm_forward
+from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, gather_rows, group_mask, scatter_rows
+from ..registry import Mechanism, register
+
+
+class RoutingCache(NamedTuple):
+    attend: object     # AttendCache of the groups (clusters, or one query each for "recent")
+    q_idx: object      # (..., G, bq) query positions of each group
+    k_idx: object      # (..., G, bk) key positions of each group
+    count: object      # (..., N, 1) number of groups containing each query (>= 1 where used)
+    lnq: object        # layer-norm cache of q
+    lnk: object        # layer-norm cache of k
+    n: int
+    allowed: object    # (..., G, bq, bk) bool
+
+
+# --------------------------------------------------------------------------- centroids
+def draw_centroids(rng, c, d, heads=None):
+    """Random unit-norm centroids (c, d), or (heads, c, d) one set per head (host, NumPy)."""
+    c = check_int("c", c)
+    d = check_int("d", d)
+    shape = (c, d) if heads is None else (check_int("heads", heads), c, d)
+    mu = rng.standard_normal(shape)
+    return mu / (mu * mu).sum(axis=-1, keepdims=True) ** 0.5
+
+
+def normalise(x, eps=1e-5):
+    """LayerNorm without scale or bias (the paper's routing normalisation)."""
+    return layer_norm_forward(x, None, None, eps)[0]
+
+
+def assign(x_normed, centroids):
+    """Nearest centroid of every row: argmax_c x . mu_c.  (..., N, d) -> (..., N) ints."""
+    return (x_normed @ _mu(centroids, x_normed).swapaxes(-1, -2)).argmax(axis=-1)
+
+
+def _mu(centroids, x):
+    """Centroids broadcast for x (..., H, N, d): (c, d) or (H, c, d) -> (H, c, d)-compatible."""
+    mu = centroids.astype(x.dtype, copy=False)
+    return mu
+
+
+def update_centroids(centroids, q_normed, k_normed, decay=0.999, reduce="mean"):
+    """One online k-means step (no gradient): every centroid moves towards its members.
+
+        mu <- decay mu + (1 - decay)/2 R(Q members) + (1 - decay)/2 R(K members)
+
+    R = mean over the rows (of every batch entry) whose nearest centroid is mu
+    ("mean", default) or their sum ("sum", the paper's formula). A centroid with
+    no member among the queries (keys) keeps that half of its old value.
+    centroids (c, d) or (H, c, d); q_normed, k_normed (..., [H,] N, d). Returns new centroids.
+    """
+    check_choice("reduce", reduce, ("mean", "sum"))
+    decay = float(decay)
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must lie in [0, 1], got {decay}")
+    xp = get_namespace(centroids, q_normed, k_normed)
+    c = centroids.shape[-2]
+    new = decay * centroids
+    for x in (q_normed, k_normed):
+        a = assign(x, centroids)                                             # (..., N)
+        onehot = (a[..., None] == xp.arange(c)).astype(x.dtype)              # (..., N, c)
+        sums = onehot.swapaxes(-1, -2) @ x                                   # (..., c, d)
+        counts = onehot.sum(axis=-2)[..., None]                              # (..., c, 1)
+        extra = x.ndim - centroids.ndim                                      # batch axes to sum
+        axes = tuple(range(extra))
+        if axes:
+            sums, counts = sums.sum(axis=axes), counts.sum(axis=axes)
+        target = sums / xp.maximum(counts, 1.0) if reduce == "mean" else sums
+        target = xp.where(counts > 0, target, centroids) if reduce == "mean" else target
+        new = new + (1.0 - decay) / 2.0 * target
+    return new
+
+
+# --------------------------------------------------------------------------- grouping
+def _topk_members(x_normed, mu, w, exclude=None):
+    """Indices (..., c, w) of the w rows nearest to every centroid, in position order.
+    Stable: ties go to the earlier position. ``exclude`` (..., N) True rows come last."""
+    xp = get_namespace(x_normed)
+    sim = mu @ x_normed.swapaxes(-1, -2)                                     # (..., c, d) @ (..., d, N) -> (..., c, N)
+    if exclude is not None:
+        sim = xp.where(exclude[..., None, :], -xp.inf, sim)
+    idx = xp.argsort(-sim, axis=-1, kind="stable")[..., :w]                 # top-w per cluster
+    return xp.sort(idx, axis=-1)
+
+
+def _recent_members(qn, kn, mu, w, key_mask):
+    """Decoding-safe groups: query i attends to the w most recent keys j <= i of its nearest cluster.
+    Returns q_idx (..., N, 1), k_idx (..., N, w), valid (..., N, w)."""
+    xp = get_namespace(qn)
+    n = qn.shape[-2]
+    c = mu.shape[-2]
+    aq = (qn @ mu.swapaxes(-1, -2)).argmax(axis=-1)                         # (..., N) cluster of each query
+    ak = (kn @ mu.swapaxes(-1, -2)).argmax(axis=-1)                         # (..., N) cluster of each key
+    if key_mask is not None:
+        ak = xp.where(key_mask, ak, c)                                       # masked keys: cluster c (none)
+    lead = aq.shape[:-1]
+    rows = 1
+    for s in lead:
+        rows *= s
+    base = (xp.arange(rows) * ((c + 1) * (n + 1))).reshape(lead + (1,))
+    kkey = base + ak * (n + 1) + xp.arange(n)                                # keys by (cluster, position)
+    order = xp.argsort(kkey, axis=-1, kind="stable")                         # (..., N)
+    skey = xp.take_along_axis(kkey, order, axis=-1)
+    qkey = base + aq * (n + 1) + xp.arange(n)
+    ins = xp.searchsorted(skey.reshape(-1), qkey.reshape(-1), side="right").reshape(lead + (n,))
+    ins = ins - (xp.arange(rows) * n).reshape(lead + (1,))                   # keys sorted before (aq_i, i]
+    slots = ins[..., None] - w + xp.arange(w)                                # (..., N, w) the w slots before
+    inside = slots >= 0
+    slots = xp.clip(slots, 0, n - 1)
+    k_idx = xp.take_along_axis(order, slots.reshape(lead + (-1,)), axis=-1).reshape(slots.shape)
+    kc = xp.take_along_axis(ak, k_idx.reshape(lead + (-1,)), axis=-1).reshape(slots.shape)
+    valid = inside & (kc == aq[..., None])
+    q_idx = xp.broadcast_to(xp.arange(n)[:, None], lead + (n, 1))
+    return q_idx, k_idx, valid
+
+
+# --------------------------------------------------------------------------- kernel
+def _check_centroids(centroids, q):
+    if centroids is None:
+        raise ValueError("centroids is required: draw them with draw_centroids(rng, c, d[, heads])")
+    check_float_array("centroids", centroids, min_ndim=2)
+    d = q.shape[-1]
+    if centroids.ndim not in (2, 3) or centroids.shape[-1] != d:
+        raise ValueError(f"centroids must have shape (c, d={d}) or (H, c, d), got {tuple(centroids.shape)}")
+    if centroids.ndim == 3 and (q.ndim < 3 or q.shape[-3] != centroids.shape[0]):
+        raise ValueError(f"centroids per head must have H = q.shape[-3] entries, got {tuple(centroids.shape)}")
+    return get_namespace(q).asarray(centroids).astype(q.dtype, copy=False)
+
+
+def default_window(n, c):
+    """Members per cluster: w = ceil(N / c) (balanced clusters cover N slots)."""
+    return max(1, -(-n // c))
+
+
+def forward(q, k, v, *, causal=False, key_mask=None, centroids=None, window=None, scale=None,
+            selection=None, eps=1e-5):
+    """Routing attention. Returns out (..., N, dv) and a :class:`RoutingCache`."""
+    n, m, d, _ = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
+    causal = check_bool("causal", causal)
+    mu = _check_centroids(centroids, q)
+    c = mu.shape[-2]
+    w = default_window(n, c) if window is None else check_int("window", window)
+    w = min(w, n)
+    scale = d ** -0.5 if scale is None else check_positive_float("scale", scale)
+    selection = check_choice("selection", selection, (None, "topk", "recent"))
+    selection = selection or ("recent" if causal else "topk")
+    eps = check_positive_float("eps", eps)
+    xp = get_namespace(q, k, v)
+    if mu.ndim == 3:
+        mu = mu  # (H, c, d) broadcasts against (..., H, N, d)
+
+    qn, lnq = layer_norm_forward(q, None, None, eps)                          # Q <- LayerNorm(Q)
+    kn, lnk = layer_norm_forward(k, None, None, eps)                          # K <- LayerNorm(K)
+    lead = q.shape[:-2]
+    if selection == "topk":
+        q_idx = _topk_members(qn, mu, w)                                      # (..., c, w)
+        k_idx = _topk_members(kn, mu, w, None if key_mask is None else ~xp.broadcast_to(key_mask, lead + (n,)))
+        q_idx = xp.broadcast_to(q_idx, lead + q_idx.shape[-2:])
+        k_idx = xp.broadcast_to(k_idx, lead + k_idx.shape[-2:])
+        allowed = group_mask(q_idx, k_idx, n, n, causal=causal, key_mask=key_mask)   # (..., c, w, w)
+        ones = xp.ones(q_idx.shape + (1,), dtype=q.dtype)
+        count = scatter_rows(ones, q_idx, n)                                  # (..., N, 1) clusters per query
+    else:
+        q_idx, k_idx, valid = _recent_members(qn, kn, mu, w, key_mask)
+        allowed = group_mask(q_idx, k_idx, n, n, causal=True, key_mask=key_mask) & valid[..., None, :]
+        count = xp.ones(lead + (n, 1), dtype=q.dtype)
+    qb = gather_rows(qn, q_idx)                                               # (..., G, bq, d)
+    kb = gather_rows(kn, k_idx)                                               # (..., G, bk, d)
+    vb = gather_rows(v, k_idx)                                                # (..., G, bk, dv)
+    ob, _, acache = attend_forward(qb, kb, vb, allowed, scale)                # softmax(Q'K'^T / sqrt d) V'
+    inv = 1.0 / xp.maximum(count, 1.0)                                        # mean over clusters; 0 if none
+    out = scatter_rows(ob, q_idx, n) * inv                                    # (..., N, dv)
+    return out, RoutingCache(acache, q_idx, k_idx, count, lnq, lnk, n, allowed)
+
+
+def backward(dout, cache):
+    """Gradients {"q", "k", "v"} (memberships fixed; the layer norms are differentiated)."""
+    n = cache.n
+    xp = get_namespace(dout)
+    inv = 1.0 / xp.maximum(cache.count, 1.0)
+    dob = gather_rows(dout * inv, cache.q_idx)                                # (..., G, bq, dv)
+    g = attend_backward(dob, cache.attend)
+    dqn = scatter_rows(g["q"], cache.q_idx, n)
+    dkn = scatter_rows(g["k"], cache.k_idx, n)
+    dv = scatter_rows(g["v"], cache.k_idx, n)
+    return {"q": layer_norm_backward(dqn, cache.lnq)["x"], "k": layer_norm_backward(dkn, cache.lnk)["x"], "v": dv}
+
+
+def weights(cache):
+    """W (..., N, N): W[i, j] = mean over i's groups of the group softmax weight of j; out == W @ v."""
+    xp = get_namespace(cache.count)
+    inv = 1.0 / xp.maximum(cache.count[..., 0], 1.0)                          # (..., N)
+    lead = inv.shape[:-1]
+    qi = xp.broadcast_to(cache.q_idx, lead + cache.q_idx.shape[-2:])
+    wq = xp.take_along_axis(inv, qi.reshape(lead + (-1,)), axis=-1).reshape(qi.shape)
+    return dense_from_groups(cache.attend.p * wq[..., None], cache.q_idx, cache.k_idx, cache.n, cache.n)
+
+
+def pattern(cache):
+    """The support: j visible to i iff i and j share a group (and the masks allow it)."""
+    a = cache.allowed
+    xp = get_namespace(a)
+    lead = cache.attend.p.shape[:-3]
+    return dense_from_groups(xp.broadcast_to(a, lead + a.shape[-3:]).astype("float64"),
+                             cache.q_idx, cache.k_idx, cache.n, cache.n) > 0
+
+
+def reference(q, k, v, *, causal=False, key_mask=None, centroids=None, window=None, scale=None,
+              selection=None, eps=1e-5):
+    """Dense oracle, built independently: memberships by Python sorting / loops; for every
+    cluster C, full attention masked to C x C; each query takes the mean over its clusters
+    ("topk"), or full attention masked to its w most recent same-cluster keys ("recent")."""
+    from .full import forward as full_forward
+
+    xp = get_namespace(q, k, v)
+    n, d = q.shape[-2:]
+    mu = _check_centroids(centroids, q)
+    c = mu.shape[-2]
+    w = min(default_window(n, c) if window is None else window, n)
+    selection = selection or ("recent" if causal else "topk")
+    qn, kn = normalise(q, eps), normalise(k, eps)
+    sq = to_numpy(qn @ mu.swapaxes(-1, -2))                                   # (..., N, c)
+    sk = to_numpy(kn @ mu.swapaxes(-1, -2))
+    lead = q.shape[:-2]
+    km = None if key_mask is None else to_numpy(xp.broadcast_to(key_mask, lead + (n,)))
+    size = 1
+    for s in lead:
+        size *= s
+    real = lambda li, j: km is None or bool(km[li + (j,)])  # noqa: E731
+    if selection == "recent":
+        masks = []
+        for flat in range(size):
+            li = _unravel(flat, lead)
+            best = lambda s, t: max(range(c), key=lambda a: (float(s[li + (t, a)]), -a))  # noqa: E731  first argmax
+            cq = [best(sq, t) for t in range(n)]
+            ck = [best(sk, t) if real(li, t) else -1 for t in range(n)]
+            rows = []
+            for i in range(n):
+                mine = [j for j in range(i + 1) if ck[j] == cq[i]][-w:]
+                rows.append([j in mine for j in range(n)])
+            masks.append(rows)
+        mask = xp.asarray(masks, dtype=bool).reshape(lead + (n, n))
+        out, _ = full_forward(qn, kn, v, mask=mask, key_mask=key_mask, scale=scale)
+        return out
+    total = xp.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
+    count = xp.zeros(q.shape[:-1] + (1,), dtype=q.dtype)
+    for a in range(c):
+        qm, km_rows = [], []
+        for flat in range(size):
+            li = _unravel(flat, lead)
+            top_q = sorted(range(n), key=lambda t: (-float(sq[li + (t, a)]), t))[:w]
+            top_k = sorted(range(n), key=lambda t: (not real(li, t), -float(sk[li + (t, a)]), t))[:w]
+            qm.append([t in top_q for t in range(n)])
+            km_rows.append([t in top_k for t in range(n)])
+        in_q = xp.asarray(qm, dtype=bool).reshape(lead + (n,))
+        in_k = xp.asarray(km_rows, dtype=bool).reshape(lead + (n,))
+        out_a, _ = full_forward(qn, kn, v, causal=causal, key_mask=key_mask, mask=in_q[..., :, None] & in_k[..., None, :],
+                                scale=scale)
+        total += out_a * in_q[..., None]
+        count += in_q[..., None]
+    return total / xp.maximum(count, 1.0)
+
+
+def _unravel(idx, shape):
+    out = []
+    for s in reversed(shape):
+        out.append(idx % s)
+        idx //= s
+    return tuple(reversed(out))
+
+
+# --------------------------------------------------------------------------- registry
+def default_clusters(n):
+    """About sqrt(N) clusters (the paper: c = sqrt(N) gives O(N sqrt N))."""
+    return max(1, round(math.sqrt(n)))
+
+
+def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
+    """No learnable parameters (the centroids are k-means state, updated by
+    :func:`update_centroids`, not by gradients); config: per-head centroids and w."""
+    c = default_clusters(n)
+    mu = asarray(draw_centroids(rng, c, d, heads=heads), dtype=dtype)
+    return {}, {"centroids": mu, "window": default_window(n, c)}
+
+
+def _figures(out_dir, rng):
+    import os
+
+    from .. import viz
+
+    n, d, c = 64, 8, 4
+    centres = rng.standard_normal((c, d)) * 3
+    lab = rng.integers(0, c, n)
+    x = centres[lab] + rng.standard_normal((n, d))
+    q = asarray(x[None])
+    k = asarray((x + 0.3 * rng.standard_normal((n, d)))[None])
+    v = asarray(rng.standard_normal((1, n, d)))
+    mu = asarray(draw_centroids(rng, c, d))
+    for _ in range(30):   # a few online k-means steps with a fast decay, for the picture
+        mu = update_centroids(mu, normalise(q), normalise(k), decay=0.5)
+    _, cache = forward(q, k, v, centroids=mu)
+    qn, kn = to_numpy(normalise(q))[0], to_numpy(normalise(k))[0]
+    pts = qn.tolist() + kn.tolist()
+    mean = [sum(col) / len(pts) for col in zip(*pts)]
+    xs = asarray([[a - b for a, b in zip(p, mean)] for p in pts])
+    xp = get_namespace(xs)
+    _, _, vt = xp.linalg.svd(xs, full_matrices=False)
+    proj = to_numpy(xs @ vt[:2].T)
+    cl = to_numpy(assign(asarray(pts), mu))
+    fig, axes = viz.plt.subplots(1, 2, figsize=(9, 4))
+    axes[0].scatter(proj[:n, 0], proj[:n, 1], c=cl[:n], cmap="tab10", marker="o", s=18, label="queries")
+    axes[0].scatter(proj[n:, 0], proj[n:, 1], c=cl[n:], cmap="tab10", marker="x", s=18, label="keys")
+    axes[0].set_title("k-means clusters of LayerNorm(q), LayerNorm(k) (PCA)")
+    axes[0].legend(fontsize=8)
+    viz.plot_pattern(pattern(cache), ax=axes[1], title="induced pattern (shared cluster)")
+    fig.tight_layout()
+    return [viz.save(fig, os.path.join(out_dir, "routing_clusters.png"))]
+
+
+MECHANISM = register(Mechanism(
+    name="routing",
+    title="Routing Transformer (k-means attention)",
+    citation="Roy et al., 2021",
+    url="https://arxiv.org/abs/2003.05997",
+    classes=("LP",),
+    complexity="O(N sqrt(N))",
+    causal=True,
+    exact=True,
+    kind="kernel",
+    notebook="03_learned_patterns",
+    forward=forward,
+    backward=backward,
+    weights=weights,
+    setup=setup,
+    pattern=pattern,
+    reference=reference,
+    sizes=("window",),
+    figures=_figures,
+    summary="Online k-means shared by queries and keys; each balanced cluster of w = N / c nearest "
+            "tokens attends within itself (exact given the memberships).",
+))
