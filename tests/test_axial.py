@@ -1,0 +1,126 @@
+"""Axial attention: per-query rule oracle, rows/columns as reshaped full attention, the union.
+
+Oracles: the keys of each query written as a Python loop over grid cells,
+full attention applied to the explicitly reshaped (rows, cols) grid, dense
+attention masked by the rule, and central finite differences.
+"""
+import numpy as np
+import pytest
+
+import effattn
+from effattn.attention import axial
+from effattn.gradcheck import check_gradients
+
+FULL = effattn.get("full")
+
+
+def oracle_mask(n, rows, cols, axis, causal):
+    """For each query i at cell (i // cols, i % cols): the keys sharing its row / its column."""
+    m = np.zeros((n, n), bool)
+    for i in range(n):
+        ri, ci = divmod(i, cols)
+        for j in range(n):
+            rj, cj = divmod(j, cols)
+            in_row, in_col = ri == rj, ci == cj
+            ok = {"row": in_row, "column": in_col, "both": in_row or in_col}[axis]
+            m[i, j] = ok and (j <= i or not causal)
+    return m
+
+
+def qkv(rng, b, h, n, d=4, dv=3):
+    return rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, dv))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("axis", ["row", "column", "both"])
+def test_fast_path_equals_dense_masked_by_rule(axis, causal):
+    rng = np.random.default_rng(0)
+    for n, shape in ((5, None), (12, (3, 4)), (23, None), (30, (4, 8)), (17, (17, 1)), (17, (1, 17))):
+        rows, cols = shape or axial.default_shape(n)
+        mask = oracle_mask(n, rows, cols, axis, causal)
+        assert np.array_equal(axial.axial_pattern(n, (rows, cols), axis, causal=causal), mask)
+        q, k, v = qkv(rng, 2, 2, n)
+        km = rng.random((2, 1, n)) > 0.3
+        km[..., 0] = True
+        for key_mask in (None, km):
+            out, cache = axial.forward(q, k, v, causal=causal, key_mask=key_mask, shape=shape, axis=axis)
+            ref, _ = FULL.forward(q, k, v, mask=mask, key_mask=key_mask)
+            np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12, err_msg=f"n={n} shape={shape}")
+            np.testing.assert_allclose(axial.weights(cache) @ v, out, rtol=0, atol=1e-12)
+
+
+def test_rows_and_columns_are_full_attention_on_the_reshaped_grid():
+    rng = np.random.default_rng(1)
+    r, c = 4, 6
+    q, k, v = qkv(rng, 2, 3, r * c)
+    grid = lambda x: x.reshape(2, 3, r, c, x.shape[-1])  # noqa: E731  (B, H, r, c, d): rows are groups
+    for causal in (False, True):
+        out, _ = axial.forward(q, k, v, shape=(r, c), axis="row", causal=causal)
+        ref, _ = FULL.forward(grid(q), grid(k), grid(v), causal=causal)
+        np.testing.assert_allclose(out, ref.reshape(out.shape), atol=1e-12)
+        out, _ = axial.forward(q, k, v, shape=(r, c), axis="column", causal=causal)
+        col = lambda x: grid(x).swapaxes(-3, -2)  # noqa: E731  (B, H, c, r, d): columns are groups
+        ref, _ = FULL.forward(col(q), col(k), col(v), causal=causal)
+        np.testing.assert_allclose(out, ref.swapaxes(-3, -2).reshape(out.shape), atol=1e-12)
+
+
+def test_both_is_the_union_of_row_and_column_under_one_softmax():
+    n, shape = 20, (4, 5)
+    for causal in (False, True):
+        row = axial.axial_pattern(n, shape, "row", causal=causal)
+        col = axial.axial_pattern(n, shape, "column", causal=causal)
+        both = axial.axial_pattern(n, shape, "both", causal=causal)
+        assert np.array_equal(both, row | col)
+        assert np.array_equal(row & col, np.eye(n, dtype=bool))     # they share only the query itself
+        assert both.sum(1).max() <= shape[0] + shape[1] - 1
+
+
+def test_three_dimensional_grid():
+    rng = np.random.default_rng(2)
+    n, shape = 50, (3, 4, 5)
+    q, k, v = qkv(rng, 1, 2, n)
+    coords = np.stack(np.unravel_index(np.arange(n), shape), 1)    # (N, 3)
+    for axis in (0, 1, 2, (0, 2), "both"):
+        axes = (0, 1, 2) if axis == "both" else np.atleast_1d(axis)
+        mask = np.zeros((n, n), bool)
+        for a in axes:
+            others = [b for b in range(3) if b != a]
+            mask |= (coords[:, None, others] == coords[None, :, others]).all(-1)
+        for causal in (False, True):
+            out, _ = axial.forward(q, k, v, shape=shape, axis=axis, causal=causal)
+            ref, _ = FULL.forward(q, k, v, mask=mask, causal=causal)
+            np.testing.assert_allclose(out, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("axis", ["row", "column", "both"])
+def test_gradients(axis):
+    rng = np.random.default_rng(3)
+    for causal in (False, True):
+        q, k, v = qkv(rng, 1, 2, 11, d=3, dv=2)
+        km = rng.random((1, 2, 11)) > 0.3
+        km[..., 0] = True
+        errors = check_gradients(axial.forward, axial.backward, {"q": q, "k": k, "v": v},
+                                 {"causal": causal, "key_mask": km, "shape": (3, 4), "axis": axis}, rng=rng)
+        assert max(errors.values()) < 1e-7, errors
+
+
+def test_default_shape_and_bad_configuration():
+    for n in (1, 2, 5, 16, 17, 47, 1000, 2048):
+        r, c = axial.default_shape(n)
+        assert r * c >= n and r * c - n < c and abs(r - c) <= 1
+    q = np.ones((1, 1, 10, 2))
+    for bad in ((3, 3), (0, 10), (-1, 5), 10, ()):
+        with pytest.raises(ValueError, match="shape"):
+            axial.forward(q, q, q, shape=bad)
+    for bad in ("diagonal", 2, (0, 0), True):
+        with pytest.raises(ValueError, match="axis"):
+            axial.forward(q, q, q, shape=(2, 5), axis=bad)
+
+
+def test_score_entries_grow_like_n_sqrt_n():
+    def entries(n):
+        q = np.zeros((1, 1, n, 2))
+        _, cache = axial.forward(q, q, q, causal=True)
+        return sum(a.p.size for a in cache.union.attends)
+
+    assert np.log(entries(16384) / entries(1024)) / np.log(16) < 1.6
