@@ -188,20 +188,16 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     return {}, {"shape": default_shape(n), "axis": "both"}
 
 
-def grid_figure(out_dir, shape=(6, 8), query=(3, 5)):
-    """axial_grid.png: the row and column of one query drawn on the grid (non-causal and causal),
-    next to the N x N masks of row, column and both."""
-    import os
-
+def plot_grid(shape=(6, 8), query=(3, 5)):
+    """Figure: the keys of one query q drawn on the grid, for row, column and both,
+    bidirectional (top) and causal in raster order (bottom)."""
     import matplotlib.pyplot as plt
     import numpy as np
-
-    from .. import viz
 
     r, c = shape
     n = r * c
     qi = query[0] * c + query[1]
-    fig, axes = plt.subplots(2, 3, figsize=(11, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6.5))
     for col, (ax_name, title) in enumerate((("row", "row attention"), ("column", "column attention"),
                                             ("both", "both: row ∪ column"))):
         for rowi, causal in enumerate((False, True)):
@@ -211,16 +207,37 @@ def grid_figure(out_dir, shape=(6, 8), query=(3, 5)):
             ax.imshow(allowed, cmap="Blues", vmin=0, vmax=1.2)
             ax.set_xticks(range(c))
             ax.set_yticks(range(r))
+            ax.set_xlabel("column")
+            ax.set_ylabel("row")
             ax.set_title(f"{title} ({'causal' if causal else 'bidirectional'})", fontsize=9)
             ax.text(query[1], query[0], "q", ha="center", va="center", color="k")
-    fig.suptitle(f"Axial attention on a {r} x {c} grid: the keys of the query q (raster order)")
+    fig.suptitle(f"Axial attention on a {r} x {c} grid: the keys (blue) of the query q")
     fig.tight_layout()
-    paths = [viz.save(fig, os.path.join(out_dir, "axial_grid.png"))]
-    mats = [axial_pattern(n, shape, a, causal=True, xp=np) for a in ("row", "column", "both")]
-    fig = viz.plot_patterns(mats, ["row (causal)", "column (causal)", "both (causal)"],
-                            suptitle=f"Axial attention as N x N masks (grid {r} x {c}, N={n})", grid=c)
-    paths.append(viz.save(fig, os.path.join(out_dir, "axial_masks.png")))
-    return paths
+    return fig
+
+
+def plot_masks(shape=(6, 8), causal=True):
+    """Figure: row, column and both as N x N masks (block lines every row of the grid)."""
+    import numpy as np
+
+    from .. import viz
+
+    n = math.prod(shape)
+    mats = [axial_pattern(n, shape, a, causal=causal, xp=np) for a in ("row", "column", "both")]
+    mode = "causal" if causal else "bidirectional"
+    return viz.plot_patterns(mats, [f"row ({mode})", f"column ({mode})", f"both ({mode})"],
+                             suptitle=f"Axial attention as N x N masks (grid {shape[0]} x {shape[1]}, N={n})",
+                             grid=shape[-1])
+
+
+def grid_figure(out_dir):
+    """Writes axial_grid.png (rows/columns on the grid) and axial_masks.png (as N x N masks)."""
+    import os
+
+    from .. import viz
+
+    return [viz.save(plot_grid(), os.path.join(out_dir, "axial_grid.png")),
+            viz.save(plot_masks(), os.path.join(out_dir, "axial_masks.png"))]
 
 
 def _figures(out_dir, rng):

@@ -378,34 +378,26 @@ def fixed_setup(rng, *, n, d, heads, causal=False, dtype="float64"):
 
 
 # --------------------------------------------------------------------------- figures
-def heads_figure(out_dir, kind, n=64, l=8, c=2):
-    """sparse_<kind>_heads.png: the causal masks of head 0 (A(1)), head 1 (A(2)) and the merged pattern."""
-    import os
-
+def plot_heads(kind, n=64, l=8, c=2, causal=True):
+    """Figure: the masks of head 0 (A(1)), head 1 (A(2)) and the merged pattern (combine="heads")."""
     import numpy as np
 
     from .. import viz
 
     if kind == "strided":
-        mats = [strided_pattern(n, l, causal=True, part=p, xp=np) for p in (1, 2, None)]
+        mats = [strided_pattern(n, l, causal=causal, part=p, xp=np) for p in (1, 2, None)]
         sizes = f"l={l}"
     else:
-        mats = [fixed_pattern(n, l, c, causal=True, part=p, xp=np) for p in (1, 2, None)]
+        mats = [fixed_pattern(n, l, c, causal=causal, part=p, xp=np) for p in (1, 2, None)]
         sizes = f"l={l}, c={c}"
     titles = ["head 0 (even heads): A(1)", "head 1 (odd heads): A(2)", "merged: A(1) ∪ A(2)"]
-    fig = viz.plot_patterns(mats, titles, suptitle=f"Sparse Transformer, {kind} ({sizes}, causal, N={n})", grid=l)
-    return viz.save(fig, os.path.join(out_dir, f"sparse_{kind}_heads.png"))
+    mode = "causal" if causal else "bidirectional"
+    return viz.plot_patterns(mats, titles, suptitle=f"Sparse Transformer, {kind} ({sizes}, {mode}, N={n})", grid=l)
 
 
-def _figures(out_dir, rng):
-    return [heads_figure(out_dir, "strided"), receptive_field_figure(out_dir)]
-
-
-def receptive_field_figure(out_dir, n=64, stride=8):
-    """sparse_strided_receptive_field.png: layer 1 = A(1) (local), layer 2 = A(2) (strided):
-    after two layers every query reaches every earlier key."""
-    import os
-
+def plot_receptive_field(n=64, stride=8):
+    """Figure: layer 1 = A(1) (local), layer 2 = A(2) (strided), and what a query reaches after
+    both: every earlier key."""
     import numpy as np
 
     from .. import viz
@@ -413,11 +405,32 @@ def receptive_field_figure(out_dir, n=64, stride=8):
     a1 = strided_pattern(n, stride, causal=True, part=1, xp=np)
     a2 = strided_pattern(n, stride, causal=True, part=2, xp=np)
     two = receptive_field(a1, a2)
-    fig = viz.plot_patterns([a1, a2, two], ["layer 1: A(1) local", "layer 2 alone: A(2) strided",
-                                            "receptive field after A(1) then A(2)"],
-                            suptitle=f"Sparse Transformer (strided, l={stride}, N={n}): two layers reach everything",
-                            grid=stride)
-    return viz.save(fig, os.path.join(out_dir, "sparse_strided_receptive_field.png"))
+    return viz.plot_patterns([a1, a2, two], ["layer 1: A(1) local", "layer 2 alone: A(2) strided",
+                                             "receptive field after A(1) then A(2)"],
+                             suptitle=f"Sparse Transformer (strided, l={stride}, N={n}): two layers reach everything",
+                             grid=stride)
+
+
+def heads_figure(out_dir, kind):
+    """Writes sparse_<kind>_heads.png."""
+    import os
+
+    from .. import viz
+
+    return viz.save(plot_heads(kind), os.path.join(out_dir, f"sparse_{kind}_heads.png"))
+
+
+def receptive_field_figure(out_dir):
+    """Writes sparse_strided_receptive_field.png."""
+    import os
+
+    from .. import viz
+
+    return viz.save(plot_receptive_field(), os.path.join(out_dir, "sparse_strided_receptive_field.png"))
+
+
+def _figures(out_dir, rng):
+    return [heads_figure(out_dir, "strided"), receptive_field_figure(out_dir)]
 
 
 def _fixed_figures(out_dir, rng):
