@@ -124,6 +124,7 @@ class ReformerCache(NamedTuple):
     combine: str
     causal: bool
     key_mask: object
+    self_rule: bool      # the self penalty is on (i sees itself only when nothing else is visible)
 
 
 # --------------------------------------------------------------------------- random draws
@@ -400,7 +401,7 @@ def forward(q, k, v, *, causal=False, key_mask=None, rotations=None, chunk_size=
         wr = xp.full(lse_r.shape, 1.0 / n_rounds, dtype=q.dtype)
     out = (wr[..., None] * out_r).sum(axis=-3)                            # o = sum_r w_r o_r
     cache = ReformerCache(acache, slot_token, token_slot, chunk_of, buckets, q_pos, k_pos, wr, out_r, out,
-                          k, rnorm, n, c, before, after, chunking, combine, causal, key_mask)
+                          k, rnorm, n, c, before, after, chunking, combine, causal, key_mask, penalty is not None)
     return out, cache
 
 
@@ -474,7 +475,7 @@ def weights(cache):
 def pattern(cache):
     """The union over rounds of the windows P~_i (chunk of j within [chunk(i) - before, chunk(i) + after],
     same bucket for "bucket" chunking), causal and key masks, and the self rule
-    (i sees itself only when nothing else is visible). Built densely from the per-token chunk indices."""
+    (i sees itself only when nothing else is visible; when the self penalty is on). Built densely from the per-token chunk indices."""
     xp = get_namespace(cache.out)
     co = cache.chunk_of                                                    # (..., R, N)
     delta = co[..., None, :] - co[..., :, None]                            # (..., R, N, N): chunk(j) - chunk(i)
@@ -487,6 +488,8 @@ def pattern(cache):
         vis &= xp.tril(xp.ones((n, n), dtype=bool))
     if cache.key_mask is not None:
         vis &= cache.key_mask[..., None, :]
+    if not cache.self_rule:
+        return vis
     eye = xp.eye(n, dtype=bool)
     other = vis & ~eye
     lonely = ~other.any(axis=-1, keepdims=True)
