@@ -1,0 +1,139 @@
+"""Memory-compressed attention: the fast path against the slot-by-slot dense oracle, the
+compression against an explicit strided convolution, the causal slot-visibility rule,
+key masks, special cases that reduce to known attentions, gradients of the parameters."""
+import numpy as np
+import pytest
+
+import effattn
+from effattn.attention import memory_compressed as mc
+from effattn.attention.full import forward as full_forward
+from effattn.gradcheck import check_gradients
+
+
+def make(rng, lead, n, m, d, dv, k):
+    q = rng.standard_normal((*lead, n, d))
+    kk = rng.standard_normal((*lead, m, d))
+    v = rng.standard_normal((*lead, m, dv))
+    return q, kk, v, mc.draw_compression(rng, k, d)
+
+
+@pytest.mark.parametrize("n,m,k,causal,masked", [(13, 13, 3, True, False), (13, 13, 3, False, True),
+                                                 (10, 10, 4, True, True), (7, 15, 2, False, True),
+                                                 (12, 5, 5, False, False), (16, 16, 1, True, True),
+                                                 (9, 9, 9, True, False)])
+def test_matches_dense_reference(n, m, k, causal, masked):
+    rng = np.random.default_rng(n * m + k)
+    q, kk, v, params = make(rng, (2, 2), n, m, 4, 3, k)
+    km = (rng.random((2, 1, m)) > 0.3) if masked else None
+    out, _ = mc.forward(q, kk, v, causal=causal, key_mask=km, **params)
+    ref = mc.reference(q, kk, v, causal=causal, key_mask=km, **params)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
+
+
+def test_compression_is_a_strided_convolution():
+    """K^c_s = sum_o K_{sk+o} W_o: compare with a convolution written as sliding dot products."""
+    rng = np.random.default_rng(0)
+    n, d, k = 12, 3, 3
+    q, kk, v, p = make(rng, (1,), n, n, d, 2, k)
+    out, cache = mc.forward(q, kk, v, **p)
+    kc = cache.attend.k                                                       # (1, 4, d)
+    for s in range(n // k):
+        window = kk[0, s * k:(s + 1) * k]                                     # (k, d)
+        expect = np.array([(window * p["conv_k"][:, :, e]).sum() for e in range(d)])
+        np.testing.assert_allclose(kc[0, s], expect, atol=1e-12)
+        np.testing.assert_allclose(cache.attend.v[0, s], p["conv_v"] @ v[0, s * k:(s + 1) * k], atol=1e-12)
+
+
+def test_k_equal_one_with_identity_is_full_attention():
+    rng = np.random.default_rng(1)
+    q, kk, v, _ = make(rng, (2, 2), 11, 11, 4, 4, 1)
+    params = {"conv_k": np.eye(4)[None], "conv_v": np.ones(1)}
+    km = rng.random((2, 1, 11)) > 0.3
+    for causal in (False, True):
+        out, _ = mc.forward(q, kk, v, causal=causal, key_mask=km, **params)
+        ref, _ = full_forward(q, kk, v, causal=causal, key_mask=km)
+        np.testing.assert_allclose(out, ref, atol=1e-12)
+
+
+def test_causal_slot_visibility_rule():
+    n, k = 14, 4                                                              # slots end at 3, 7, 11, 13
+    vis = mc.slot_visibility(n, n, k, True, np)
+    ends = [3, 7, 11, 13]
+    assert np.array_equal(vis, np.array([[e <= i for e in ends] for i in range(n)]))
+    assert mc.slot_visibility(n, n, k, False, np) is None
+    # queries before the end of the first slot see nothing: zero output, zero gradient
+    rng = np.random.default_rng(2)
+    q, kk, v, p = make(rng, (1, 1), n, n, 3, 2, k)
+    out, cache = mc.forward(q, kk, v, causal=True, **p)
+    assert np.all(out[..., :3, :] == 0) and np.all(out[..., 3:, :] != 0)
+    g = mc.backward(np.ones_like(out), cache)
+    assert np.all(g["q"][..., :3, :] == 0)
+    # a slot becomes visible exactly at its last position: changing position 7 changes outputs
+    # from 7 on and leaves 0..6 bit-for-bit equal
+    k2 = kk.copy()
+    k2[..., 7, :] += 1.0
+    out2, _ = mc.forward(q, k2, v, causal=True, **p)
+    assert np.array_equal(out[..., :7, :], out2[..., :7, :])
+    assert not np.allclose(out[..., 7, :], out2[..., 7, :])
+
+
+def test_key_mask_zeroes_positions_and_removes_empty_slots():
+    rng = np.random.default_rng(3)
+    n, k = 12, 3
+    q, kk, v, p = make(rng, (1, 1), n, n, 3, 2, k)
+    km = np.ones((1, 1, n), bool)
+    km[..., 3:6] = False                                                      # slot 1 entirely masked
+    km[..., 7] = False                                                        # slot 2 partly masked
+    out, cache = mc.forward(q, kk, v, key_mask=km, **p)
+    assert np.all(cache.attend.p[..., 1] == 0)
+    w = mc.weights(cache)
+    assert np.all(w[..., ~km[0, 0]] == 0)
+    np.testing.assert_allclose(out, w @ v, atol=1e-12)
+    # slot 2 is what the unmasked call gives when position 7 is zero
+    k0, v0 = kk.copy(), v.copy()
+    k0[..., 7, :] = 0
+    v0[..., 7, :] = 0
+    _, cache0 = mc.forward(q, k0, v0, **p)
+    np.testing.assert_allclose(cache.attend.k[..., 2, :], cache0.attend.k[..., 2, :], atol=1e-12)
+
+
+def test_weights_with_mask_and_cross_attention():
+    rng = np.random.default_rng(4)
+    q, kk, v, p = make(rng, (2, 1), 6, 17, 3, 4, 4)
+    km = rng.random((2, 1, 17)) > 0.4
+    out, cache = mc.forward(q, kk, v, key_mask=km, **p)
+    w = mc.weights(cache)
+    assert w.shape == (2, 1, 6, 17)
+    np.testing.assert_allclose(out, w @ v, atol=1e-12)
+
+
+def test_gradients_including_parameters():
+    rng = np.random.default_rng(5)
+    for n, m, k, causal in ((10, 10, 3, True), (7, 11, 4, False)):
+        q, kk, v, p = make(rng, (2, 1), n, m, 3, 2, k)
+        km = rng.random((2, 1, m)) > 0.3
+        km[..., 0] = True
+        errors = check_gradients(mc.forward, mc.backward, {"q": q, "k": kk, "v": v, **p},
+                                 {"causal": causal, "key_mask": km}, rng=rng)
+        assert set(errors) == {"q", "k", "v", "conv_k", "conv_v"}
+        assert max(errors.values()) < 1e-7, errors
+
+
+def test_validation():
+    rng = np.random.default_rng(6)
+    q, kk, v, p = make(rng, (1,), 8, 8, 3, 2, 2)
+    with pytest.raises(ValueError, match="conv_k"):
+        mc.forward(q, kk, v, conv_k=np.zeros((2, 3, 4)), conv_v=p["conv_v"])
+    with pytest.raises(ValueError, match="conv_v"):
+        mc.forward(q, kk, v, conv_k=p["conv_k"], conv_v=np.zeros(3))
+    with pytest.raises(ValueError, match="conv_v"):
+        mc.forward(q, kk, v, conv_k=p["conv_k"], conv_v=p["conv_v"].astype(np.float32))
+    with pytest.raises(ValueError, match="causal"):
+        mc.forward(q, kk[:, :5], v[:, :5], causal=True, **p)
+
+
+def test_registry_entry_and_figures(tmp_path):
+    spec = effattn.get("memory_compressed")
+    assert spec.notebook == "01_fixed_patterns" and "FP" in spec.classes and spec.reference is not None
+    paths = spec.figures(str(tmp_path), np.random.default_rng(0))
+    assert len(paths) == 2 and all("memory_compressed_" in p for p in paths)
