@@ -1,0 +1,163 @@
+"""Routing Transformer: balanced clusters, the online k-means step, the mean-of-clusters rule,
+the decoding-safe causal selection, and gradients of the non-default options."""
+import numpy as np
+import pytest
+
+import effattn
+from effattn.attention import routing as RT
+from effattn.gradcheck import check_gradients
+
+full = effattn.get("full").forward
+
+
+def ln(x, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
+
+
+def make(rng, b=2, h=2, n=30, d=5, c=5, per_head=True):
+    q, k, v = (rng.standard_normal((b, h, n, d)) for _ in range(3))
+    mu = RT.draw_centroids(rng, c, d, heads=h if per_head else None)
+    return q, k, v, mu
+
+
+def test_balanced_clusters_have_w_nearest_members():
+    rng = np.random.default_rng(0)
+    q, k, v, mu = make(rng, n=31, c=5)
+    _, cache = RT.forward(q, k, v, centroids=mu)
+    w = -(-31 // 5)
+    assert cache.q_idx.shape == (2, 2, 5, w) and cache.k_idx.shape == (2, 2, 5, w)
+    qn = ln(q)
+    for b in range(2):
+        for h in range(2):
+            for a in range(5):
+                members = cache.q_idx[b, h, a]
+                assert len(set(members.tolist())) == w and np.all(np.diff(members) > 0)
+                sim = qn[b, h] @ mu[h, a]
+                # every member is at least as near to the centroid as every non-member
+                outside = np.setdiff1d(np.arange(31), members)
+                assert sim[members].min() >= sim[outside].max()
+
+
+def test_online_kmeans_moves_centroids_towards_members():
+    rng = np.random.default_rng(1)
+    d, c = 4, 3
+    centres = rng.standard_normal((c, d)) * 4
+    x = centres[rng.integers(0, c, 200)] + 0.3 * rng.standard_normal((200, d))
+    qn, kn = ln(x)[None], ln(x + 0.1 * rng.standard_normal(x.shape))[None]
+    mu = RT.draw_centroids(rng, c, d)
+
+    def spread(m):   # mean distance of every point to its nearest centroid
+        return np.mean([np.min(np.linalg.norm(m - p, axis=-1)) for p in np.concatenate([qn[0], kn[0]])])
+
+    # decay 0: the new centroid is the average of its query members' mean and key members' mean
+    a_q, a_k = RT.assign(qn, mu)[0], RT.assign(kn, mu)[0]
+    new = RT.update_centroids(mu, qn, kn, decay=0.0)
+    for j in range(c):
+        if (a_q == j).any() and (a_k == j).any():
+            np.testing.assert_allclose(new[j], (qn[0][a_q == j].mean(0) + kn[0][a_k == j].mean(0)) / 2, atol=1e-12)
+    # the paper's decay: a small step towards the members, and repeated steps reduce the spread
+    step = RT.update_centroids(mu, qn, kn)
+    np.testing.assert_allclose(step, 0.999 * mu + 0.001 * new, atol=1e-12)
+    m = mu
+    before = spread(m)
+    for _ in range(20):
+        m = RT.update_centroids(m, qn, kn, decay=0.5)
+    assert spread(m) < 0.8 * before
+    summed = RT.update_centroids(mu, qn, kn, decay=0.9, reduce="sum")
+    a = RT.assign(qn, mu)[0]
+    j = int(a[0])
+    assert np.allclose(summed[j] - 0.9 * mu[j], 0.05 * qn[0][a == j].sum(0) + 0.05 * kn[0][RT.assign(kn, mu)[0] == j].sum(0))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_equals_the_dense_reference(causal):
+    rng = np.random.default_rng(2)
+    for n in (6, 17, 30):
+        q, k, v, mu = make(rng, n=n, c=3)
+        km = rng.random((2, 1, n)) > 0.3
+        km[..., 0] = True
+        out, cache = RT.forward(q, k, v, centroids=mu, causal=causal, key_mask=km)
+        np.testing.assert_allclose(out, RT.reference(q, k, v, centroids=mu, causal=causal, key_mask=km),
+                                   rtol=0, atol=1e-12)
+        np.testing.assert_allclose(out, RT.weights(cache) @ v, rtol=0, atol=1e-12)
+
+
+def test_mean_over_clusters_by_hand():
+    """A token in two clusters gets the mean of its two cluster outputs; in none, zero."""
+    rng = np.random.default_rng(3)
+    q, k, v, mu = make(rng, b=1, h=1, n=12, c=3, per_head=False)
+    out, cache = RT.forward(q, k, v, centroids=mu, window=3)        # 3 x 3 = 9 slots < 12 tokens
+    qn, kn = ln(q)[0, 0], ln(k)[0, 0]
+    expect = np.zeros((12, 5))
+    count = np.zeros(12)
+    for a in range(3):
+        qi, ki = cache.q_idx[0, 0, a], cache.k_idx[0, 0, a]
+        s = qn[qi] @ kn[ki].T / np.sqrt(5)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        expect[qi] += p @ v[0, 0][ki]
+        count[qi] += 1
+    expect /= np.maximum(count, 1)[:, None]
+    np.testing.assert_allclose(out[0, 0], expect, atol=1e-12)
+    assert (count == 0).any() and np.all(out[0, 0][count == 0] == 0)
+
+
+def test_pattern_is_shared_cluster_membership():
+    rng = np.random.default_rng(4)
+    q, k, v, mu = make(rng, n=20, c=4)
+    _, cache = RT.forward(q, k, v, centroids=mu)
+    pat = RT.pattern(cache)
+    for b in range(2):
+        for h in range(2):
+            expect = np.zeros((20, 20), bool)
+            for a in range(4):
+                for i in cache.q_idx[b, h, a]:
+                    for j in cache.k_idx[b, h, a]:
+                        expect[i, j] = True
+            np.testing.assert_array_equal(pat[b, h], expect)
+
+
+def test_recent_selection_is_causal_and_topk_leaks():
+    leaked = False
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        q, k, v, mu = make(rng, n=24, c=4)
+        t = 12
+        q2, k2 = q.copy(), k.copy()
+        q2[..., t:, :] = rng.standard_normal(q2[..., t:, :].shape)
+        k2[..., t:, :] = rng.standard_normal(k2[..., t:, :].shape)
+        for selection in ("recent", "topk"):
+            a, cache = RT.forward(q, k, v, centroids=mu, causal=True, selection=selection)
+            b, _ = RT.forward(q2, k2, v, centroids=mu, causal=True, selection=selection)
+            same = np.array_equal(a[..., :t, :], b[..., :t, :])
+            if selection == "recent":
+                assert same
+                W = RT.weights(cache)
+                assert np.all(np.triu(W, 1) == 0) and ((W > 0).sum(-1) <= 6).all()   # w = 24 / 4
+            else:
+                leaked |= not same
+    assert leaked
+
+
+@pytest.mark.parametrize("options", [
+    {"causal": True, "selection": "topk"}, {"window": 2}, {"scale": 1.0}, {"selection": "recent"},
+])
+def test_gradients_of_other_options(options):
+    rng = np.random.default_rng(5)
+    q, k, v, mu = make(rng, b=1, n=10, d=3, c=3)
+    errors = check_gradients(RT.forward, RT.backward, {"q": q, "k": k, "v": v}, {"centroids": mu, **options}, rng=rng)
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_bad_arguments():
+    rng = np.random.default_rng(6)
+    q, k, v, mu = make(rng)
+    with pytest.raises(ValueError, match="centroids"):
+        RT.forward(q, k, v)
+    with pytest.raises(ValueError, match="centroids"):
+        RT.forward(q, k, v, centroids=mu[..., :2])
+    with pytest.raises(ValueError, match="selection"):
+        RT.forward(q, k, v, centroids=mu, selection="nearest")
+    with pytest.raises(ValueError, match="decay"):
+        RT.update_centroids(mu, ln(q), ln(k), decay=2.0)
