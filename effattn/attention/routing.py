@@ -43,8 +43,8 @@ Conventions (ours, with the references'):
 Shapes: q, k (..., N, d), v (..., N, dv) (self-attention, M = N); centroids
 (c, d) shared by the heads or (H, c, d) one set per head.
 
-Complexity: similarities O(N c d), selection O(c N log N) (a stable sort per
-cluster), attention O(c w^2 d) = O(N w d): O(N sqrt N) for c = sqrt N.
+Complexity: similarities O(N c d), selection O(c N) (a partition per cluster),
+attention O(c w^2 d) = O(N w d): O(N sqrt N) for c = sqrt N.
 
 Backward (memberships held fixed):
     d out_b = gather(d out / count, Q_idx);  attend_backward inside each cluster;
@@ -140,8 +140,15 @@ def _topk_members(x_normed, mu, w, exclude=None):
     sim = mu @ x_normed.swapaxes(-1, -2)                                     # (..., c, d) @ (..., d, N) -> (..., c, N)
     if exclude is not None:
         sim = xp.where(exclude[..., None, :], -xp.inf, sim)
-    idx = xp.argsort(-sim, axis=-1, kind="stable")[..., :w]                 # top-w per cluster
-    return xp.sort(idx, axis=-1)
+    # top-w per cluster in O(N): the w-th largest similarity by a partition, then everything above
+    # it and, among exact ties with it, the earliest positions (= a stable sort's first w)
+    neg = -sim
+    thr = xp.partition(neg, w - 1, axis=-1)[..., w - 1:w]                   # (..., c, 1)
+    below = neg < thr
+    tie = neg == thr
+    need = w - below.sum(axis=-1, keepdims=True)
+    take = below | (tie & (xp.cumsum(tie, axis=-1) <= need))               # exactly w per row
+    return xp.nonzero(take)[-1].reshape(sim.shape[:-1] + (w,))              # positions, ascending
 
 
 def _recent_members(qn, kn, mu, w, key_mask):
