@@ -68,8 +68,12 @@ result equals ``full`` masked by :func:`induced_pattern`. Hard choices are
 constants for the backward (SortNet gets zero gradient).
 
 Padding and key_mask: masked or padded keys and values are zeroed before the
-mixing and excluded from the summaries; a sorted slot is a real key if some
-block it may draw from has a real key in that slot.
+mixing and excluded from the summaries. Sorted slot s of block i has the
+real-token mass mu[i,s] = sum_j P[i,j] m[j,s] (m = 1 for a real, unmasked key);
+its logit gets the bias log mu[i,s] (and mu = 0 means masked). So padding that
+is mixed in softly gets proportionally less weight, and with a hard P the
+result is exactly dense attention over the chosen real keys. Backward:
+dmu = sum_r dS[r, s] / mu, dP += dmu m^T.
 
 Backward (all by hand). Local attention: :func:`effattn.nn.sparse.attend_backward`.
 Mixing: dP = dK_s K_blocks^T + dV_s V_blocks^T, dK_blocks += P^T dK_s (same for V).
@@ -87,7 +91,7 @@ Then dR = dlog_alpha / tau, and the MLP and the sum pooling back to the keys.
 Cost (non-causal): O(N b d) for the block-local attention, O(N_B^2 b d) =
 O(N N_B d) for the mixing, O(n_iters N_B^2) for the balancing. With b fixed
 the mixing is O(N^2 d / b); :func:`default_block` therefore picks
-b ~ sqrt(N) (a power of two), so N_B ~ sqrt(N) and everything is O(N^1.5 d)
+b = sqrt(N / 2), so N_B ~ sqrt(2 N) and everything is O(N^1.5 d)
 time and O(N sqrt(N)) memory (the survey quotes the memory as O(B^2 + N_B^2)
 per block). No N x N array is allocated.
 
@@ -119,12 +123,16 @@ def draw_gumbel(rng, shape):
 
 
 def default_block(n):
-    """The default block size for length n: the power of two nearest sqrt(n), at least 2.
+    """The default block size for length n: b = round(sqrt(n / 2)), at least 2.
 
-    Balances the two costs N b d (local attention) and N_B^2 b d = N^2 d / b
-    (mixing) at b ~ sqrt(N). Smaller than n for n >= 5 so tests exercise padding."""
+    Forward + backward cost ~ 6 N d (2 b + N_B): six (N x 2b x d) matmuls of the
+    block-local attention and six (N x N_B x d) of the mixing P K_blocks, P V_blocks.
+    With N_B = N / b this is minimal at b = sqrt(N / 2), where the total is
+    O(N^1.5 d): the mixing makes sub-N^1.5 growth impossible at the optimum (a
+    fixed b gives O(N^2 d / b); b ~ N^0.3 gives a measured ~N^1.3 only by being
+    slower at every N up to 16K). Smaller than n for n >= 5 (padding is exercised)."""
     n = check_int("n", n)
-    return max(2, 2 ** int(round(math.log2(math.sqrt(n)))))
+    return max(2, int(round(math.sqrt(n / 2))))
 
 
 # --------------------------------------------------------------------------- Sinkhorn
@@ -228,6 +236,8 @@ class SinkhornCache2(NamedTuple):
     kz: object           # (..., N_B, b*d) masked key blocks (flattened)
     vz: object           # (..., N_B, b*dv)
     mk: object           # (..., N_B, b, 1) float: real, unmasked key
+    realf: object        # (..., N_B, b) the same, 2-d per block
+    mass: object         # (..., N_B, b) real-token mass P @ realf of each sorted slot
     s_in: object         # (..., N_B, d) SortNet input (summaries; causal: shifted)
     z: object            # (..., N_B, d_h) SortNet pre-activation
     h: object            # (..., N_B, d_h) ReLU(z)
@@ -317,7 +327,6 @@ def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_it
         la = xp.where(support, la * (1.0 / tau), NEG_INF).astype(q.dtype, copy=False)
         logp, sink = sinkhorn_forward(la, n_iters, causal=causal)        # (..., N_B, N_B)
         p = xp.exp(logp)
-        slot_from = xp.broadcast_to(support, lead + (nb, nb))
     else:
         if perm is None:                                                 # hard: argmax of balanced P
             la = r if gumbel is None else r + gumbel
@@ -338,14 +347,16 @@ def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_it
         if sortcut is None:                                              # own block excluded (no duplicate)
             onehot = onehot & (choice[..., :, None] != xp.arange(nb)[:, None])
         p = onehot.astype(q.dtype)
-        slot_from = onehot
 
     # ---- sorted blocks: K_s = P K_blocks ----------------------------------------
     kzf = kz.reshape(lead + (nb, b * d))
     vzf = vz.reshape(lead + (nb, b * dv))
     ks = (p @ kzf).reshape(lead + (nb, b, d))                            # (..., N_B, N_B) @ (..., N_B, b d)
     vs = (p @ vzf).reshape(lead + (nb, b, dv))
-    slot_ok = (slot_from.astype(q.dtype) @ real.astype(q.dtype)) > 0     # (..., N_B, b): sorted slot is a real key
+    realf = real.astype(q.dtype)
+    mass = p @ realf                                                     # (..., N_B, b): real-token mass of a sorted slot
+    slot_ok = mass > 0
+    slot_bias = xp.log(xp.where(slot_ok, mass, 1.0))                     # log mass: padding drawn softly is down-weighted
     q_real = pos < n                                                     # (N_B, b)
 
     if sortcut is None:
@@ -354,15 +365,17 @@ def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_it
         allowed = xp.concatenate([sorted_ok, xp.broadcast_to(local, lead + (nb, b, b))], axis=-1)
         kcat = xp.concatenate([ks, kb], axis=-2)                         # (..., N_B, 2b, d)
         vcat = xp.concatenate([vs, vb], axis=-2)
-        out, _, acache = attend_forward(qb, kcat, vcat, allowed, scale)  # one softmax over 2b keys
+        bias = xp.concatenate([slot_bias, xp.zeros_like(slot_bias)], axis=-1)[..., :, None, :]   # (..., N_B, 1, 2b)
+        out, _, acache = attend_forward(qb, kcat, vcat, allowed, scale, bias=bias)  # one softmax over 2b keys
     else:
         nk = sortcut
         kc = ks[..., :nk, :, :].reshape(lead + (1, nk * b, d))           # first n_k sorted blocks
         vc = vs[..., :nk, :, :].reshape(lead + (1, nk * b, dv))
         allowed = q_real.reshape(npad)[:, None] & slot_ok[..., :nk, :].reshape(lead + (1, 1, nk * b))
-        out, _, acache = attend_forward(qb.reshape(lead + (1, npad, d)), kc, vc, allowed, scale)
+        bias = slot_bias[..., :nk, :].reshape(lead + (1, 1, nk * b))
+        out, _, acache = attend_forward(qb.reshape(lead + (1, npad, d)), kc, vc, allowed, scale, bias=bias)
     out = out.reshape(lead + (npad, dv))[..., :n, :]
-    cache = SinkhornCache2(acache, sink, p, kzf, vzf, mk, s_in, z, h, (W1, b1, W2, b2), n, b, nb, tau,
+    cache = SinkhornCache2(acache, sink, p, kzf, vzf, mk, realf, mass, s_in, z, h, (W1, b1, W2, b2), n, b, nb, tau,
                            causal, sink is not None, sortcut, lead)
     return out, cache
 
@@ -382,6 +395,7 @@ def backward(dout, cache):
         dqb = g["q"]                                                     # (..., N_B, b, d)
         dks, dkb = g["k"][..., :b, :], g["k"][..., b:, :]
         dvs, dvb = g["v"][..., :b, :], g["v"][..., b:, :]
+        dbias = g["bias"][..., :b].sum(axis=-2)                          # (..., N_B, b) sorted-slot log-mass
     else:
         nk = c.sortcut
         g = attend_backward(dout_p.reshape(lead + (1, npad, dv)), c.attend)
@@ -392,6 +406,8 @@ def backward(dout, cache):
         dvs[..., :nk, :, :] = g["v"].reshape(lead + (nk, b, dv))
         dkb = 0.0
         dvb = 0.0
+        dbias = xp.zeros(lead + (nb, b), dtype=dout.dtype)
+        dbias[..., :nk, :] = g["bias"].sum(axis=-2).reshape(lead + (nk, b))
     dksf = dks.reshape(lead + (nb, b * d))
     dvsf = dvs.reshape(lead + (nb, b * dv))
     pt = c.p.swapaxes(-1, -2)
@@ -403,6 +419,8 @@ def backward(dout, cache):
     db2 = xp.zeros_like(b2)
     if c.soft:
         dp = dksf @ c.kz.swapaxes(-1, -2) + dvsf @ c.vz.swapaxes(-1, -2)  # dP = dK_s K^T + dV_s V^T (..., N_B, N_B)
+        dmass = xp.where(c.mass > 0, dbias / xp.where(c.mass > 0, c.mass, 1.0), 0.0)   # bias = log(mass)
+        dp += dmass @ c.realf.swapaxes(-1, -2)                          # mass = P real: (..., N_B, b) @ (..., b, N_B)
         dla = sinkhorn_backward(dp * c.p, c.sink)                         # d log P = P * dP
         dr = dla * (1.0 / c.tau)                                          # log_alpha = (R + eps) / tau
         hd = c.h.shape[-1]

@@ -322,7 +322,7 @@ def _figures(out_dir, rng):
     titles = ["dense synth., random init", "random synth., random init", "vanilla softmax(QK^T), random q, k",
               f"dense synth., after {steps} steps (shift task)", f"random synth., after {steps} steps (shift task)"]
     fig = viz.plot_patterns([to_numpy(m) for m in mats], titles, suptitle="Synthesizer attention maps", ncols=3, weights=True)
-    return [viz.save(fig, os.path.join(out_dir, "synthesizer_maps.png"))]
+    return [viz.save(fig, os.path.join(out_dir, "synthesizer_dense_maps.png"))]
 
 
 def forward_pair(kind, x, params, rng, v=None):
