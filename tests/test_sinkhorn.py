@@ -257,3 +257,17 @@ def test_bad_config_raises():
         SPEC.forward(q, k[..., :-1, :], v[..., :-1, :], **params, **config)   # cross-attention unsupported
     with pytest.raises(ValueError, match="log_alpha"):
         sk.sinkhorn_forward(np.zeros((3, 4)), 2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_inside_multi_head_attention_at_shorter_lengths(causal):
+    """Params are made once for max_len; W2 must cover the N_B of every shorter length."""
+    from effattn.nn.modules import MultiHeadAttention
+
+    rng = np.random.default_rng(11)
+    mha = MultiHeadAttention(8, 2, rng, attention="sinkhorn", causal=causal, max_len=60)
+    for n in range(1, 61, 7):
+        x = rng.standard_normal((1, n, 8))
+        y = mha.forward(x)
+        dx, _ = mha.backward(np.ones_like(y))
+        assert y.shape == x.shape and np.isfinite(dx).all()

@@ -159,3 +159,16 @@ def test_key_mask_zeroes_columns():
         _, cache = spec.forward(q, k, v, **params, key_mask=km)
         W = spec.weights(cache)
         assert np.all(W[np.broadcast_to(~km[..., None, :], W.shape)] == 0)
+
+
+@pytest.mark.parametrize("name", ["synthesizer_dense", "synthesizer_random"])
+def test_inside_multi_head_attention_at_shorter_lengths(name):
+    from effattn.nn.modules import MultiHeadAttention
+
+    rng = np.random.default_rng(12)
+    mha = MultiHeadAttention(8, 2, rng, attention=name, causal=True, max_len=20)
+    for n in (20, 13, 1):
+        x = rng.standard_normal((2, n, 8))
+        y = mha.forward(x)
+        dx, _ = mha.backward(np.ones_like(y))
+        assert y.shape == x.shape and np.isfinite(dx).all()

@@ -493,15 +493,18 @@ def induced_pattern(cache):
 
 def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     """Default config for length n: b = :func:`default_block`, 8 Sinkhorn iterations,
-    tau = 0.75, Gumbel noise of shape (heads, N_B, N_B); SortNet with d_h = d."""
+    tau = 0.75, Gumbel noise of shape (heads, N_B, N_B); SortNet with d_h = d and
+    W2 with as many columns as any length <= n needs (models reuse the params for
+    shorter inputs; the config is re-made per length)."""
     b = default_block(n)
     nb = -(-n // b)
+    nb_max = max(-(-m // default_block(m)) for m in range(1, n + 1))   # W2 serves every length <= n
     dh = max(d, 2)
     params = {
         "W1": asarray(rng.standard_normal((d, dh)) * d ** -0.5, dtype=dtype),
         "b1": asarray(rng.standard_normal(dh) * 0.1, dtype=dtype),
-        "W2": asarray(rng.standard_normal((dh, nb)) * dh ** -0.5, dtype=dtype),
-        "b2": asarray(rng.standard_normal(nb) * 0.1, dtype=dtype),
+        "W2": asarray(rng.standard_normal((dh, nb_max)) * dh ** -0.5, dtype=dtype),
+        "b2": asarray(rng.standard_normal(nb_max) * 0.1, dtype=dtype),
     }
     config = {"block": b, "n_iters": 8, "tau": 0.75, "gumbel": asarray(draw_gumbel(rng, (heads, nb, nb)), dtype=dtype)}
     return params, config
@@ -563,7 +566,7 @@ MECHANISM = register(Mechanism(
     backward=backward,
     weights=weights,
     setup=setup,
-    sizes=("block", "n_iters"),
+    sizes=("block", "n_iters", "sortcut"),
     figures=_figures,
     summary="SortNet + Sinkhorn balancing softly permutes blocks; each block attends to its own and a sorted block.",
     extra={"induced_pattern": induced_pattern},

@@ -350,6 +350,7 @@ MECHANISM_DENSE = register(Mechanism(
     setup=setup_dense,
     figures=_figures,
     subquadratic=False,
+    sizes=("factorized",),
     summary="Attention logits predicted from each token alone by a 2-layer MLP (q plays X): softmax(MLP(q)) v.",
 ))
 
@@ -369,5 +370,6 @@ MECHANISM_RANDOM = register(Mechanism(
     weights=weights,
     setup=setup_random,
     subquadratic=False,
+    sizes=("factorized",),
     summary="A learned, input-independent (N_max x N_max) logit table per head: softmax(R) v.",
 ))
