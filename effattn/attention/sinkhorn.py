@@ -92,14 +92,21 @@ Cost (non-causal): O(N b d) for the block-local attention, O(N_B^2 b d) =
 O(N N_B d) for the mixing, O(n_iters N_B^2) for the balancing. With b fixed
 the mixing is O(N^2 d / b); :func:`default_block` therefore picks
 b = sqrt(N / 2), so N_B ~ sqrt(2 N) and everything is O(N^1.5 d)
-time and O(N sqrt(N)) memory (the survey quotes the memory as O(B^2 + N_B^2)
-per block). No N x N array is allocated.
+time and O(N sqrt(N)) memory (the survey's table quotes O(B^2): the
+per-block score matrix, with the mixing not counted). No N x N array is allocated.
 
 Conventions next to the known implementations: lucidrains'
-``sinkhorn-transformer`` sorts buckets with a SortNet on the (summed) bucket
-keys and concatenates the sorted and the local bucket in one softmax, as here;
-it counts ``bucket_size`` in tokens, as our ``block``. Its causal variant uses
-the cumulative mean of the buckets; here we use the previous block's summary.
+``sinkhorn-transformer`` counts ``bucket_size`` in tokens, as our ``block``;
+concatenates the reordered and the local bucket in one softmax, as here; and
+its ``n_sortcut`` gives every query the first n sorted buckets, as our
+``sortcut``. Its default sort net (``AttentionSortNet``) differs from the
+paper: R_ij = ReLU(mean(q bucket i) . mean(k bucket j) / sqrt(d)); its
+``SimpleSortNet`` (one linear layer + ReLU on summed q and k buckets) is
+closer to the paper's MLP used here. Its causal variant uses cumulative means,
+the first token of each bucket, a differentiable top-k instead of Sinkhorn
+balancing, and learned null keys for the first bucket; here block 0 simply
+has no sorted part. Defaults there: temperature 0.75, 5-8 iterations (ours:
+0.75, 8).
 """
 from __future__ import annotations
 
@@ -108,7 +115,7 @@ from typing import NamedTuple
 
 from ..backend import asarray, get_namespace
 from ..checks import check_bool, check_float_array, check_int, check_param, check_positive_float, check_qkv
-from ..nn.sparse import attend_backward, attend_forward, group_mask, pad_axis, round_up
+from ..nn.sparse import attend_backward, attend_forward, group_mask, pad_axis
 from ..registry import Mechanism, register
 
 NEG_INF = float("-inf")

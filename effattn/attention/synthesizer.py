@@ -67,7 +67,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import asarray, get_namespace
-from ..checks import check_bool, check_causal, check_int, check_param, check_qkv
+from ..checks import check_bool, check_int, check_param, check_qkv
 from ..nn.functional import softmax_backward, softmax_forward
 from ..registry import Mechanism, register
 from .full import combine_masks
