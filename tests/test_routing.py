@@ -150,6 +150,17 @@ def test_gradients_of_other_options(options):
     assert max(errors.values()) < 1e-6, errors
 
 
+def test_init_centroids_picks_distinct_data_rows():
+    rng = np.random.default_rng(7)
+    x = ln(rng.standard_normal((2, 3, 20, 4)))
+    mu = RT.init_centroids(np.random.default_rng(0), x, 6)
+    rows = x.reshape(-1, 4)
+    hits = [np.flatnonzero((rows == m).all(-1)) for m in mu]
+    assert all(len(h) == 1 for h in hits) and len({int(h[0]) for h in hits}) == 6
+    with pytest.raises(ValueError, match="c must"):
+        RT.init_centroids(rng, x, 500)
+
+
 def test_bad_arguments():
     rng = np.random.default_rng(6)
     q, k, v, mu = make(rng)

@@ -84,6 +84,17 @@ def draw_centroids(rng, c, d, heads=None):
     return mu / (mu * mu).sum(axis=-1, keepdims=True) ** 0.5
 
 
+def init_centroids(rng, x_normed, c):
+    """Centroids initialised from the data: c distinct rows of ``x_normed`` (..., N, d), drawn by
+    ``rng`` (a numpy Generator) — random unit vectors (:func:`draw_centroids`) can start far from
+    every token and never win a member ("dead" clusters). Returns (c, d)."""
+    c = check_int("c", c)
+    rows = x_normed.reshape(-1, x_normed.shape[-1])
+    if c > rows.shape[0]:
+        raise ValueError(f"c must be at most the number of rows {rows.shape[0]}, got {c}")
+    return rows[rng.choice(rows.shape[0], size=c, replace=False)].copy()
+
+
 def normalise(x, eps=1e-5):
     """LayerNorm without scale or bias (the paper's routing normalisation)."""
     return layer_norm_forward(x, None, None, eps)[0]

@@ -1,0 +1,36 @@
+# %% [markdown]
+# # 03 · Learnable patterns: Reformer, Routing Transformer, Sinkhorn, Synthesizer
+#
+# *Efficient Transformers: A Survey* — Tay, Dehghani, Bahri, Metzler ([arXiv 2009.06732](https://arxiv.org/abs/2009.06732)),
+# Section 3 ("learnable patterns"), with the papers
+#
+# * **Reformer** — Kitaev, Kaiser, Levskaya, 2020 ([arXiv 2001.04451](https://arxiv.org/abs/2001.04451)): locality-sensitive
+#   hashing, sort by bucket, attend within chunks — O(N log N).
+# * **Routing Transformer** — Roy, Saffar, Vaswani, Grangier, 2021 ([arXiv 2003.05997](https://arxiv.org/abs/2003.05997)):
+#   online k-means shared by queries and keys, attend within clusters — O(N √N).
+# * **Sinkhorn** and **Synthesizer** (later parts of this notebook, where registered).
+#
+# **Intuition.** Fixed patterns (notebook 01) decide *in advance* which keys a query may see: a window, a stride, a block.
+# Softmax attention, however, is dominated by the few keys that are *most similar* to the query, wherever they are. A
+# learnable pattern groups tokens by content — by a hash of their direction, or by their nearest k-means centroid —
+# and lets a query attend only inside its group. The pattern is different for every input, and cheap to compute:
+# a sort (Reformer) or a comparison with √N centroids (Routing).
+#
+# Discrete choices (buckets, clusters) are constants for the backward pass; given them, both kernels here are
+# **exact**: they equal dense attention masked by the induced pattern, which the cells below check.
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+import effattn
+from effattn.attention import reformer as RF
+from effattn.attention import routing as RT
+from effattn.gradcheck import check_gradients
+from effattn.viz import plot_pattern, plot_patterns
+
+for name in ("reformer", "routing"):
+    s = effattn.get(name)
+    print(f"{s.name:9s} {s.title:42s} {s.citation:22s} {s.complexity:14s} causal={s.causal} exact={s.exact}")
