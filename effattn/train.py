@@ -331,9 +331,29 @@ def _norm(v):
 # --------------------------------------------------------------------------- command
 def run_train(args) -> dict:
     """Run ``train`` from parsed arguments; returns the result dict (the CLI prints it as one JSON line)."""
+    return _run(settings_from_args(args), progress=True)["result"]
+
+
+def train_model(task="copy", attention="full", *, progress=False, **options):
+    """Train from Python (notebooks): the options of the command line as keywords
+    (``steps=200, d_model=32, attn={"w": 8}``). Returns a dict with the JSON ``result``
+    and the ``task``, ``model`` and ``history`` (per-step loss/accuracy, evaluations)."""
+    ap = argparse.ArgumentParser()
+    add_train_arguments(ap)
+    args = ap.parse_args(["--task", task, "--attention", attention])
+    attn = options.pop("attn", {})
+    for key, value in options.items():
+        if not hasattr(args, key):
+            raise ValueError(f"unknown option {key!r}; options: {', '.join(sorted(vars(args)))}")
+        setattr(args, key, value)
     s = settings_from_args(args)
-    if args.backend:
-        backend.set_backend(args.backend)
+    s["attn"] = dict(attn)
+    return _run(s, progress=progress)
+
+
+def _run(s, progress=True):
+    if s["backend"] != backend.get_backend():
+        backend.set_backend(s["backend"])
     if s["backend"] == "numpy":
         set_blas_threads(s["threads"])
     t0 = time.time()
@@ -342,14 +362,13 @@ def run_train(args) -> dict:
     start = 0
     if s["resume"]:
         start = load_checkpoint(s["resume"], model, opt, rng, s)
-    progress = True
     h = fit(model, task, opt, sched, rng, steps=s["steps"], start=start, batch_size=s["batch_size"],
             clip=s["clip"], eval_every=s["eval_every"], progress=progress,
             desc=f"{s['task']}/{s['attention']}")
     loss, acc = evaluate(model, task)
     if s["save"]:
         save_checkpoint(s["save"], model, opt, s["steps"], rng, s)
-    return {
+    result = {
         "task": s["task"], "attention": s["attention"], "mode": task.mode, "steps": s["steps"],
         "loss": round(loss, 6), "accuracy": round(acc, 6), "metric": task.metric,
         "train_loss": round(float(np.mean(h["loss"][-20:])), 6) if h["loss"] else None,
@@ -358,6 +377,7 @@ def run_train(args) -> dict:
         "backend": backend.get_backend(), "resumed_from": start if s["resume"] else None,
         "seconds": round(time.time() - t0, 2),
     }
+    return {"result": result, "task": task, "model": model, "history": h, "settings": s}
 
 
 def train_main(args) -> int:
