@@ -54,7 +54,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from ..backend import get_namespace
+from ..backend import get_namespace, to_numpy
 from ..backend import xp as active_xp
 from ..checks import check_bool, check_int, check_positive_float, check_qkv
 from ..nn.union import Part, union_backward, union_forward, union_weights
@@ -192,8 +192,6 @@ def plot_grid(shape=(6, 8), query=(3, 5)):
     """Figure: the keys of one query q drawn on the grid, for row, column and both,
     bidirectional (top) and causal in raster order (bottom)."""
     import matplotlib.pyplot as plt
-    import numpy as np
-
     r, c = shape
     n = r * c
     qi = query[0] * c + query[1]
@@ -202,7 +200,7 @@ def plot_grid(shape=(6, 8), query=(3, 5)):
                                             ("both", "both: row ∪ column"))):
         for rowi, causal in enumerate((False, True)):
             ax = axes[rowi, col]
-            allowed = axial_pattern(n, shape, ax_name, causal=causal, xp=np)[qi].reshape(shape).astype(float)
+            allowed = to_numpy(axial_pattern(n, shape, ax_name, causal=causal)[qi]).reshape(shape).astype(float)
             allowed[query] = 0.5
             ax.imshow(allowed, cmap="Blues", vmin=0, vmax=1.2)
             ax.set_xticks(range(c))
@@ -218,12 +216,10 @@ def plot_grid(shape=(6, 8), query=(3, 5)):
 
 def plot_masks(shape=(6, 8), causal=True):
     """Figure: row, column and both as N x N masks (block lines every row of the grid)."""
-    import numpy as np
-
     from .. import viz
 
     n = math.prod(shape)
-    mats = [axial_pattern(n, shape, a, causal=causal, xp=np) for a in ("row", "column", "both")]
+    mats = [axial_pattern(n, shape, a, causal=causal) for a in ("row", "column", "both")]
     mode = "causal" if causal else "bidirectional"
     return viz.plot_patterns(mats, [f"row ({mode})", f"column ({mode})", f"both ({mode})"],
                              suptitle=f"Axial attention as N x N masks (grid {shape[0]} x {shape[1]}, N={n})",

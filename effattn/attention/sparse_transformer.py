@@ -380,15 +380,13 @@ def fixed_setup(rng, *, n, d, heads, causal=False, dtype="float64"):
 # --------------------------------------------------------------------------- figures
 def plot_heads(kind, n=64, l=8, c=2, causal=True):
     """Figure: the masks of head 0 (A(1)), head 1 (A(2)) and the merged pattern (combine="heads")."""
-    import numpy as np
-
     from .. import viz
 
     if kind == "strided":
-        mats = [strided_pattern(n, l, causal=causal, part=p, xp=np) for p in (1, 2, None)]
+        mats = [strided_pattern(n, l, causal=causal, part=p) for p in (1, 2, None)]
         sizes = f"l={l}"
     else:
-        mats = [fixed_pattern(n, l, c, causal=causal, part=p, xp=np) for p in (1, 2, None)]
+        mats = [fixed_pattern(n, l, c, causal=causal, part=p) for p in (1, 2, None)]
         sizes = f"l={l}, c={c}"
     titles = ["head 0 (even heads): A(1)", "head 1 (odd heads): A(2)", "merged: A(1) ∪ A(2)"]
     mode = "causal" if causal else "bidirectional"
@@ -398,12 +396,10 @@ def plot_heads(kind, n=64, l=8, c=2, causal=True):
 def plot_receptive_field(n=64, stride=8):
     """Figure: layer 1 = A(1) (local), layer 2 = A(2) (strided), and what a query reaches after
     both: every earlier key."""
-    import numpy as np
-
     from .. import viz
 
-    a1 = strided_pattern(n, stride, causal=True, part=1, xp=np)
-    a2 = strided_pattern(n, stride, causal=True, part=2, xp=np)
+    a1 = strided_pattern(n, stride, causal=True, part=1)
+    a2 = strided_pattern(n, stride, causal=True, part=2)
     two = receptive_field(a1, a2)
     return viz.plot_patterns([a1, a2, two], ["layer 1: A(1) local", "layer 2 alone: A(2) strided",
                                              "receptive field after A(1) then A(2)"],
