@@ -229,7 +229,8 @@ def fit(model, task, opt, sched, rng, *, steps, start=0, batch_size=32, clip=1.0
     h = history if history is not None else {"step": [], "loss": [], "acc": [], "eval_step": [], "eval_loss": [],
                                              "eval_acc": []}
     grads_of = dict  # readability: the gradient dict the optimizer needs
-    bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress or None, leave=False, dynamic_ncols=True)
+    hide = not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=hide, leave=False, dynamic_ncols=True)
     run_loss = run_acc = None
     for t in range(start + 1, steps + 1):
         batch = to_device(task.batch(rng, batch_size))
@@ -305,9 +306,10 @@ def load_checkpoint(path, model, opt, rng, settings):
         raise ValueError(f"checkpoint {path!r} was made with other settings: " + "; ".join(diff))
     params = {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
     state = {k[len("opt/"):]: v for k, v in data.items() if k.startswith("opt/")}
-    bad = [k for k, v in params.items() if v.dtype.kind != "f" or not np.isfinite(v).all()]
+    bad = [k for k, v in {**params, **state}.items()
+           if k != "t" and (v.dtype.kind != "f" or not np.isfinite(v).all())]
     if bad:
-        raise ValueError(f"checkpoint {path!r} is corrupt: non-finite or non-float parameters {bad[:5]}")
+        raise ValueError(f"checkpoint {path!r} is corrupt: non-finite or non-float arrays {bad[:5]}")
     try:
         model.check_parameters(params)
         opt.check_state_dict(state)
