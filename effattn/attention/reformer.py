@@ -155,11 +155,16 @@ def hash_buckets(x, rotations, block=None):
     n = x.shape[-2]
     rounds, half = rotations.shape[-3], rotations.shape[-1]
     rot = rotations.astype(x.dtype, copy=False)
-    block = block or max(64, (1 << 20) // max(1, rounds * 2 * half))
+    block = block or max(64, (1 << 21) // max(1, rounds * half))
     parts = []
     for s in range(0, n, block):
         xr = x[..., None, s:s + block, :] @ rot                 # (..., 1, n_b, d) @ (R, d, b/2) -> (..., R, n_b, b/2)
-        parts.append(xp.concatenate([xr, -xr], axis=-1).argmax(axis=-1))   # (..., R, n_b)
+        # argmax([xR; -xR]) without building it: the largest projection, or the most negative one
+        # (+ b/2); a tie between the two halves goes to the first half, as argmax would
+        hi, lo = xr.argmax(axis=-1), xr.argmin(axis=-1)         # (..., R, n_b)
+        top = xp.take_along_axis(xr, hi[..., None], axis=-1)[..., 0]
+        bottom = xp.take_along_axis(xr, lo[..., None], axis=-1)[..., 0]
+        parts.append(xp.where(top >= -bottom, hi, lo + half))
     return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=-1)
 
 
