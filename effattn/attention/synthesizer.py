@@ -231,9 +231,13 @@ def backward(dout, cache):
         grads["q"] = dfa @ c.params["Wa"].T + dfb @ c.params["Wb"].T
     elif c.kind == "random":
         R = c.params["R"]
-        dR = xp.zeros(R.shape, dtype=R.dtype)
-        dR[..., :c.n, :c.m] = _sum_to(db, R.shape[:-2] + (c.n, c.m))
-        grads["R"] = dR
+        g = _sum_to(db, R.shape[:-2] + (c.n, c.m))
+        if tuple(g.shape) == tuple(R.shape):                            # N = M = L: no padding copy
+            grads["R"] = g
+        else:
+            dR = xp.zeros(R.shape, dtype=R.dtype)
+            dR[..., :c.n, :c.m] = g
+            grads["R"] = dR
     else:
         R1, R2 = c.params["R1"], c.params["R2"]
         r1, r2 = c.saved
