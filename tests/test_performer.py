@@ -124,3 +124,12 @@ def test_causal_key_stabiliser_does_not_leak_and_stays_finite():
     assert np.isfinite(out2).all()
     out3, _ = performer.forward(q, k * 1e3, v, features=w)   # non-causal: global key max keeps it finite
     assert np.isfinite(out3).all()
+
+
+@pytest.mark.parametrize("kernel", performer.KERNELS)
+def test_features_are_unbiased_estimators_of_the_softmax_kernel(kernel):
+    rng = np.random.default_rng(6)
+    x, y = rng.standard_normal(4) * 0.5, rng.standard_normal(4) * 0.5
+    w = performer.draw_features(rng, 200000, 4, orthogonal=False)
+    est = performer.random_features(x[None], w, kernel) @ performer.random_features(y[None], w, kernel).T
+    assert abs(est[0, 0] / math.exp(x @ y) - 1) < 0.02

@@ -167,10 +167,15 @@ def weights(cache):
 
 
 def draw_projection(rng, k, n_max, *, heads=None):
-    """Initial E or F: N(0, 1/k) entries (lucidrains' linformer: uniform(-1/sqrt(k), 1/sqrt(k));
-    fairseq: xavier). (k, n_max), or (heads, k, n_max). Host NumPy array."""
+    """Initial E or F: N(0, 1/n_max) entries, (k, n_max) or (heads, k, n_max), a host NumPy array.
+
+    The scale matters: E K sums n_max rows, so entries of size 1/sqrt(n_max) keep the projected
+    keys O(1) at any length (fairseq's Linformer uses xavier_uniform, std ~ sqrt(2 / (n_max + k)),
+    the same order). lucidrains' ``linformer`` uses uniform(-1/sqrt(k), 1/sqrt(k)), whose projected
+    keys grow like sqrt(n_max / k): at N = 65536 the softmax over the k slots is then one-hot and
+    float32 underflows to denormals (slow)."""
     shape = (k, n_max) if heads is None else (heads, k, n_max)
-    return rng.standard_normal(shape) * k ** -0.5
+    return rng.standard_normal(shape) * n_max ** -0.5
 
 
 def default_k(n):

@@ -143,6 +143,22 @@ def _gram_schmidt(block):
         block[i] /= float((block[i] @ block[i]) ** 0.5)
 
 
+def random_features(x, features, kernel="positive"):
+    """The paper's feature map phi(x) *without* any stabiliser, so that
+    E_w[phi(x) . phi(y)] = exp(x . y) exactly (for estimator studies; may overflow for large x).
+    x (..., N, d) already scaled, features (m, d) -> (..., N, m) or (..., N, 2m)."""
+    check_choice("kernel", kernel, KERNELS)
+    xp = get_namespace(x, features)
+    m = features.shape[-2]
+    u = x @ features.swapaxes(-1, -2)                          # (..., N, m)
+    sq = 0.5 * (x * x).sum(axis=-1, keepdims=True)             # (..., N, 1)
+    if kernel == "positive":
+        return xp.exp(u - sq) / math.sqrt(m)
+    if kernel == "hyperbolic":
+        return xp.exp(-sq) / math.sqrt(2 * m) * xp.concatenate([xp.exp(u), xp.exp(-u)], axis=-1)
+    return xp.exp(sq) / math.sqrt(m) * xp.concatenate([xp.sin(u), xp.cos(u)], axis=-1)
+
+
 def _features_forward(x, w, kernel, *, is_query, key_mask=None, causal=False):
     """phi(x) of the chosen kernel with its stabiliser (see module docstring). x (..., N, d), w (.., m, d)."""
     xp = get_namespace(x, w)
