@@ -165,8 +165,9 @@ class Model(Module):
 class Encoder(Model):
     """Classifier: ids (B, N) [+ key_mask (B, N)] -> logits (B, C).
 
-    pool="mean": average of the final states over real tokens; pool="cls":
-    the state at position 0 (the caller puts a [CLS] token there).
+    pool="mean": average of the final states over real tokens; pool="cls" (BERT):
+    a learned [CLS] token (an extra embedding row, id ``vocab``) is put before
+    the sequence (one more position) and its final state is classified.
     """
 
     mode = "encoder"
@@ -174,14 +175,23 @@ class Encoder(Model):
     def __init__(self, vocab, n_classes, rng, *, pool="mean", **kw):
         super().__init__()
         self.pool = check_choice("pool", pool, ("mean", "cls"))
-        self.stack = Stack(vocab, rng, causal=False, cross=False, **kw)
+        self.vocab = check_int("vocab", vocab)
+        if pool == "cls":                    # one more token id and one more position for [CLS]
+            kw = {**kw, "max_len": kw.get("max_len", 128) + 1}
+        self.stack = Stack(vocab + (pool == "cls"), rng, causal=False, cross=False, **kw)
         self.head = Linear(self.stack.d_model, check_int("n_classes", n_classes), rng, dtype=kw.get("dtype", "float64"))
 
     def forward(self, ids, key_mask=None):
-        h = self.stack.forward(ids, key_mask=key_mask)       # (B, N, D)
-        xp = get_namespace(h)
+        xp = get_namespace(ids)
         if self.pool == "cls":
-            pooled = h[:, 0]                                 # (B, D)
+            if ids.size and int(ids.max()) >= self.vocab:
+                raise ValueError(f"ids must lie in [0, {self.vocab}), got a maximum of {int(ids.max())}")
+            ids = xp.concatenate([xp.full((ids.shape[0], 1), self.vocab, dtype=ids.dtype), ids], axis=1)  # (B, 1 + N)
+            if key_mask is not None:
+                key_mask = xp.concatenate([xp.ones((ids.shape[0], 1), dtype=bool), key_mask], axis=1)
+        h = self.stack.forward(ids, key_mask=key_mask)       # (B, N, D) (B, 1 + N, D) with [CLS]
+        if self.pool == "cls":
+            pooled = h[:, 0]                                 # (B, D): the [CLS] state
             w = None
         else:
             w = xp.ones(ids.shape, dtype=h.dtype) if key_mask is None else key_mask.astype(h.dtype)
