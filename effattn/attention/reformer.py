@@ -49,7 +49,7 @@ Design of the arguments (the kernel contract has q, k, v):
   its own and the previous chunk *of the same bucket* only; a token's window then
   depends on earlier tokens only, so incremental decoding gives the same
   outputs. The default is "sorted" when ``causal=False`` and "bucket" when
-  ``causal=True``; pass ``chunking="sorted"`` to reproduce HF's decoder.
+  ``causal=True``; pass ``chunking="sorted"`` for the paper's (and HF's) causal chunking.
 
 Conventions next to the reference implementations:
 
@@ -65,7 +65,10 @@ Conventions next to the reference implementations:
   for comparison). ``dedupe=True`` subtracts log N_ij as in the paper; HF and trax's
   default omit it (``dedupe=False``), so a key seen in two rounds counts twice.
 * adjacency: ``chunks_before=1, chunks_after=0`` (HF ``lsh_num_chunks_before/after``).
-  HF/trax wrap around (chunk 0 sees the last chunk, across rounds in HF); we do not.
+  HF/trax wrap around (chunk 0 sees the last chunk, across rounds in HF); we do not,
+  so the first chunk of each round differs from HF. To compare with HF use
+  ``dedupe=False, chunking="sorted"`` and N a multiple of c (HF pads outside the layer);
+  this has not been run against HF here (no torch in this environment).
 * lengths: N is padded inside to a multiple of c with padding-bucket tokens.
 
 Shapes: q, k (..., N, d), v (..., N, dv); self-attention only (M = N).
