@@ -1,0 +1,110 @@
+# %% [markdown]
+# ## Cost: time and memory against N, next to full attention
+#
+# Forward + backward of one head ($B = H = 1$), float32, $d = 64$, at $N$ = 1024, 2048, 4096, with each mechanism's
+# default configuration from its `setup` (`local`: $b = 128$, `look_back = 1`; `image_local_1d`: $l_q = l_m = 128$;
+# `image_local_2d`: $8 \times 8$ query blocks, flange $(4, 4)$; `memory_compressed`: $k = 8$; the Sparse Transformer and
+# axial choose $\sqrt N$-sized strides and grids). Peak memory is what `tracemalloc` sees NumPy allocate during
+# forward + backward. The exponent is the slope of a least-squares line on log-log axes; compare it with the survey's
+# complexity. Time on a shared machine is noisy (one timed run per point, one BLAS thread, to keep the notebook quick
+# and fair: look at the trend and the ratios, and at the memory, which is deterministic).
+# `python -m effattn bench` runs the same measurement up to $N = 16384$.
+
+# %%
+import json
+import os
+import subprocess
+import sys
+
+from effattn.bench import fit_exponent
+
+ns = [1024, 2048, 4096]
+names_fp = ["full"] + [n_ for n_ in effattn.names() if effattn.get(n_).notebook == "01_fixed_patterns"
+                       and effattn.get(n_).kind == "kernel"]
+# Measured in a child process with one BLAS thread: on a busy shared machine, BLAS threads fighting for cores
+# slow the many small block products of the sparse mechanisms far more than full attention's one big product,
+# and the comparison would measure the scheduler instead of the algorithms.
+child = """
+import json, sys
+import effattn
+from effattn.bench import measure
+names, ns = json.loads(sys.argv[1])
+print(json.dumps({name: [measure(effattn.get(name), n, d=64, repeats=1) for n in ns] for name in names}))
+"""
+env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+result = subprocess.run([sys.executable, "-c", child, json.dumps([names_fp, ns])], env=env,
+                        capture_output=True, text=True, check=True)
+rows = json.loads(result.stdout)
+
+fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+for name, rs in rows.items():
+    style = dict(color="k", lw=2.2) if name == "full" else dict(lw=1.2)
+    axes[0].loglog(ns, [r["time_s"] for r in rs], "o-", ms=3, label=name, **style)
+    axes[1].loglog(ns, [r["peak_bytes"] / 2**20 for r in rs], "o-", ms=3, label=name, **style)
+axes[0].set_ylabel("forward + backward time (s)"); axes[1].set_ylabel("peak memory (MiB)")
+for ax in axes:
+    ax.set_xlabel("sequence length N"); ax.grid(True, which="both", alpha=0.3)
+axes[1].legend(fontsize=7)
+plt.tight_layout(); plt.show()
+
+summary = {}
+print(f"{'mechanism':18s} {'survey':>12s} {'time exp':>9s} {'mem exp':>8s}   at N={ns[-1]}: full/this time, memory")
+for name, rs in rows.items():
+    te = fit_exponent(ns, [r["time_s"] for r in rs])
+    me = fit_exponent(ns, [r["peak_bytes"] for r in rs])
+    tr = rows["full"][-1]["time_s"] / rs[-1]["time_s"]
+    mr = rows["full"][-1]["peak_bytes"] / rs[-1]["peak_bytes"]
+    summary[name] = (te, me, tr, mr)
+    print(f"{name:18s} {effattn.get(name).complexity:>12s} {te:9.2f} {me:8.2f}   {tr:8.1f}x {mr:8.1f}x")
+
+# %% [markdown]
+# The memory exponents are the honest check of the complexity column: `full` approaches 2 (its $N \times N$ matrices
+# dominate); the blockwise patterns (`local`, `image_local_1d`, `image_local_2d`) stay at 1 — their blocks have a fixed
+# size. At these sizes the $\sqrt N$ patterns (Sparse Transformer, axial) also measure close to 1: their $N\sqrt N$
+# score entries (counted exactly in their sections, growing as $N^{1.5}$) are still no larger than the $O(N d)$ inputs,
+# windows and gradients with $d = 64 = \sqrt{4096}$. Memory-compressed attention is quadratic with a constant $k$ times
+# smaller than full attention's; its exponent climbs towards 2 as $N/k$ outgrows $d$.
+
+# %%
+assert summary["full"][1] > 1.6
+for name in ("local", "image_local_1d", "image_local_2d"):
+    if name in summary:
+        assert summary[name][1] < 1.3, (name, summary[name])
+        assert summary[name][3] > 3, (name, summary[name])       # already several times less memory than full at 4096
+if "memory_compressed" in summary:
+    assert summary["memory_compressed"][3] > 2
+
+# %% [markdown]
+# ## Summary
+#
+# * **Fixed patterns** decide from positions alone which scores to compute. Because the pattern is known in advance it
+#   can be laid out as dense regular pieces — blocks, windows, strides, grid axes — and computed with batched matrix
+#   products, without ever building the $N \times N$ matrix. Each exact mechanism here equals full attention masked by
+#   its pattern, to rounding.
+# * **Blockwise local attention** (`local`) is the simplest: $O(N b)$ and exact, but information moves only one block
+#   per layer.
+# * **The Image Transformer** gives each *query block* a larger shared *memory block*: 1-D along the raster order,
+#   2-D as a rectangle with flanges above and to the sides — a better neighbourhood for images at the same cost.
+# * **Memory-compressed attention** keeps global reach by attending to $N/k$ learned summaries; it is an
+#   approximation, still quadratic, and the paper interleaves it with local layers.
+# * **Strided and axial patterns** (Sparse Transformer, axial attention, earlier in this notebook) reach every
+#   position in two hops at $O(N\sqrt N)$.
+# * The cost curves show what the complexity column promises: linear memory for the blockwise patterns, $N^{1.5}$ score
+#   entries for the factorized ones (hidden behind the $O(Nd)$ terms at these sizes), $N^2/k$ for compressed memory.
+#
+# ## Exercises
+#
+# 1. Set `look_back=0` in `local` and stack a few layers' patterns (`local_pattern` as boolean matrices, multiplied as in
+#    the receptive-field section): how many layers until the last query reaches position 0? Repeat with `look_back=1`.
+# 2. With `image_local_2d`, take `query_shape=(1, W)` and `memory_flange=(0, 0)` on an $H \times W$ image. Which 1-D
+#    mechanism do you get? Check it numerically against `image_local_1d` (the tests do this).
+# 3. For the same number of keys per query, compare what a 1-D memory ($l_m$) and a 2-D memory (flange $h_m, w_m$)
+#    cover on a $32 \times 32$ image: draw both with `draw_image_block`. Which one sees the pixel directly above the
+#    first query of a block?
+# 4. In `memory_compressed`, make the first $k - 1$ queries of a causal call see *something*: add a "null" key/value
+#    slot as lucidrains does (a learned $k_0$, $v_0$ always visible). Which equations and which gradients change?
+# 5. Replace `conv_v` (one weight per offset) by a full $(k, d_v, d_v)$ convolution in a copy of the module. Show that
+#    `out == weights(cache) @ v` can no longer hold for any single $N \times N$ matrix, and that it does again when
+#    $A_o = w_o A$ for a shared $A$ (fold $A$ into the output projection).
+# 6. Measure `local` with $b$ = 32, 64, 128, 256 at $N$ = 4096: where is the optimum on this machine, and why does a
+#    tiny $b$ lose even though it computes fewer scores?
