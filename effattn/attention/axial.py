@@ -37,6 +37,14 @@ separately normalised row and column outputs, not our single softmax over the
 union; run axis="row" and axis="column" and add the outputs to get it.
 Without padding support there, N must equal r c; here any N works.
 
+Receptive field: bidirectional row then column attention reaches every cell
+in two layers. Causal row then column does NOT reach the earlier cells above
+and to the right of the query (they are earlier in raster order, but neither
+the row prefix nor the column above leads to them); the paper's Axial
+Transformer closes that gap with an unmasked row attention over the rows
+above (its "outer decoder", output shifted down one row). That is a model
+arrangement built from these kernels, not a different kernel.
+
 Implementation: the rows (or columns) are groups of ``attend_forward``
 ((..., r, c, d) for rows, the grid transposed (..., c, r, d) for columns).
 "both" merges the two parts under one softmax through their log-sum-exps

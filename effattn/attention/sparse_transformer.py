@@ -101,9 +101,10 @@ COMBINE = ("merged", "heads", "layers")
 
 # --------------------------------------------------------------------------- sizes
 def default_stride(n):
-    """l = the power of two nearest sqrt(n) (in log scale), at least 1: N / l blocks of l."""
+    """l = the power of two nearest sqrt(n) in log scale (ties up): 2 ** floor(log2(n) / 2 + 1/2).
+    1024 -> 32, 2048 -> 64, 16384 -> 128, 47 -> 8, 5 -> 2."""
     n = check_int("n", n)
-    return max(1, 2 ** round(math.log2(math.sqrt(n))))
+    return 2 ** math.floor(math.log2(n) / 2 + 0.5)
 
 
 def default_summary(block):
