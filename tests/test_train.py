@@ -167,3 +167,22 @@ def test_tasks_are_deterministic_and_held_out_fixed():
 def test_default_training_targets(task, target):
     res = train.run_train(args("--task", task))
     assert res["accuracy"] >= target, res
+
+
+def test_command_line_and_train_model():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "effattn", "train", "--task", "reverse", "--seq-len", "6", *TINY],
+                         capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["task"] == "reverse" and res["steps"] == 3
+    bad = subprocess.run([sys.executable, "-m", "effattn", "train", "--task", "lm", "--attention", "linformer"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "cannot decode" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    r = train.train_model("listops", "full", steps=3, seq_len=16, d_model=16, layers=1, batch_size=4, eval_every=1)
+    assert len(r["history"]["loss"]) == 3 and r["history"]["eval_step"] == [1, 2]
+    assert r["model"].mode == "encoder" and r["task"].name == "listops"
+    with pytest.raises(ValueError, match="unknown option"):
+        train.train_model("copy", steps=1, nonsense=1)
