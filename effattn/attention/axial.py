@@ -31,11 +31,13 @@ those axes). ``shape=None`` picks a near-square grid c = ceil(sqrt N),
 r = ceil(N / c); when r c > N the tail of the last row is padding, masked
 (so the last row is shorter and the last columns one cell shorter).
 lucidrains' ``axial-attention`` (``AxialAttention(dim, num_dimensions=2,
-dim_index=...)``) takes the tensor already shaped (B, r, c, d) and sums the
-outputs of one attention per axis (``sum_axial_out=True``): that is a sum of
-separately normalised row and column outputs, not our single softmax over the
-union; run axis="row" and axis="column" and add the outputs to get it.
-Without padding support there, N must equal r c; here any N works.
+dim_index=..., sum_axial_out=True)``) takes the tensor already shaped
+(B, r, c, d) (so N must equal r c, no padding) and has no causal or padding
+mask; with ``sum_axial_out=True`` it SUMS the outputs of one attention per
+axis (each normalised on its own — not our single softmax over the union; add
+the outputs of axis="row" and axis="column" calls to get it), with
+``sum_axial_out=False`` it runs them one after the other (the paper's
+layered use: axis="row" in one layer, axis="column" in the next).
 
 Receptive field: bidirectional row then column attention reaches every cell
 in two layers. Causal row then column does NOT reach the earlier cells above

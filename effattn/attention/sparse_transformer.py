@@ -39,15 +39,24 @@ Conventions, next to the well-known implementations:
   (``matrix_band_part(ctx=l - 1, 0)``). The only difference is j = i - l,
   which A(2) contains anyway, so the MERGED pattern is identical either way.
   A(2) is OpenAI's ``"strided"`` mask, ``(q - k) mod stride == 0 and q >= k``.
+* OpenAI's ``blocksparse_attention_impl(attn_mode="strided")`` computes
+  A(2) on the transposed sequence (``strided_transpose``: reshape to
+  (N / l, l) and swap the axes) — the column layout used here.
 * ``sparse_fixed``: ``block`` = l positions, ``summary`` = c positions (the
   paper's c; it writes {t, ..., l} with t = l - c, i.e. the last c residues).
-  DeepSpeed's ``FixedSparsityConfig`` counts the same things in blocks of
-  ``block`` tokens: ``num_local_blocks`` = l / block_size,
-  ``num_global_blocks`` = c / block_size, with global columns at the END of
-  each local window, as here; its unidirectional layout is causal at block
-  granularity, ours token by token (exactly j <= i).
-  OpenAI's blocksparse ``fixed`` layouts are the same idea with c counted in
-  blocks.
+  OpenAI's ``attn_mode="fixed"`` counts in blocks of ``blocksize`` tokens:
+  ``local_attn_ctx`` = l (tokens), ``vertsize`` = c / blocksize, the summary
+  blocks taken from the END of each window, and token-level causality; with
+  ``num_verts=1`` it is this pattern. DeepSpeed's ``FixedSparsityConfig``:
+  ``num_local_blocks`` = l / block, ``num_global_blocks`` = c / block, global
+  columns at the end of each local window as here; its "unidirectional"
+  layout is causal only at block granularity (the diagonal block is dense;
+  a causal mask is applied separately), ours token by token (exactly
+  j <= i); for a short last window it moves the global block inside it,
+  whereas here the residue rule is kept (a short last block may have no
+  summary cell). Not implemented: the paper's per-head choice of WHICH c
+  residues summarise a block (OpenAI ``num_verts`` > 1, DeepSpeed
+  ``num_different_global_patterns`` > 1).
 * The paper's three ways of using the two patterns, config ``combine``:
 
   - ``"merged"`` (default): one head attends to A(1) ∪ A(2) with one softmax;
