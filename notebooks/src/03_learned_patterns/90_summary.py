@@ -51,7 +51,7 @@ from effattn.bench import fit_exponent, measure
 ns = [512, 1024, 2048, 4096]
 cost = {}
 for name in ["full", "reformer", "routing"] + [n for n in ("sinkhorn",) if n in effattn.names()]:
-    cost[name] = [measure(effattn.get(name), n, d=64, repeats=1) for n in ns]
+    cost[name] = [measure(effattn.get(name), n, d=64, repeats=2) for n in ns]
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
 for name, rs in cost.items():
     te = fit_exponent(ns, [r["time_s"] for r in rs]); me = fit_exponent(ns, [r["peak_bytes"] for r in rs])
