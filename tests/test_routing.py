@@ -150,6 +150,20 @@ def test_gradients_of_other_options(options):
     assert max(errors.values()) < 1e-6, errors
 
 
+def test_padding_moves_no_centroid():
+    rng = np.random.default_rng(8)
+    q, k, _, mu = make(rng, n=12, c=3, per_head=False)
+    km = np.ones((2, 1, 12), bool)
+    km[:, :, 8:] = False
+    qn, kn = ln(q), ln(k)
+    a = RT.update_centroids(mu, qn, kn, key_mask=km)
+    qn2, kn2 = qn.copy(), kn.copy()
+    qn2[..., 8:, :] = 50.0
+    kn2[..., 8:, :] = -50.0
+    np.testing.assert_allclose(RT.update_centroids(mu, qn2, kn2, key_mask=km), a, atol=1e-12)
+    np.testing.assert_allclose(a, RT.update_centroids(mu, qn[..., :8, :], kn[..., :8, :]), atol=1e-12)
+
+
 def test_init_centroids_picks_distinct_data_rows():
     rng = np.random.default_rng(7)
     x = ln(rng.standard_normal((2, 3, 20, 4)))

@@ -111,7 +111,7 @@ def _mu(centroids, x):
     return mu
 
 
-def update_centroids(centroids, q_normed, k_normed, decay=0.999, reduce="mean"):
+def update_centroids(centroids, q_normed, k_normed, decay=0.999, reduce="mean", key_mask=None):
     """One online k-means step (no gradient): every centroid moves towards its members.
 
         mu <- decay mu + (1 - decay)/2 R(Q members) + (1 - decay)/2 R(K members)
@@ -119,7 +119,8 @@ def update_centroids(centroids, q_normed, k_normed, decay=0.999, reduce="mean"):
     R = mean over the rows (of every batch entry) whose nearest centroid is mu
     ("mean", default) or their sum ("sum", the paper's formula). A centroid with
     no member among the queries (keys) keeps that half of its old value.
-    centroids (c, d) or (H, c, d); q_normed, k_normed (..., [H,] N, d). Returns new centroids.
+    centroids (c, d) or (H, c, d); q_normed, k_normed (..., [H,] N, d); key_mask (..., N)
+    (True = real token): padding rows move no centroid. Returns new centroids.
     """
     check_choice("reduce", reduce, ("mean", "sum"))
     decay = float(decay)
@@ -131,6 +132,8 @@ def update_centroids(centroids, q_normed, k_normed, decay=0.999, reduce="mean"):
     for x in (q_normed, k_normed):
         a = assign(x, centroids)                                             # (..., N)
         onehot = (a[..., None] == xp.arange(c)).astype(x.dtype)              # (..., N, c)
+        if key_mask is not None:
+            onehot = onehot * key_mask[..., :, None]                         # padding: no member
         sums = onehot.swapaxes(-1, -2) @ x                                   # (..., c, d)
         counts = onehot.sum(axis=-2)[..., None]                              # (..., c, 1)
         extra = x.ndim - centroids.ndim                                      # batch axes to sum
