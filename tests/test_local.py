@@ -131,3 +131,19 @@ def test_registry_entry_and_figures(tmp_path):
     paths = spec.figures(str(tmp_path), np.random.default_rng(0))
     assert paths and all(p.endswith(".png") and "local_" in p for p in paths)
     assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)
+
+
+@pytest.mark.parametrize("name,cfg", [("local", {}), ("image_local_1d", {}), ("image_local_2d", {}),
+                                      ("memory_compressed", {"compression": 4})])
+def test_fixed_pattern_kernels_inside_multi_head_attention(name, cfg):
+    """setup() at max_len gives the parameters; shorter sequences re-run setup for their config only."""
+    from effattn.nn.modules import MultiHeadAttention
+
+    rng = np.random.default_rng(0)
+    mha = MultiHeadAttention(16, 2, np.random.default_rng(1), attention=name, attn_config=cfg, causal=True, max_len=40)
+    for n in (40, 13):
+        x = rng.standard_normal((2, n, 16))
+        y = mha.forward(x)
+        assert y.shape == (2, n, 16) and np.isfinite(y).all()
+        dx = mha.backward(np.ones_like(y))[0]                                  # (dx, d kv-source)
+        assert dx.shape == x.shape and np.isfinite(dx).all()

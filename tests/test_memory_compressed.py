@@ -137,3 +137,11 @@ def test_registry_entry_and_figures(tmp_path):
     assert spec.notebook == "01_fixed_patterns" and "FP" in spec.classes and spec.reference is not None
     paths = spec.figures(str(tmp_path), np.random.default_rng(0))
     assert len(paths) == 2 and all("memory_compressed_" in p for p in paths)
+
+
+def test_setup_compression_option():
+    params, config = mc.setup(np.random.default_rng(0), n=100, d=4, heads=2, compression=5)
+    assert params["conv_k"].shape == (5, 4, 4) and params["conv_v"].shape == (5,) and config == {}
+    assert mc.setup(np.random.default_rng(0), n=20, d=4, heads=2)[0]["conv_v"].shape == (3,)
+    with pytest.raises(ValueError, match="compression"):
+        mc.setup(np.random.default_rng(0), n=20, d=4, heads=2, compression=0)

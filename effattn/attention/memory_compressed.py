@@ -230,11 +230,14 @@ def draw_compression(rng, k, d, dv=None, dtype="float64"):
     return {"conv_k": asarray(conv_k, dtype=dtype), "conv_v": asarray(conv_v, dtype=dtype)}
 
 
-def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
-    """Compression factor k = 3 (the paper's) for short sequences, so that padding and
-    partial slots are exercised, and k = 8 from n = 64 on (the N x N/k scores at N = 2048
-    then stay at 4 MiB in float64). Parameters shared by all heads."""
-    ks = 3 if n < 64 else 8
+def setup(rng, *, n, d, heads, causal=False, dtype="float64", compression=None):
+    """Compression factor k = ``compression`` if given, else 3 (the paper's) for short
+    sequences, so that padding and partial slots are exercised, and 8 from n = 64 on (the
+    N x N/k scores at N = 2048 then stay at 4 MiB in float64). Parameters shared by all heads;
+    k is read from their shape, so one set of parameters serves every sequence length."""
+    from ..checks import check_int
+
+    ks = (3 if n < 64 else 8) if compression is None else check_int("compression", compression)
     return draw_compression(rng, ks, d, dtype=dtype), {}
 
 
