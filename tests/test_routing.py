@@ -67,7 +67,8 @@ def test_online_kmeans_moves_centroids_towards_members():
     summed = RT.update_centroids(mu, qn, kn, decay=0.9, reduce="sum")
     a = RT.assign(qn, mu)[0]
     j = int(a[0])
-    assert np.allclose(summed[j] - 0.9 * mu[j], 0.05 * qn[0][a == j].sum(0) + 0.05 * kn[0][RT.assign(kn, mu)[0] == j].sum(0))
+    members_k = kn[0][RT.assign(kn, mu)[0] == j]
+    assert np.allclose(summed[j] - 0.9 * mu[j], 0.05 * qn[0][a == j].sum(0) + 0.05 * members_k.sum(0))
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -483,7 +483,8 @@ def weights(cache):
 def pattern(cache):
     """The union over rounds of the windows P~_i (chunk of j within [chunk(i) - before, chunk(i) + after],
     same bucket for "bucket" chunking), causal and key masks, and the self rule
-    (i sees itself only when nothing else is visible; when the self penalty is on). Built densely from the per-token chunk indices."""
+    (i sees itself only when nothing else is visible; when the self penalty is on).
+    Built densely from the per-token chunk indices (teaching sizes only: N x N)."""
     xp = get_namespace(cache.out)
     co = cache.chunk_of                                                    # (..., R, N)
     delta = co[..., None, :] - co[..., :, None]                            # (..., R, N, N): chunk(j) - chunk(i)

@@ -336,8 +336,8 @@ def reference(q, k, v, *, causal=False, key_mask=None, centroids=None, window=No
             km_rows.append([t in top_k for t in range(n)])
         in_q = xp.asarray(qm, dtype=bool).reshape(lead + (n,))
         in_k = xp.asarray(km_rows, dtype=bool).reshape(lead + (n,))
-        out_a, _ = full_forward(qn, kn, v, causal=causal, key_mask=key_mask, mask=in_q[..., :, None] & in_k[..., None, :],
-                                scale=scale)
+        in_cluster = in_q[..., :, None] & in_k[..., None, :]                # (..., N, N): cluster a's block
+        out_a, _ = full_forward(qn, kn, v, causal=causal, key_mask=key_mask, mask=in_cluster, scale=scale)
         total += out_a * in_q[..., None]
         count += in_q[..., None]
     return total / xp.maximum(count, 1.0)
