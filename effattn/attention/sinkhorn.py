@@ -479,6 +479,14 @@ def weights(cache):
     return w[..., :n, :n]
 
 
+def sorted_keys(cache):
+    """The sorted key sequence K_s = P K_blocks as (..., N_B * b, d) (padding included), for pictures:
+    block i of the result is what query block i sees besides its own block."""
+    lead, b, nb = cache.lead, cache.b, cache.nb
+    d = cache.kz.shape[-1] // b
+    return (cache.p @ cache.kz).reshape(lead + (nb * b, d))
+
+
 def induced_pattern(cache):
     """Hard mode: the boolean (..., N, N) support of W — own block (causal inside) plus the
     chosen block; SortCut: the blocks chosen by the first n_k rows, for every query."""
@@ -555,6 +563,18 @@ def _figures(out_dir, rng):
         ["soft permutation P (blocks)", "W soft (bidirectional)", "W hard (argmax P)", "W soft (causal)"],
         suptitle=f"Sinkhorn attention, N={n}, b={config['block']}", ncols=4, weights=True)
     paths.append(viz.save(fig, os.path.join(out_dir, "sinkhorn_blocks.png")))
+    # 3. the reordering itself: keys in their original order, hard-sorted and soft-sorted
+    xp = get_namespace(k)
+    kk = xp.broadcast_to(xp.arange(n, dtype=k.dtype)[:, None] / n, (n, d)) + 0 * k[0, 0]   # key j "is" its position
+    _, c_p = forward(q, kk[None, None], v, **params, **config)
+    _, c_hp = forward(q, kk[None, None], v, **params, **config, hard=True)
+    b = config["block"]
+    fig = viz.plot_patterns(
+        [to_numpy(kk), to_numpy(sorted_keys(c_hp)[0, 0]), to_numpy(sorted_keys(c_p)[0, 0])],
+        ["keys (value = position / N)", "hard-sorted blocks P_hard K", "soft-sorted blocks P K"],
+        suptitle="Block reordering: row block i is what query block i sees besides its own block",
+        ncols=3, weights=True, grid=b, xlabel="feature", ylabel="slot (block i, offset s)")
+    paths.append(viz.save(fig, os.path.join(out_dir, "sinkhorn_reorder.png")))
     return paths
 
 
@@ -576,5 +596,5 @@ MECHANISM = register(Mechanism(
     sizes=("block", "n_iters", "sortcut"),
     figures=_figures,
     summary="SortNet + Sinkhorn balancing softly permutes blocks; each block attends to its own and a sorted block.",
-    extra={"induced_pattern": induced_pattern},
+    extra={"induced_pattern": induced_pattern, "sorted_keys": sorted_keys},
 ))

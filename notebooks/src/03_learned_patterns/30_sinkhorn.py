@@ -155,7 +155,32 @@ plt.show()
 # the sorted block — a mixture of source blocks with the weights of that row of $P$ (first panel). In the causal
 # panel nothing lies above the diagonal: row $i$ of $P$ only mixes blocks $j < i$. SortCut gives every query the same
 # $n_k b$ sorted keys, so its W has identical column support in every row.
-#
+
+# %% [markdown]
+# **The sorted blocks themselves.** Give every key the value "its position / N" in every feature: the original key
+# sequence is a ramp; `sorted_keys(cache)` $= P K_{\text{blocks}}$ shows which blocks each query block receives — whole
+# blocks moved for a hard permutation, blends of blocks for the soft one.
+
+# %%
+ramp = np.broadcast_to((np.arange(n) / n)[:, None], (n, d))[None, None].copy()
+_, c_soft = sinkhorn.forward(q, ramp, v, **params, **config)
+_, c_hard = sinkhorn.forward(q, ramp, v, **params, **config, perm=perm)
+ks_hard = sinkhorn.extra["sorted_keys"](c_hard)[0, 0, :, 0]
+ks_soft = sinkhorn.extra["sorted_keys"](c_soft)[0, 0, :, 0]
+plt.figure(figsize=(8, 2.6))
+plt.plot(ramp[0, 0, :, 0], "k.-", label="original keys (position / N)")
+plt.plot(ks_hard, "o-", ms=3, label=f"hard-sorted, perm = {perm.tolist()}")
+plt.plot(ks_soft, "s-", ms=3, label="soft-sorted (P K)")
+for t in range(b, nb * b, b):
+    plt.axvline(t - 0.5, color="#bbb", lw=0.5)
+plt.xlabel("slot (block i, offset s)"); plt.legend(fontsize=7); plt.title("block reordering")
+plt.show()
+blk = np.arange(nb * b) // b
+expected = np.where(perm[blk] == blk, 0.0, (perm[blk] * b + np.arange(nb * b) % b) / n)   # own block -> no sorted part
+expected[(perm[blk] * b + np.arange(nb * b) % b) >= n] = 0.0                              # padding slots are zero
+assert np.allclose(ks_hard, expected)
+
+# %% [markdown]
 # ### Cost
 #
 # Forward + backward is six matmuls of the block attention ($N \times 2b \times d$) and six of the mixing
