@@ -297,37 +297,25 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64", conv_kernel=3):
 
 
 def _figures(out_dir, rng):
-    """Implied matrices of Linformer and Nyströmformer next to softmax, on data with structure."""
+    """Implied matrices F Z B next to softmax for a growing number of landmarks."""
+    import math
+
     from .. import viz
     from ..backend import asarray, to_numpy
     from .full import forward as full_forward
-    from .linformer import draw_projection
-    from .linformer import forward as linformer_forward
-    from .linformer import weights as linformer_weights
-    import matplotlib.pyplot as plt
 
     n, d = 64, 16
-    x = rng.standard_normal((n, d)).cumsum(axis=0) / 4            # smooth sequence: low-rank-ish attention
+    x = rng.standard_normal((n, d)).cumsum(axis=0) / math.sqrt(n / 8)   # smooth sequence: low-rank-ish attention
     q = asarray((x + 0.3 * rng.standard_normal((n, d)))[None, None])
     k = asarray((x + 0.3 * rng.standard_normal((n, d)))[None, None])
     v = asarray(rng.standard_normal((1, 1, n, d)))
     mats = [to_numpy(full_forward(q, k, v)[1].attend.p)[0, 0]]
     titles = ["softmax"]
-    for m in (8, 32):
-        _, c = forward(q, k, v, landmarks=m)
+    for m, it in ((4, 6), (16, 6), (64, 30)):
+        _, c = forward(q, k, v, landmarks=m, iterations=it)
         mats.append(to_numpy(weights(c))[0, 0])
-        titles.append(f"Nystromformer m={m}")
-    e = asarray(draw_projection(rng, 16, n))
-    _, c = linformer_forward(q, k, v, e, sharing="key_value")
-    mats.append(to_numpy(linformer_weights(c))[0, 0])
-    titles.append("Linformer k=16 (random E)")
-    fig, axes = plt.subplots(1, len(mats), figsize=(3.2 * len(mats), 3.4))
-    vmax = float(mats[0].max())
-    for ax, mat, t in zip(axes, mats, titles):
-        ax.imshow(mat, vmin=-vmax, vmax=vmax, cmap="RdBu_r")
-        ax.set_title(t, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        titles.append(f"Nystromformer m={m} ({it} iter.)")
+    fig = viz.plot_patterns(mats, titles, suptitle="Nystromformer: implied F Z B vs softmax", weights=True)
     return [viz.save(fig, f"{out_dir}/nystromformer_implied.png")]
 
 
