@@ -145,3 +145,37 @@ def test_setup_compression_option():
     assert mc.setup(np.random.default_rng(0), n=20, d=4, heads=2)[0]["conv_v"].shape == (3,)
     with pytest.raises(ValueError, match="compression"):
         mc.setup(np.random.default_rng(0), n=20, d=4, heads=2, compression=0)
+
+
+@pytest.mark.parametrize("n,k,b,causal,masked", [(13, 3, 4, True, True), (13, 3, 4, False, False),
+                                                 (9, 2, 20, False, True), (16, 4, 4, True, False),
+                                                 (11, 5, 1, True, True)])
+def test_local_block_option_matches_reference_and_weights(n, k, b, causal, masked):
+    rng = np.random.default_rng(n + 10 * b)
+    q, kk, v, p = make(rng, (2, 2), n, n, 4, 3, k)
+    km = (rng.random((2, 1, n)) > 0.3) if masked else None
+    out, cache = mc.forward(q, kk, v, causal=causal, key_mask=km, local_block=b, **p)
+    ref = mc.reference(q, kk, v, causal=causal, key_mask=km, local_block=b, **p)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out, mc.weights(cache) @ v, rtol=0, atol=1e-12)
+
+
+def test_local_block_gradients_causality_and_validation():
+    rng = np.random.default_rng(7)
+    q, kk, v, p = make(rng, (1, 2), 11, 11, 3, 2, 3)
+    km = rng.random((1, 1, 11)) > 0.3
+    errors = check_gradients(mc.forward, mc.backward, {"q": q, "k": kk, "v": v, **p},
+                             {"causal": True, "key_mask": km, "local_block": 4}, rng=rng)
+    assert max(errors.values()) < 1e-7, errors
+    out, _ = mc.forward(q, kk, v, causal=True, local_block=4, **p)
+    assert np.all(np.abs(out[..., 0, :]) > 0)                                 # the first query sees itself now
+    for t in (1, 5, 9):
+        q2, k2, v2 = q.copy(), kk.copy(), v.copy()
+        for x in (q2, k2, v2):
+            x[..., t:, :] = rng.standard_normal(x[..., t:, :].shape)
+        out2, _ = mc.forward(q2, k2, v2, causal=True, local_block=4, **p)
+        assert np.array_equal(out[..., :t, :], out2[..., :t, :])
+    with pytest.raises(ValueError, match="local_block"):
+        mc.forward(q, kk, v, local_block=0, **p)
+    with pytest.raises(ValueError, match="local_block"):
+        mc.forward(q[..., :5, :], kk, v, local_block=2, **p)

@@ -12,7 +12,11 @@ then attends to M / k slots instead of M positions, so the attention matrix is
 N x M/k: k times cheaper in time and memory, still quadratic in N. (The
 paper's model alternates this layer with blockwise local-attention layers,
 :mod:`effattn.attention.local`, so that fine local detail and a coarse global
-view are both available; compose the two kernels in a model for that.)
+view are both available; compose the two kernels in a model for that. The
+option ``local_block = b`` is a one-layer variant that is *not* in the paper:
+each query also sees the raw keys of its own block of b positions, in the same
+softmax as the slots — so even the first queries of a causal call see
+something, and local detail survives the compression.)
 
 Equations (slot s summarises positions sk, ..., sk + k - 1; K_j = 0, V_j = 0
 for masked and padding positions):
@@ -61,6 +65,13 @@ Backward (attention part: the flash-attention derivation in
     dw^V_o = sum_s V_{sk+o} . dV^c_s
     dV_{sk+o} = w^V_o dV^c_s                     (then zeroed at masked positions)
 
+With ``local_block = b``: the queries are cut into blocks of b; block g attends
+to [its own b raw keys | all M_c slots] in one softmax (an attention of
+b x (b + M_c) per block, the slots shared by all blocks), masked by the local
+rule (same block, causal j <= i, key mask) and by the slot rule above. The slot
+gradients are summed over the blocks; W adds the local block weights.
+Cost O(N (b + M_c) d).
+
 Cache: q, the reshaped masked keys/values (M_c, k d) / (M_c, k, dv), the
 parameters, the slot visibility mask and the attention cache.
 
@@ -77,20 +88,22 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..checks import check_bool, check_param, check_positive_float, check_qkv
-from ..nn.sparse import attend_backward, attend_forward, pad_axis
+from ..checks import check_bool, check_int, check_param, check_positive_float, check_qkv
+from ..nn.sparse import (attend_backward, attend_forward, broadcast_shapes, dense_from_groups, group_mask,
+                         pad_axis)
 from ..registry import Mechanism, register
 
 
 class MemoryCompressedCache(NamedTuple):
-    attend: object     # AttendCache of the compressed attention: P (..., N, M_c)
+    attend: object     # AttendCache: P (..., N, M_c), or with local_block P (..., G, b, b + M_c)
     kr: object         # (..., M_c, k d) masked, padded keys, one row per slot
     vr: object         # (..., M_c, k, dv) masked, padded values
     conv_k: object     # (k, d, d)
     conv_v: object     # (k,)
     keep: object       # (..., M, 1) float key mask (None: all real)
     m: int
-    allowed: object    # (..., N, M_c) bool visibility (None: all visible)
+    allowed: object    # (..., N, M_c) bool slot visibility (None: all visible)
+    local: object      # None, or (block b, q_pos (G, b), k_pos (G, b)) when local_block is used
 
 
 def slot_ends(m, k, xp):
@@ -106,7 +119,7 @@ def slot_visibility(n, m, k, causal, xp):
     return slot_ends(m, k, xp)[None, :] <= xp.arange(n)[:, None]
 
 
-def _check(q, k, v, conv_k, conv_v, causal, key_mask, scale):
+def _check(q, k, v, conv_k, conv_v, causal, key_mask, scale, local_block=None):
     n, m, d, dv = check_qkv(q, k, v, key_mask=key_mask)
     causal = check_bool("causal", causal)
     if causal and m != n:
@@ -117,24 +130,21 @@ def _check(q, k, v, conv_k, conv_v, causal, key_mask, scale):
         raise ValueError(f"conv_k must have shape (k, {d}, {d}) with k >= 1, got {tuple(conv_k.shape)}")
     check_param("conv_v", conv_v, (ks,), dtype=q.dtype)
     scale = d ** -0.5 if scale is None else check_positive_float("scale", scale)
-    return n, m, d, dv, ks, causal, scale
+    if local_block is not None:
+        local_block = check_int("local_block", local_block)
+        if m != n:
+            raise ValueError(f"local_block needs self-attention (k of length N={n}), got M={m}")
+    return n, m, d, dv, ks, causal, scale, local_block
 
 
-def forward(q, k, v, *, conv_k, conv_v, causal=False, key_mask=None, scale=None):
-    """Memory-compressed attention.
-
-    q (..., N, d), k (..., M, d), v (..., M, dv); conv_k (k, d, d) and conv_v (k,) the
-    compression parameters (k = compression factor, shared by all heads); key_mask
-    (..., M) bool; causal needs M == N. Returns out (..., N, dv) and a
-    :class:`MemoryCompressedCache`.
-    """
-    n, m, d, dv, ks, causal, scale = _check(q, k, v, conv_k, conv_v, causal, key_mask, scale)
-    xp = get_namespace(q, k, v)
-    lead = q.shape[:-2]
+def _compress(k, v, conv_k, conv_v, key_mask):
+    """Zero masked positions, pad to whole slots and apply the strided convolutions.
+    Returns kr (..., M_c, k d), vr (..., M_c, k, dv), K^c (..., M_c, d), V^c (..., M_c, dv), keep."""
+    lead, (m, d), dv, ks = k.shape[:-2], k.shape[-2:], v.shape[-1], conv_k.shape[0]
     n_slots = -(-m // ks)
     keep = None
     if key_mask is not None:
-        keep = key_mask[..., :, None].astype(q.dtype)                          # (..., M, 1)
+        keep = key_mask[..., :, None].astype(k.dtype)                          # (..., M, 1)
         k, v = k * keep, v * keep                                              # masked positions contribute 0
     kr = pad_axis(k, n_slots * ks).reshape(lead + (n_slots, ks * d))           # (..., M_c, k d)
     vr = pad_axis(v, n_slots * ks).reshape(lead + (n_slots, ks, dv))           # (..., M_c, k, dv)
@@ -142,60 +152,120 @@ def forward(q, k, v, *, conv_k, conv_v, causal=False, key_mask=None, scale=None)
     kc = kr @ conv_k.reshape(ks * d, d)                                        # (..., M_c, k d) @ (k d, d) -> (..., M_c, d)
     # V^c_s = sum_o w^V_o V_{sk+o}
     vc = vr.swapaxes(-1, -2) @ conv_v                                          # (..., M_c, dv, k) @ (k,) -> (..., M_c, dv)
+    return kr, vr, kc, vc, keep
+
+
+def forward(q, k, v, *, conv_k, conv_v, causal=False, key_mask=None, scale=None, local_block=None):
+    """Memory-compressed attention.
+
+    q (..., N, d), k (..., M, d), v (..., M, dv); conv_k (k, d, d) and conv_v (k,) the
+    compression parameters (k = compression factor, shared by all heads); key_mask
+    (..., M) bool; causal needs M == N. ``local_block = b`` (optional, self-attention
+    only; not in the paper, which alternates local and compressed *layers*): each query
+    also attends to the raw keys of its own block of b positions (causal: those <= it),
+    in the same softmax as the compressed slots. Returns out (..., N, dv) and a
+    :class:`MemoryCompressedCache`.
+    """
+    n, m, d, dv, ks, causal, scale, local_block = _check(q, k, v, conv_k, conv_v, causal, key_mask, scale,
+                                                         local_block)
+    xp = get_namespace(q, k, v)
+    lead = q.shape[:-2]
+    n_slots = -(-m // ks)
+    kr, vr, kc, vc, keep = _compress(k, v, conv_k, conv_v, key_mask)
     allowed = slot_visibility(n, m, ks, causal, xp)                            # (N, M_c) or None
     if key_mask is not None:
         real = pad_axis(key_mask, n_slots * ks, axis=-1, value=False)
         real = real.reshape(key_mask.shape[:-1] + (n_slots, ks)).any(axis=-1)  # (..., M_c): slot has a real key
         allowed = real[..., None, :] if allowed is None else allowed & real[..., None, :]
-    out, _, acache = attend_forward(q, kc, vc, allowed, scale)                 # (..., N, dv)
-    return out, MemoryCompressedCache(acache, kr, vr, conv_k, conv_v, keep, m, allowed)
+    if local_block is None:
+        out, _, acache = attend_forward(q, kc, vc, allowed, scale)             # (..., N, dv)
+        return out, MemoryCompressedCache(acache, kr, vr, conv_k, conv_v, keep, m, allowed, None)
+    # one softmax per query block over [its own b raw keys | all M_c slots]
+    b = local_block
+    g = -(-n // b)
+    qb = pad_axis(q, g * b).reshape(lead + (g, b, d))                          # (..., G, b, d)
+    kb = pad_axis(k, g * b).reshape(lead + (g, b, d))                          # (..., G, b, d)
+    vb = pad_axis(v, g * b).reshape(lead + (g, b, dv))                         # (..., G, b, dv)
+    kb = xp.concatenate([kb, xp.broadcast_to(kc[..., None, :, :], lead + (g, n_slots, d))], axis=-2)
+    vb = xp.concatenate([vb, xp.broadcast_to(vc[..., None, :, :], lead + (g, n_slots, dv))], axis=-2)
+    pos = xp.arange(g * b).reshape(g, b)                                       # (G, b) query = key positions
+    allowed_l = group_mask(pos, pos, n, n, causal=causal, key_mask=key_mask)   # (..., G, b, b)
+    if allowed is None:
+        allowed_c = xp.ones((g, b, n_slots), dtype=bool)
+    else:
+        allowed_c = xp.broadcast_to(allowed, allowed.shape[:-2] + (n, n_slots))  # (..., N, M_c), rows may have been 1
+        allowed_c = pad_axis(allowed_c, g * b, axis=-2, value=False)           # padded query rows see nothing
+        allowed_c = allowed_c.reshape(allowed_c.shape[:-2] + (g, b, n_slots))
+    both = broadcast_shapes(tuple(allowed_l.shape[:-3]), tuple(allowed_c.shape[:-3]))
+    allowed_g = xp.concatenate([xp.broadcast_to(allowed_l, both + (g, b, b)),
+                                xp.broadcast_to(allowed_c, both + (g, b, n_slots))], axis=-1)  # (..., G, b, b + M_c)
+    out, _, acache = attend_forward(qb, kb, vb, allowed_g, scale)              # (..., G, b, dv)
+    out = out.reshape(lead + (g * b, dv))[..., :n, :]
+    return out, MemoryCompressedCache(acache, kr, vr, conv_k, conv_v, keep, m, allowed, (b, pos, pos))
 
 
 def backward(dout, cache):
     """Returns {"q", "k", "v", "conv_k", "conv_v"} (derivation in the module docstring)."""
-    acache, kr, vr, conv_k, conv_v, keep, m, _ = cache
+    acache, kr, vr, conv_k, conv_v, keep, m, _, local = cache
     ks, d = conv_k.shape[0], conv_k.shape[-1]
     lead = kr.shape[:-2]
     n_slots, dv = vr.shape[-3], vr.shape[-1]
-    g = attend_backward(dout, acache)
-    dkc, dvc = g["k"], g["v"]                                                  # (..., M_c, d), (..., M_c, dv)
+    if local is None:
+        g = attend_backward(dout, acache)
+        dq, dkc, dvc = g["q"], g["k"], g["v"]                                  # (..., N, d), (..., M_c, d), (..., M_c, dv)
+        dk_local = dv_local = None
+    else:
+        b = local[0]
+        n = dout.shape[-2]
+        groups = acache.q.shape[-3]
+        doutb = pad_axis(dout, groups * b).reshape(lead + (groups, b, dv))
+        g = attend_backward(doutb, acache)
+        dq = g["q"].reshape(lead + (groups * b, d))[..., :n, :]
+        dk_local = g["k"][..., :b, :].reshape(lead + (groups * b, d))[..., :n, :]
+        dv_local = g["v"][..., :b, :].reshape(lead + (groups * b, dv))[..., :n, :]
+        dkc = g["k"][..., b:, :].sum(axis=-3)                                  # slots were shared by all blocks
+        dvc = g["v"][..., b:, :].sum(axis=-3)
     # dW^K = sum over slots (and batch, heads) of K_slot^T dK^c
     dconv_k = (kr.reshape(-1, ks * d).T @ dkc.reshape(-1, d)).reshape(ks, d, d)
     dk = (dkc @ conv_k.reshape(ks * d, d).T).reshape(lead + (n_slots * ks, d))[..., :m, :]
     # dw^V_o = sum_s V_{sk+o} . dV^c_s
     dconv_v = (vr @ dvc[..., :, :, None]).reshape(-1, ks).sum(axis=0)        # (..., M_c, k, dv) @ (..., M_c, dv, 1)
     dv = (dvc[..., :, None, :] * conv_v[:, None]).reshape(lead + (n_slots * ks, dv))[..., :m, :]
+    if dk_local is not None:
+        dk, dv = dk + dk_local, dv + dv_local
     if keep is not None:
         dk, dv = dk * keep, dv * keep
-    return {"q": g["q"], "k": dk, "v": dv, "conv_k": dconv_k, "conv_v": dconv_v}
+    return {"q": dq, "k": dk, "v": dv, "conv_k": dconv_k, "conv_v": dconv_v}
 
 
 def weights(cache):
-    """The (..., N, M) matrix W = P C with C_{s, sk+o} = w^V_o (zero at masked keys): out == W @ v."""
-    p = cache.attend.p                                                         # (..., N, M_c)
+    """The (..., N, M) matrix W = P C with C_{s, sk+o} = w^V_o (zero at masked keys), plus the
+    local block weights when local_block is used: out == W @ v."""
+    p = cache.attend.p
     ks = cache.conv_v.shape[0]
-    w = (p[..., :, :, None] * cache.conv_v).reshape(p.shape[:-1] + (p.shape[-1] * ks,))[..., :cache.m]
+    m = cache.m
+    w_local = None
+    if cache.local is not None:
+        b, q_pos, k_pos = cache.local
+        xp = get_namespace(p)
+        lead, g = p.shape[:-3], p.shape[-3]
+        w_local = dense_from_groups(p[..., :b], xp.clip(q_pos, 0, m - 1), xp.clip(k_pos, 0, m - 1), m, m)
+        p = p[..., b:].reshape(lead + (g * b, p.shape[-1] - b))[..., :m, :]    # (..., N, M_c)
+    w = (p[..., :, :, None] * cache.conv_v).reshape(p.shape[:-1] + (p.shape[-1] * ks,))[..., :m]
     if cache.keep is not None:
         w = w * cache.keep.swapaxes(-1, -2)                                    # (..., 1, M)
-    return w
+    return w if w_local is None else w + w_local
 
 
-def compressed_slot_pattern(cache):
-    """(..., N, M_c) bool: which slots each query attended (visibility & non-empty)."""
-    p = cache.attend.p
-    xp = get_namespace(p)
-    if cache.allowed is None:
-        return xp.ones(p.shape, dtype=bool)
-    return xp.broadcast_to(cache.allowed, p.shape)
-
-
-def reference(q, k, v, *, conv_k, conv_v, causal=False, key_mask=None, scale=None):
+def reference(q, k, v, *, conv_k, conv_v, causal=False, key_mask=None, scale=None, local_block=None):
     """Dense oracle written from the definitions, one slot and one query at a time:
     compress slot by slot with explicit loops, build the visibility rule pair by pair,
-    then call ``full`` attention on the compressed keys with that mask."""
+    then call ``full`` attention on the compressed keys with that mask (with
+    ``local_block``: on the raw keys followed by the compressed ones, one softmax)."""
     from .full import forward as full_forward
 
-    n, m, d, dv, ks, causal, scale = _check(q, k, v, conv_k, conv_v, causal, key_mask, scale)
+    n, m, d, dv, ks, causal, scale, local_block = _check(q, k, v, conv_k, conv_v, causal, key_mask, scale,
+                                                         local_block)
     xp = get_namespace(q, k, v)
     lead = q.shape[:-2]
     n_slots = -(-m // ks)
@@ -216,8 +286,21 @@ def reference(q, k, v, *, conv_k, conv_v, causal=False, key_mask=None, scale=Non
         for s in range(n_slots):
             last = min((s + 1) * ks, m) - 1
             visible[i, s] = (not causal) or last <= i
-    out, _ = full_forward(q, kc, vc, mask=visible & real[..., None, :], scale=scale)
-    return out
+    mask = visible & real[..., None, :]
+    if local_block is None:
+        return full_forward(q, kc, vc, mask=mask, scale=scale)[0]
+    near = xp.zeros((n, m), dtype=bool)
+    for i in range(n):
+        for j in range(m):
+            near[i, j] = j // local_block == i // local_block and ((not causal) or j <= i)
+    if key_mask is not None:
+        near = near & key_mask[..., None, :]
+    lead_mask = broadcast_shapes(tuple(near.shape[:-2]), tuple(mask.shape[:-2]))
+    mask = xp.concatenate([xp.broadcast_to(near, lead_mask + (n, m)), xp.broadcast_to(mask, lead_mask + (n, n_slots))],
+                          axis=-1)
+    keys = xp.concatenate([k, kc], axis=-2)                                    # (..., M + M_c, d)
+    values = xp.concatenate([v, vc], axis=-2)
+    return full_forward(q, keys, values, mask=mask, scale=scale)[0]
 
 
 def draw_compression(rng, k, d, dv=None, dtype="float64"):
