@@ -46,6 +46,11 @@ the key projection: a key bias b_k adds the same q . b_k to every logit of a
 query's row, which the softmax cancels, so its gradient is exactly zero; the
 official ``fc_k.bias`` can be dropped when porting weights (outputs are equal).
 
+Heads are contiguous column blocks of the D projected features, as the
+official ``torch.cat(Q.split(dim_split, 2), 0)``. The official code draws I
+and S with ``xavier_uniform_``; :func:`init_isab` / :func:`init_pma` draw
+N(0, 1) (initialisation is the caller's choice: pass any arrays).
+
 Parameters (flat keyword arrays, so a :class:`~effattn.registry.Case` holds
 them; one set shared by all heads, heads are slices of the D columns):
 
@@ -63,6 +68,11 @@ and must be ignored; rows at real positions and every PMA output do not
 depend on masked elements at all, because masked elements get exactly zero
 weight as keys (MAB(I, X) and PMA's MAB(S, Z)); the second MAB of ISAB has
 the m inducing summaries as keys, which are never masked.
+
+The registry's examples (``effattn.get("isab").example(...)``) give x of
+shape (batch, 1, N, D): the axis of size 1 is one more batch axis, so the
+contract tests' (batch, 1, N) key masks and rank-4 indexing apply to these
+layers as to the (batch, heads, N, d) kernels.
 
 ``causal=True`` raises: a set has no order, so "earlier elements" means
 nothing, and every inducing point / seed reads the whole set.
