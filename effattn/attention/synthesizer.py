@@ -30,9 +30,13 @@ and F_B(X_i) (c entries), a * c >= L, and the logit of key j is
 
     B_i[j] = F_A(X_i)[j // c] * F_B(X_i)[j % c]
 
-i.e. the paper's tiling H_C of the two short vectors, multiplied elementwise,
-written as the flattened outer product (each row of logits, reshaped (a, c),
-has rank 1). Parameters Wa (d, a), ba (a,), Wb (d, c), bb (c,), shared.
+i.e. the flattened outer product of the two short vectors (each row of
+logits, reshaped (a, c), has rank 1). The paper writes it with a tiling H_C:
+F_A repeated c times times F_B repeated a times, entry j = F_A[j mod a] *
+F_B[j mod c]; for coprime a, c that is the same set of products in another
+column order, and the ordering j -> (j // c, j % c) used here covers every
+pair (alpha, gamma) for any a, c. F_A, F_B are single linear maps here.
+Parameters Wa (d, a), ba (a,), Wb (d, c), bb (c,), shared.
 
 Random Synthesizer (``synthesizer_random``): a learned table, independent of
 the input (q and k are never read):
