@@ -133,3 +133,18 @@ def test_features_are_unbiased_estimators_of_the_softmax_kernel(kernel):
     w = performer.draw_features(rng, 200000, 4, orthogonal=False)
     est = performer.random_features(x[None], w, kernel) @ performer.random_features(y[None], w, kernel).T
     assert abs(est[0, 0] / math.exp(x @ y) - 1) < 0.02
+
+
+def test_causal_keys_cannot_overflow_in_float32_for_large_d():
+    """Keys placed right on a feature direction give the largest possible feature exp(|w|^2/2);
+    the data-free causal shift keeps it finite in float32 even for d = 256."""
+    rng = np.random.default_rng(7)
+    d, n = 256, 6
+    w = performer.draw_features(rng, 32, d)
+    k = np.repeat(w[:1] * d ** 0.25, n, axis=0)[None, None]          # x = k / d^(1/4) = w_1
+    q, v = rng.standard_normal((1, 1, n, d)), rng.standard_normal((1, 1, n, 3))
+    out32, _ = performer.forward(q.astype("float32"), k.astype("float32"), v.astype("float32"),
+                                 features=w.astype("float32"), causal=True)
+    out64, _ = performer.forward(q, k, v, features=w, causal=True)
+    assert np.isfinite(out32).all()
+    np.testing.assert_allclose(out32, out64, rtol=1e-3, atol=1e-4)
