@@ -252,3 +252,39 @@ def test_compute_modules_do_not_import_numpy():
                 assert not any(a.name.split(".")[0] in ("numpy", "cupy") for a in node.names), f
             if isinstance(node, ast.ImportFrom):
                 assert (node.module or "").split(".")[0] not in ("numpy", "cupy"), f
+
+
+@pytest.mark.parametrize("name", effattn.names("kernel"))
+def test_mha_gradients_with_every_kernel(name):
+    """Each registered kernel inside MultiHeadAttention at n = 12 < max_len = 16 (config re-made for n,
+    length-dependent params sliced by the kernel): a few entries of every parameter, including the
+    kernel's own, against central differences; key_mask where the kernel is bidirectional."""
+    spec = effattn.get(name)
+    if spec.setup is None:
+        pytest.skip(f"{name} has no setup()")
+    rng = np.random.default_rng(0)
+    mha = MultiHeadAttention(8, 2, rng, attention=name, max_len=16, causal=spec.causal)
+    x = rng.standard_normal((2, 12, 8))
+    km = None
+    if not spec.causal:
+        km = np.ones((2, 12), bool)
+        km[0, 9:] = False
+    run = lambda: mha.forward(x, key_mask=km)  # noqa: E731
+    dout = rng.standard_normal(run().shape)
+    mha.zero_grad()
+    run()
+    mha.backward(dout)
+    grads = dict(mha.gradients())
+    for pname, p in mha.parameters():
+        idx = rng.choice(p.size, min(p.size, 5), replace=False)
+        flat, num = p.reshape(-1), []
+        for i in idx:
+            old = flat[i]
+            flat[i] = old + 1e-5
+            up = float((run() * dout).sum())
+            flat[i] = old - 1e-5
+            down = float((run() * dout).sum())
+            flat[i] = old
+            num.append((up - down) / 2e-5)
+        err = grad_error(grads[pname].reshape(-1)[idx], np.array(num))
+        assert err < 1e-6, f"{name} {pname}: {err}"
