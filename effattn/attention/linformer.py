@@ -128,11 +128,21 @@ def forward(q, k, v, E, F=None, *, causal=False, key_mask=None, sharing="headwis
     return out, LinformerCache(ac, k_m, v_m, e, f, km, sharing, E.shape[-1], tuple(E.shape))
 
 
-def _reduce_to(g, ndim):
-    """Sum leading (batch / head) axes so g has ``ndim`` axes."""
-    while g.ndim > ndim:
-        g = g.sum(axis=0)
-    return g
+def _projection_grad(dp, x, ndim):
+    """sum over batch (and, when shared, heads) of dp @ x^T without a (B, H, k, M) intermediate.
+
+    dp (..., H, k, d), x (..., H, M, d). ndim = 2: shared (k, M); ndim = 3: per head (H, k, M).
+    The summed axes are folded into the contraction: (k, B H d) @ (B H d, M)."""
+    kk, d = dp.shape[-2:]
+    m = x.shape[-2]
+    if ndim == 2:
+        a = dp.reshape(-1, kk, d).transpose(1, 0, 2).reshape(kk, -1)          # (k, L d)
+        b = x.reshape(-1, m, d).transpose(0, 2, 1).reshape(-1, m)            # (L d, M)
+        return a @ b                                                         # (k, M)
+    h = dp.shape[-3]
+    a = dp.reshape(-1, h, kk, d).transpose(1, 2, 0, 3).reshape(h, kk, -1)    # (H, k, B d)
+    b = x.reshape(-1, h, m, d).transpose(1, 0, 3, 2).reshape(h, -1, m)       # (H, B d, M)
+    return a @ b                                                             # (H, k, M)
 
 
 def backward(dout, cache):
@@ -145,16 +155,14 @@ def backward(dout, cache):
     if km is not None:
         dk = dk * km[..., :, None]
         dv = dv * km[..., :, None]
-    de = _reduce_to(dkp @ k_m.swapaxes(-1, -2), len(e_shape))  # (..., k, d) @ (..., d, M) -> (k, M) or (H, k, M)
-    df = _reduce_to(dvp @ v_m.swapaxes(-1, -2), len(e_shape))
-    m = k_m.shape[-2]
+    de = _projection_grad(dkp, k_m, len(e_shape))              # dE_M = sum dK_p K~^T: (k, M) or (H, k, M)
+    df = _projection_grad(dvp, v_m, len(e_shape))              # dF_M = sum dV_p V~^T
     grads = {"q": g["q"], "k": dk, "v": dv}
     if sharing in ("key_value", "layerwise"):
         grads["E"] = pad_axis(de + df, n_max, axis=-1)          # (k, N_max): zero beyond M
     else:
         grads["E"] = pad_axis(de, n_max, axis=-1)
         grads["F"] = pad_axis(df, n_max, axis=-1)
-    assert grads["E"].shape[-1] == n_max and m <= n_max
     return grads
 
 
