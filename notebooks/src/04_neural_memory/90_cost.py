@@ -66,6 +66,7 @@ for label, rows in results.items():
 axes[0].set_ylabel("forward + backward (s)"); axes[1].set_ylabel("peak memory (MiB)")
 for ax in axes:
     ax.set_xlabel("set size N"); ax.grid(alpha=0.3); ax.legend(fontsize=8)
+    ax.set_xticks(ns, [str(n) for n in ns]); ax.minorticks_off()
 plt.tight_layout(); plt.show()
 
 isab_mem = fit_exponent(*zip(*[(n, mem) for n, _, mem in results["ISAB (O(N·m))"]]))
