@@ -45,12 +45,14 @@ def plot_pattern(matrix, ax=None, title=None, *, weights=None, grid=None, xlabel
     if ax is None:
         side = 3.2 if a.shape[1] <= 64 else 4.2
         _, ax = plt.subplots(figsize=(side * min(max(a.shape[1] / max(a.shape[0], 1), 0.5), 2.5), side))
+    ratio = a.shape[1] / max(a.shape[0], 1)
+    aspect = "equal" if 0.25 <= ratio <= 4 else "auto"   # long strips (m x N) stay readable
     if is_weights:
-        im = ax.imshow(a, cmap=WEIGHT_CMAP, interpolation="nearest", aspect="equal")
+        im = ax.imshow(a, cmap=WEIGHT_CMAP, interpolation="nearest", aspect=aspect)
         if colorbar is None or colorbar:
             ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     else:
-        ax.imshow(a != 0, cmap=PATTERN_CMAP, interpolation="nearest", aspect="equal", vmin=0, vmax=1)
+        ax.imshow(a != 0, cmap=PATTERN_CMAP, interpolation="nearest", aspect=aspect, vmin=0, vmax=1)
     if grid:
         for t in range(grid, max(a.shape), grid):
             if t < a.shape[1]:

@@ -29,10 +29,15 @@ def np64(x):
     return np.asarray(to_numpy(x), dtype=np.float64)
 
 
+def key_mask_shape(case):
+    """(B, 1, ..., M): one mask per batch element, broadcast over the other leading axes."""
+    x = case.inputs[case.key_inputs[0]]
+    return (x.shape[0],) + (1,) * (x.ndim - 3) + (case.m,)
+
+
 def random_key_mask(rng, case, frac=0.3):
-    batch = next(iter(case.inputs.values())).shape[0]
-    km = rng.random((batch, 1, case.m)) > frac
-    km[:, :, 0] = True  # keep at least one real key per row
+    km = rng.random(key_mask_shape(case)) > frac
+    km[..., 0] = True  # keep at least one real key per row
     return asarray(km)
 
 
@@ -84,6 +89,19 @@ def test_exact_equals_dense_masked_by_pattern(name, causal, n, seed, masked):
         i = case.inputs
         ref, _ = effattn.get("full").forward(i["q"], i["k"], i["v"], causal=causal, mask=spec.pattern(cache), **extra)
     np.testing.assert_allclose(np64(out), np64(ref), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if effattn.get(n).reference is not None and not effattn.get(n).exact])
+def test_approximation_equals_its_own_dense_formula(name):
+    """Mechanisms that are not masked softmax still have an O(N^2) formula (``reference``) to equal."""
+    spec = effattn.get(name)
+    for causal in ([False, True] if spec.causal else [False]):
+        rng = np.random.default_rng(11)
+        case = spec.example(rng, batch=2, heads=2, n=23, d=4, causal=causal)
+        for extra in ({}, {"key_mask": random_key_mask(rng, case)}):
+            out, _ = run(spec, case, **extra)
+            ref = spec.reference(**case.inputs, **{**case.config, **extra})
+            np.testing.assert_allclose(np64(out), np64(ref), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", KERNELS)
@@ -150,7 +168,7 @@ def test_fully_masked_rows_are_finite(name):
     spec = effattn.get(name)
     for causal in ([False, True] if spec.causal else [False]):
         case = spec.example(np.random.default_rng(5), batch=2, heads=1, n=11, d=4, causal=causal)
-        km = np.ones((2, 1, case.m), dtype=bool)
+        km = np.ones(key_mask_shape(case), dtype=bool)
         km[0] = False
         out, cache = run(spec, case, key_mask=asarray(km))
         assert np.isfinite(np64(out)).all()
@@ -209,14 +227,14 @@ def test_bad_input_raises_value_error_naming_it(name):
     _expect_error(with_input(first, x[0, 0, 0]), first)                         # wrong rank
     _expect_error(with_input(first, x.astype("int64")), first)                  # not floating
     bad = np64(x).copy()
-    bad[0, 0, 0, 0] = np.nan
+    bad.reshape(-1)[0] = np.nan
     _expect_error(with_input(first, asarray(bad)), first)                       # non-finite
     if spec.kind == "kernel":
         k, v = case.inputs["k"], case.inputs["v"]
         xp = get_namespace(k)
         _expect_error(with_input("k", xp.concatenate([k, k[..., :1]], axis=-1)), "k", "d=")    # mismatched d
         _expect_error(with_input("v", xp.concatenate([v, v[..., :1, :]], axis=-2)), "v", "k")  # M mismatch
-    _expect_error(lambda: spec.forward(**case.inputs, **{**case.config, "key_mask": asarray(np.ones((1, 1, case.m + 1), bool))}), "key_mask")
+    _expect_error(lambda: spec.forward(**case.inputs, **{**case.config, "key_mask": asarray(np.ones(key_mask_shape(case)[:-1] + (case.m + 1,), bool))}), "key_mask")
     if not spec.causal:
         _expect_error(lambda: spec.forward(**case.inputs, **{**case.config, "causal": True}), "causal")
     for size in spec.sizes:

@@ -142,3 +142,11 @@ def test_sinusoidal_positions():
     np.testing.assert_allclose(pe[3, 2], np.sin(3 / 10000 ** (2 / 6)), rtol=1e-6)
     np.testing.assert_allclose(pe[3, 3], np.cos(3 / 10000 ** (2 / 6)), rtol=1e-6)
     assert F.sinusoidal_positions(4, 5, np).shape == (4, 5)
+
+
+def test_float32_stays_float32():
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    _, cache = F.cross_entropy_forward(x, np.array([0, 1]))
+    assert F.cross_entropy_backward(cache).dtype == np.float32
+    y, cache = F.gelu_forward(x)
+    assert y.dtype == np.float32 and F.gelu_backward(y, cache).dtype == np.float32

@@ -11,7 +11,7 @@ from effattn import registry
 from effattn.checks import check_causal, check_qkv
 from effattn.gradcheck import numerical_gradient, rel_error
 from effattn.nn import functional as F
-from effattn.nn.modules import Embedding, FeedForward, LayerNorm, Linear, MultiHeadAttention, gelu_forward
+from effattn.nn.modules import Embedding, FeedForward, LayerNorm, Linear, MultiHeadAttention
 
 TOL = 1e-6
 
@@ -69,13 +69,6 @@ def test_embedding_repeated_ids_accumulate():
     assert np.allclose(emb.grads["table"], want)
     with pytest.raises(ValueError, match="ids"):
         emb.forward(np.array([[4]]))
-
-
-def test_fast_gelu_equals_functional():
-    x = np.random.default_rng(2).standard_normal((3, 50)).astype(np.float32)
-    a, _ = gelu_forward(x)
-    b, _ = F.gelu_forward(x)
-    assert a.dtype == np.float32 and np.allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_parameters_names_zero_grad_and_accumulation():

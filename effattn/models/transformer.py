@@ -151,7 +151,7 @@ class Model(Module):
         count = int(valid.sum())
         if backward:
             # cross_entropy_backward gives float64 for float32 logits (bool mask * float): cast back
-            self.backward(F.cross_entropy_backward(cache).astype(logits.dtype, copy=False))
+            self.backward(F.cross_entropy_backward(cache))
         return loss, correct, count
 
     def attention_layers(self):

@@ -140,7 +140,7 @@ def cross_entropy_backward(cache, dloss=1.0):
     xp = get_namespace(logp)
     g = xp.exp(logp)
     xp.put_along_axis(g, safe[..., None], xp.take_along_axis(g, safe[..., None], axis=-1) - 1.0, axis=-1)
-    return g * (valid[..., None] * (dloss / max(count, 1)))
+    return g * (valid[..., None].astype(g.dtype) * (dloss / max(count, 1)))
 
 
 # --------------------------------------------------------------------------- layer norm
@@ -185,7 +185,7 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 def gelu_forward(x):
     """GELU, tanh form (as GPT-2/BERT code): 0.5 x (1 + tanh(c (x + 0.044715 x^3)))."""
     xp = get_namespace(x)
-    t = xp.tanh(_GELU_C * (x + 0.044715 * x ** 3))
+    t = xp.tanh(_GELU_C * (x + 0.044715 * (x * x * x)))  # x*x*x: a float32 x ** 3 goes through pow, ~50x slower
     return 0.5 * x * (1.0 + t), (x, t)
 
 
