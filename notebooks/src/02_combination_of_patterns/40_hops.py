@@ -64,13 +64,15 @@ fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
 for ax, (title, p) in zip(axes, pats.items()):
     h = hops(p)
     finite = np.isfinite(h)
-    im = ax.imshow(np.where(finite, h, -1), cmap="magma_r", interpolation="nearest")
+    cmap = plt.get_cmap("magma_r").copy()
+    cmap.set_bad("#9e9e9e")                                   # unreachable pairs in grey
+    im = ax.imshow(np.ma.masked_invalid(h), cmap=cmap, interpolation="nearest")
     ax.set_title(f"{title}\ndiameter {h[finite].max():.0f}" + ("" if finite.all() else " (some pairs unreachable)"),
                  fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
-# The dilated band alone never connects different residues modulo $\delta$ (unreachable pairs, shown as $-1$):
+# The dilated band alone never connects different residues modulo $\delta$ (unreachable pairs, in grey):
 # that is why the paper mixes dilated heads with undilated ones — across heads the union of patterns is connected,
 # with a longer reach per layer.
