@@ -61,6 +61,7 @@ from typing import NamedTuple
 
 from ..backend import get_namespace
 from ..checks import check_causal, check_choice, check_float_array, check_qkv
+from ..nn.functional import softmax_forward
 from ..nn.sparse import attend_backward, attend_forward, pad_axis
 from ..registry import Mechanism, register
 
@@ -174,6 +175,23 @@ def weights(cache):
     return w
 
 
+def reference(q, k, v, E, F=None, *, causal=False, key_mask=None, sharing="headwise", scale=None):
+    """The paper's equation as one dense O(N M) formula: out = (P_bar F_M diag(mask)) V, with
+    P_bar = softmax(Q (E_M (K * mask))^T / sqrt(d)) — an oracle built without the kernel's cache."""
+    check_causal(causal, False, CAUSAL_WHY)
+    m = k.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    e = E[..., :m]
+    f = e if F is None else F[..., :m]
+    keep = 1.0 if key_mask is None else key_mask[..., :, None]
+    kp = e @ (k * keep)                                        # (..., k, d)
+    p_bar = softmax_forward((q * scale) @ kp.swapaxes(-1, -2))[0]   # (..., N, k)
+    w = p_bar @ f                                              # (..., N, M)
+    if key_mask is not None:
+        w = w * key_mask[..., None, :]
+    return w @ v
+
+
 def draw_projection(rng, k, n_max, *, heads=None):
     """Initial E or F: N(0, 1/n_max) entries, (k, n_max) or (heads, k, n_max), a host NumPy array.
 
@@ -219,5 +237,6 @@ MECHANISM = register(Mechanism(
     backward=backward,
     weights=weights,
     setup=setup,
+    reference=reference,
     summary="Learned k x N projections E, F compress keys and values along the sequence: O(N k).",
 ))

@@ -279,6 +279,48 @@ def weights(cache):
     return w
 
 
+def reference(q, k, v, conv_w=None, *, causal=False, key_mask=None, landmarks=64, iterations=6,
+              conv_kernel=None, scale=None):
+    """The paper's formula as a dense oracle: out = (F Z B + C) V with the landmarks built
+    segment by segment, the N x M matrix formed explicitly and C the dense banded conv matrix."""
+    check_causal(causal, False, CAUSAL_WHY)
+    xp = get_namespace(q, k, v)
+    n, mlen, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    m = landmarks
+    scale = d ** -0.5 if scale is None else float(scale)
+
+    def means(x, length, mask):
+        rows = []
+        for j in range(m):                                     # segment j: floor(i m / length) == j
+            lo, hi = -(-j * length // m), -(-(j + 1) * length // m)
+            seg = x[..., lo:hi, :]
+            w = xp.ones(seg.shape[:-1] + (1,), dtype=x.dtype) if mask is None else \
+                xp.broadcast_to(mask[..., lo:hi, None], seg.shape[:-1] + (1,)).astype(x.dtype)
+            rows.append((seg * w).sum(axis=-2) / xp.maximum(w.sum(axis=-2), 1.0))
+        return xp.stack(rows, axis=-2)                        # (..., m, d)
+
+    qt, kt = means(q, n, None), means(k, mlen, key_mask)
+    allowed = None if key_mask is None else key_mask[..., None, :]
+    f = softmax_forward((q * scale) @ kt.swapaxes(-1, -2))[0]          # (..., N, m)
+    a = softmax_forward((qt * scale) @ kt.swapaxes(-1, -2))[0]         # (..., m, m)
+    b = softmax_forward((qt * scale) @ k.swapaxes(-1, -2), allowed)[0]  # (..., m, M)
+    z = a.swapaxes(-1, -2) / (a.sum(axis=-2).max(axis=-1)[..., None, None] * a.sum(axis=-1).max(axis=-1)[..., None, None])
+    eye = xp.eye(m, dtype=q.dtype)
+    for _ in range(iterations):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    w = f @ z @ b                                              # (..., N, M)
+    if conv_w is not None:
+        i, j = xp.arange(n)[:, None], xp.arange(mlen)[None, :]
+        band = xp.zeros((conv_w.shape[0], n, mlen), dtype=q.dtype)
+        for t in range(conv_kernel):                           # C[i, i + t - kernel // 2] = conv_w[:, t]
+            band = band + conv_w[:, t, None, None] * (j == i + t - conv_kernel // 2)
+        if key_mask is not None:
+            band = band * key_mask[..., None, :]
+        w = w + band
+    return w @ v
+
+
 def default_landmarks(n):
     """64 landmarks at large n (the paper uses 32-64 on LRA), fewer than n so segments have several tokens."""
     return max(1, min(64, n // 2))
@@ -334,6 +376,7 @@ MECHANISM = register(Mechanism(
     backward=backward,
     weights=weights,
     setup=setup,
+    reference=reference,
     sizes=("landmarks", "iterations", "conv_kernel"),
     figures=_figures,
     summary="Landmark means and an iterative pseudo-inverse: softmax ~ F A^+ B, O(N m).",
