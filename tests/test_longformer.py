@@ -154,3 +154,18 @@ def test_registry_entry():
     assert SPEC.classes == ("FP", "M")
     assert SPEC.causal and SPEC.exact
     assert SPEC.notebook == "02_combination_of_patterns"
+
+
+def test_neighbour_blocks_backward_is_the_adjoint():
+    """<neighbour_blocks(x), y> == <x, neighbour_blocks_backward(y)> for random x, y."""
+    from effattn.nn.neighbours import neighbour_blocks, neighbour_blocks_backward
+
+    rng = np.random.default_rng(8)
+    for before, after in ((1, 1), (1, 0), (2, 1)):
+        x = rng.standard_normal((2, 5, 3, 4))
+        y = rng.standard_normal((2, 5, 3 * (before + 1 + after), 4))
+        lhs = (neighbour_blocks(x, before, after) * y).sum()
+        rhs = (x * neighbour_blocks_backward(y, before, after)).sum()
+        assert abs(lhs - rhs) < 1e-10
+        w = neighbour_blocks(np.arange(5.0)[:, None, None] * np.ones((5, 3, 1)), before, after)   # block ids
+        assert w[2, 0, 0] == 2 - before and w[2, -1, 0] == 2 + after

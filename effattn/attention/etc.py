@@ -69,7 +69,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..checks import check_causal, check_int, check_param, check_positive_float, check_qkv
+from ..checks import check_bool, check_causal, check_int, check_param, check_positive_float, check_qkv
 from ..nn.functional import softmax_forward
 from ..nn.neighbours import neighbour_blocks, neighbour_blocks_backward
 from ..nn.sparse import attend_backward, attend_forward, broadcast_shapes, dense_from_groups, group_mask, pad_axis, round_up
@@ -128,8 +128,7 @@ def _check_config(q, n, n_global, radius, max_distance, rel_emb, segment_ids, ha
     r = check_int("radius", radius)
     kmax = check_int("max_distance", max_distance)
     check_param("rel_emb", rel_emb, (2 * kmax + 1, q.shape[-1]), dtype=q.dtype)
-    if not isinstance(hard_l2g, bool):
-        raise ValueError(f"hard_l2g must be True or False, got {hard_l2g!r}")
+    hard_l2g = check_bool("hard_l2g", hard_l2g)
     if segment_ids is not None:
         if getattr(segment_ids, "dtype", None) is None or segment_ids.dtype.kind not in "iu":
             raise ValueError(f"segment_ids must be an integer array (N_l,) of global-token indices, got {type(segment_ids).__name__}")
@@ -140,7 +139,7 @@ def _check_config(q, n, n_global, radius, max_distance, rel_emb, segment_ids, ha
                              f"[{int(segment_ids.min())}, {int(segment_ids.max())}]")
     elif hard_l2g:
         raise ValueError("hard_l2g=True needs segment_ids")
-    return ng, r, kmax
+    return ng, r, kmax, hard_l2g
 
 
 # --------------------------------------------------------------------------- forward / backward
@@ -169,9 +168,11 @@ def forward(q, k, v, *, n_global, radius, max_distance, rel_emb, segment_ids=Non
     Returns out (..., N, dv), cache.
     """
     n, _, d, dv = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
-    ng, r, kmax = _check_config(q, n, n_global, radius, max_distance, rel_emb, segment_ids, hard_l2g, causal)
+    ng, r, kmax, hard_l2g = _check_config(q, n, n_global, radius, max_distance, rel_emb, segment_ids, hard_l2g, causal)
     scale = d ** -0.5 if scale is None else check_positive_float("scale", scale)
     xp = get_namespace(q, k, v)
+    if segment_ids is not None:
+        segment_ids = xp.asarray(segment_ids)              # host ids with device inputs: move them
     lead = tuple(q.shape[:-2])
     nl = n - ng
     c = 2 * kmax + 1
@@ -299,7 +300,7 @@ def reference(q, k, v, *, n_global, radius, max_distance, rel_emb, segment_ids=N
     """Dense O(N^2 d) oracle: e_ij = q_i . (k_j + a_{l(i,j)}) / sqrt(d) on g2g and l2l,
     q_i . k_j / sqrt(d) on g2l and l2g, masked by the ETC rule."""
     n, _, d, _ = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
-    ng, r, kmax = _check_config(q, n, n_global, radius, max_distance, rel_emb, segment_ids, hard_l2g, causal)
+    ng, r, kmax, hard_l2g = _check_config(q, n, n_global, radius, max_distance, rel_emb, segment_ids, hard_l2g, causal)
     xp = get_namespace(q, k, v)
     scale = d ** -0.5 if scale is None else scale
     pos = xp.arange(n)
