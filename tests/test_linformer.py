@@ -84,3 +84,13 @@ def test_masked_keys_contribute_zero_to_projections():
     out_short, _ = linformer.forward(q, k[..., :4, :], v[..., :4, :], E[:, :4], F[:, :4])
     np.testing.assert_allclose(out, out_short, atol=1e-12)  # masking the tail == dropping it
     assert np.all(linformer.weights(cache)[..., 4:] == 0)
+
+
+@pytest.mark.parametrize("sharing", linformer.SHARING)
+def test_reference_formula_every_sharing_mode(sharing):
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((2, 2, 8, 3)) for _ in range(3))
+    E, F = params(rng, sharing, 2, 3, 11)
+    km = rng.random((2, 1, 8)) > 0.3
+    out, _ = linformer.forward(q, k, v, E, F, sharing=sharing, key_mask=km)
+    np.testing.assert_allclose(linformer.reference(q, k, v, E, F, sharing=sharing, key_mask=km), out, atol=1e-12)

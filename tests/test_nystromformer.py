@@ -119,3 +119,13 @@ def test_errors():
         ny.forward(q, k, v, rng.standard_normal((2, 3)), landmarks=2)
     with pytest.raises(ValueError, match="conv_w"):
         ny.forward(q, k, v, rng.standard_normal((3, 3)), landmarks=2, conv_kernel=3)
+
+
+def test_dense_reference_with_mask_conv_and_ragged_segments():
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((2, 2, 13, 4)) for _ in range(3))
+    w = rng.standard_normal((2, 5)) / 5
+    km = rng.random((2, 1, 13)) > 0.3
+    out, _ = ny.forward(q, k, v, w, landmarks=5, conv_kernel=5, key_mask=km, iterations=4)
+    ref = ny.reference(q, k, v, w, landmarks=5, conv_kernel=5, key_mask=km, iterations=4)
+    np.testing.assert_allclose(ref, out, atol=1e-10)
