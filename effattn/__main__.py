@@ -171,7 +171,8 @@ def cmd_bench(args):
         backend.set_backend(args.backend)
     ns = args.n or (bench.QUICK_N if args.quick else bench.DEFAULT_N)
     rows, summary = bench.run(args.names, ns, d=args.d, causal=args.causal, repeats=1 if args.quick else args.repeats,
-                              full_max_n=args.full_max_n, max_seconds=args.max_seconds)
+                              full_max_n=args.full_max_n, max_seconds=args.max_seconds, clock=args.clock,
+                              threads=args.threads)
     print(bench.format_table(rows, summary))
     csv_path = bench.write_csv(rows, os.path.join(args.out, "scaling.csv"))
     paths = [csv_path] + bench.write_figures(rows, args.out)
@@ -221,6 +222,9 @@ def build_parser():
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--full-max-n", type=int, default=16384)
     s.add_argument("--max-seconds", type=float, default=60.0)
+    s.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time (default) or process CPU time (steadier on a shared machine)")
+    s.add_argument("--threads", type=int, help="set the BLAS thread count first (e.g. 1 on a busy machine)")
     s.add_argument("--backend", choices=["numpy", "cupy"])
     s.add_argument("--out", default="figures")
     s.add_argument("--json", action="store_true", help="also print the summary as JSON")

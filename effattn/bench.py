@@ -61,8 +61,17 @@ def _case(spec, n, d, dtype, causal):
     return case
 
 
-def measure(spec, n, *, d=64, dtype="float32", causal=False, repeats=3):
-    """One point: dict(name, n, time_s, peak_bytes)."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def measure(spec, n, *, d=64, dtype="float32", causal=False, repeats=3, clock="wall"):
+    """One point: dict(name, n, time_s, peak_bytes) for forward + backward of ``spec``'s
+    example at length n (B = H = 1, head size d). ``clock="cpu"`` times with the process's
+    CPU time, which other users of a shared machine barely move (on one BLAS thread it
+    equals the work done); "wall" is what a user waits. Kernels and layers alike."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {clock!r}")
+    tick = CLOCKS[clock]
     case = _case(spec, n, d, dtype, causal)
     out, cache = spec.forward(**case.inputs, **case.config)
     dout = backend.xp().ones_like(out)
@@ -71,11 +80,11 @@ def measure(spec, n, *, d=64, dtype="float32", causal=False, repeats=3):
     times = []
     for _ in range(repeats):
         _sync()
-        t0 = time.perf_counter()
+        t0 = tick()
         out, cache = spec.forward(**case.inputs, **case.config)
         spec.backward(dout, cache)
         _sync()
-        times.append(time.perf_counter() - t0)
+        times.append(tick() - t0)
         del out, cache
     peak = float("nan")
     if backend.get_backend() == "numpy":
@@ -88,7 +97,7 @@ def measure(spec, n, *, d=64, dtype="float32", causal=False, repeats=3):
         finally:
             tracemalloc.stop()
         del out, cache
-    return {"name": spec.name, "n": n, "d": d, "dtype": dtype, "causal": causal,
+    return {"name": spec.name, "n": n, "d": d, "dtype": dtype, "causal": causal, "clock": clock,
             "time_s": float(np.median(times)), "peak_bytes": float(peak)}
 
 
@@ -103,7 +112,7 @@ def fit_exponent(ns, values):
 
 
 def run(mech_names=None, ns=DEFAULT_N, *, d=64, dtype="float32", causal=False, repeats=3,
-        full_max_n=16384, max_seconds=60.0, progress=True):
+        full_max_n=16384, max_seconds=60.0, progress=True, clock="wall", threads=None):
     """Measure every requested mechanism at every N. Returns (rows, summary dict).
 
     ``full`` is skipped above ``full_max_n`` (an N x N float32 matrix at 65536 is 16 GiB);
@@ -111,12 +120,13 @@ def run(mech_names=None, ns=DEFAULT_N, *, d=64, dtype="float32", causal=False, r
     """
     from tqdm import tqdm
 
-    mech_names = list(mech_names or names("kernel"))
+    mech_names = list(mech_names or names())
     if "full" not in mech_names:
         mech_names = ["full"] + mech_names
     for name in mech_names:
-        if get(name).kind != "kernel":
-            raise ValueError(f"bench measures kernels; {name!r} is a {get(name).kind}")
+        get(name)  # unknown names fail before any work
+    if threads is not None and not backend.set_blas_threads(threads):
+        raise RuntimeError("could not set the BLAS thread count (no OpenBLAS found); run without --threads")
     rate = matmul_rate()
     rows = []
     jobs = [(name, n) for name in mech_names for n in sorted(ns)]
@@ -130,7 +140,7 @@ def run(mech_names=None, ns=DEFAULT_N, *, d=64, dtype="float32", causal=False, r
         if causal and not spec.causal:
             skip.add(name)
             continue
-        row = measure(spec, n, d=d, dtype=dtype, causal=causal, repeats=repeats)
+        row = measure(spec, n, d=d, dtype=dtype, causal=causal, repeats=repeats, clock=clock)
         rows.append(row)
         if row["time_s"] * repeats > max_seconds:
             skip.add(name)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import ctypes
 import json
 import math
 import os
@@ -161,27 +160,6 @@ def settings_from_args(args):
 
 
 # --------------------------------------------------------------------------- building
-def set_blas_threads(n):
-    """Set OpenBLAS's thread count at run time (the small matmuls here run ~10x faster on one
-    thread of a busy machine). Silently does nothing when the library is not found."""
-    try:
-        with open("/proc/self/maps") as fh:
-            libs = sorted({line.split()[-1] for line in fh if "openblas" in line and ".so" in line})
-    except OSError:
-        return False
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for fn in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
-                   "openblas_set_num_threads"):
-            if hasattr(lib, fn):
-                getattr(lib, fn)(int(n))
-                return True
-    return False
-
-
 def build(s):
     """(task, model, optimizer, schedule) for validated settings ``s``."""
     task = make_task(s["task"], seq_len=s["seq_len"], seed=s["seed"])
@@ -357,7 +335,7 @@ def _run(s, progress=True):
     if s["backend"] != backend.get_backend():
         backend.set_backend(s["backend"])
     if s["backend"] == "numpy":
-        set_blas_threads(s["threads"])
+        backend.set_blas_threads(s["threads"])
     t0 = time.time()
     task, model, opt, sched = build(s)
     rng = np.random.default_rng([s["seed"], 2])

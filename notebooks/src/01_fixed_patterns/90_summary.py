@@ -11,30 +11,17 @@
 # `python -m effattn bench` runs the same measurement up to $N = 16384$.
 
 # %%
-import json
-import os
-import subprocess
-import sys
-
-from effattn.bench import fit_exponent
+from effattn.backend import set_blas_threads
+from effattn.bench import fit_exponent, measure
 
 ns = [1024, 2048, 4096]
 names_fp = ["full"] + [n_ for n_ in effattn.names() if effattn.get(n_).notebook == "01_fixed_patterns"
                        and effattn.get(n_).kind == "kernel"]
-# Measured in a child process with one BLAS thread: on a busy shared machine, BLAS threads fighting for cores
-# slow the many small block products of the sparse mechanisms far more than full attention's one big product,
-# and the comparison would measure the scheduler instead of the algorithms.
-child = """
-import json, sys
-import effattn
-from effattn.bench import measure
-names, ns = json.loads(sys.argv[1])
-print(json.dumps({name: [measure(effattn.get(name), n, d=64, repeats=1) for n in ns] for name in names}))
-"""
-env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-result = subprocess.run([sys.executable, "-c", child, json.dumps([names_fp, ns])], env=env,
-                        capture_output=True, text=True, check=True)
-rows = json.loads(result.stdout)
+# One BLAS thread and CPU time: on a busy shared machine, BLAS threads fighting for cores slow the many small block
+# products of the sparse mechanisms far more than full attention's one big product, and wall time would measure the
+# scheduler instead of the algorithms.
+set_blas_threads(1)
+rows = {name: [measure(effattn.get(name), n, d=64, repeats=1, clock="cpu") for n in ns] for name in names_fp}
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
 for name, rs in rows.items():

@@ -14,11 +14,6 @@
 # decode causally, because every compressed slot mixes the whole sequence, future included.
 
 # %%
-import os
-
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")   # one BLAS thread (set before NumPy loads): CPU timings stay comparable
-
 import math
 import time
 

@@ -21,11 +21,6 @@
 # sums — an RNN with a constant-size state, so both can decode.
 
 # %%
-import os
-
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")   # one BLAS thread (set before NumPy loads): CPU timings stay comparable
-
 import math
 import time
 

@@ -5,29 +5,16 @@
 # 128). CPU time, so that other users of a shared machine barely move the numbers.
 
 # %%
-import tracemalloc
+from effattn.backend import set_blas_threads
+from effattn.bench import fit_exponent, measure
 
-from effattn.bench import fit_exponent
+set_blas_threads(1)  # one BLAS thread: CPU time then counts the work done, whatever else runs on the machine
 
 
-def cpu_measure(spec, n, causal=False, repeats=3):
-    """Forward + backward at B = H = 1, d = 64, float32: (CPU seconds, min over repeats; peak traced bytes).
-    CPU time (time.process_time) rather than wall time: other users of a shared machine barely move it."""
-    case = spec.example(np.random.default_rng(0), batch=1, heads=1, n=n, d=64, causal=causal, dtype="float32")
-    dout = np.ones((1, 1, n, 64), np.float32)
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        out, cache = spec.forward(**case.inputs, **case.config)
-        spec.backward(dout, cache)
-        times.append(time.process_time() - t0)
-        del out, cache
-    tracemalloc.start()
-    out, cache = spec.forward(**case.inputs, **case.config)
-    spec.backward(dout, cache)
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return min(times), peak
+def cpu_measure(spec, n, causal=False):
+    """Forward + backward at B = H = 1, d = 64, float32 (effattn.bench.measure): (CPU seconds, peak traced bytes)."""
+    r = measure(spec, n, d=64, causal=causal, repeats=3, clock="cpu")
+    return r["time_s"], r["peak_bytes"]
 
 
 ns = [512, 1024, 2048, 4096]
