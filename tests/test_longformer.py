@@ -158,7 +158,7 @@ def test_registry_entry():
 
 def test_neighbour_blocks_backward_is_the_adjoint():
     """<neighbour_blocks(x), y> == <x, neighbour_blocks_backward(y)> for random x, y."""
-    from effattn.nn.neighbours import neighbour_blocks, neighbour_blocks_backward
+    from effattn.nn.blockwise import neighbour_blocks, neighbour_blocks_backward
 
     rng = np.random.default_rng(8)
     for before, after in ((1, 1), (1, 0), (2, 1)):

@@ -71,7 +71,7 @@ from typing import NamedTuple
 from ..backend import get_namespace
 from ..checks import check_bool, check_causal, check_int, check_param, check_positive_float, check_qkv
 from ..nn.functional import softmax_forward
-from ..nn.neighbours import neighbour_blocks, neighbour_blocks_backward
+from ..nn.blockwise import neighbour_blocks, neighbour_blocks_backward
 from ..nn.sparse import attend_backward, attend_forward, broadcast_shapes, dense_from_groups, group_mask, pad_axis, round_up
 from ..registry import Mechanism, register
 

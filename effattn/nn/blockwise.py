@@ -5,7 +5,9 @@ blocks and whose keys are "the block plus some positions before / after it":
 blockwise local attention (:mod:`effattn.attention.local`, window = whole
 neighbouring blocks), the Image Transformer's 1-D local attention
 (:mod:`effattn.attention.image_local`, window = the block plus ``l_m``
-preceding pixels) and, applied once per image axis, its 2-D local attention.
+preceding pixels) and, applied once per image axis, its 2-D local attention;
+and, as whole neighbouring blocks (:func:`neighbour_blocks`), the windows of
+Longformer, ETC and BigBird.
 
 The trick (no gather with fancy indices, no scatter with ``add.at``): pad the
 sequence with ``before`` zeros in front and enough zeros behind so that its
@@ -32,7 +34,7 @@ from ..backend import get_namespace
 from .sparse import attend_backward, attend_forward, dense_from_groups, group_mask, pad_axis, round_up
 
 
-def _blocked_padded(x, block, before, n_chunks):
+def _blocked_padded(x, block, before, n_chunks, fill=0):
     """x (..., N, f) padded with ``before`` zeros in front and zeros behind, viewed as
     (..., G + n_chunks - 1, b, f) so that window g, chunk c is block g + c."""
     n = x.shape[-2]
@@ -41,15 +43,15 @@ def _blocked_padded(x, block, before, n_chunks):
     xp = get_namespace(x)
     pad = [(0, 0)] * x.ndim
     pad[-2] = (before, total - before - n)
-    xpad = xp.pad(x, pad) if (before or total != n) else x                  # (..., total, f)
+    xpad = xp.pad(x, pad, constant_values=fill) if (before or total != n) else x  # (..., total, f)
     return xpad.reshape(x.shape[:-2] + (total // block, block, x.shape[-1]))
 
 
-def block_windows(x, block, before, after):
+def block_windows(x, block, before, after, fill=0):
     """Windows of ``before + block + after`` rows around each block of ``block`` rows.
 
     x (..., N, f) -> (..., G, L, f) with G = ceil(N / block), L = before + block + after;
-    row t of window g is x[g * block - before + t] (zeros outside [0, N)).
+    row t of window g is x[g * block - before + t] (``fill`` outside [0, N)).
     """
     xp = get_namespace(x)
     n, f = x.shape[-2:]
@@ -57,7 +59,7 @@ def block_windows(x, block, before, after):
     g = -(-n // block)
     length = before + block + after
     n_chunks = -(-length // block)
-    xb = _blocked_padded(x, block, before, n_chunks)                           # (..., G + C - 1, b, f)
+    xb = _blocked_padded(x, block, before, n_chunks, fill)                     # (..., G + C - 1, b, f)
     out = xp.empty(lead + (g, length, f), dtype=x.dtype)                       # (..., G, L, f)
     for c in range(n_chunks):
         width = min(block, length - c * block)
@@ -78,6 +80,22 @@ def block_windows_backward(dw, n, block, before, after):
         dxb[..., c:c + g, :width, :] += dw[..., c * block:c * block + width, :]  # basic slices: views, no add.at
     dx = dxb.reshape(lead + ((g + n_chunks - 1) * block, f))
     return dx[..., before:before + n, :]
+
+
+def neighbour_blocks(xb, before, after, fill=0):
+    """Whole neighbouring blocks (Longformer, ETC, BigBird): xb (..., G, b, f) already cut
+    into blocks -> (..., G, (before + 1 + after) b, f), row block s of group c being block
+    c - before + s (``fill`` outside 0..G-1). :func:`block_windows` with whole blocks."""
+    g, b, f = xb.shape[-3:]
+    return block_windows(xb.reshape(xb.shape[:-3] + (g * b, f)), b, before * b, after * b, fill=fill)
+
+
+def neighbour_blocks_backward(gw, before, after):
+    """Adjoint of :func:`neighbour_blocks`: gw (..., G, C b, f) -> (..., G, b, f)."""
+    g, cb, f = gw.shape[-3:]
+    b = cb // (before + 1 + after)
+    dx = block_windows_backward(gw, g * b, b, before * b, after * b)
+    return dx.reshape(gw.shape[:-3] + (g, b, f))
 
 
 def window_positions(xp, g, block, before, after):
