@@ -56,6 +56,26 @@ def matmul_rate(n=1024, repeats=5, dtype="float32"):
     return 2.0 * n ** 3 / float(np.median(times))
 
 
+def attention_gemm_rate(n=4096, d=64, repeats=3, dtype="float32"):
+    """flop/s of the six products of full attention's forward + backward at this N and d
+    (QK^T, PV, P^T dO, dO V^T, dS K, dS^T Q): the rate full could reach if its softmax
+    passes were free. Context for the fraction of the square-matmul rate."""
+    rng = np.random.default_rng(0)
+    a = backend.asarray(rng.standard_normal((n, d)), dtype=dtype)
+    b = backend.asarray(rng.standard_normal((n, d)), dtype=dtype)
+    s = a @ b.T
+    steps = (lambda: a @ b.T, lambda: s @ a, lambda: s.T @ a, lambda: a @ b.T, lambda: s @ a, lambda: s.T @ a)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync()
+        t0 = time.perf_counter()
+        for f in steps:
+            f()
+        _sync()
+        best = min(best, time.perf_counter() - t0)
+    return 12.0 * n * n * d / best
+
+
 def _case(spec, n, d, dtype, causal):
     case = spec.example(np.random.default_rng(0), batch=1, heads=1, n=n, d=d, causal=causal, dtype=dtype)
     return case
@@ -128,6 +148,8 @@ def run(mech_names=None, ns=DEFAULT_N, *, d=64, dtype="float32", causal=False, r
     if threads is not None and not backend.set_blas_threads(threads):
         raise RuntimeError("could not set the BLAS thread count (no OpenBLAS found); run without --threads")
     rate = matmul_rate()
+    gemm_n = min(max(ns), full_max_n, 4096)
+    gemm_rate = attention_gemm_rate(gemm_n, d)
     rows = []
     jobs = [(name, n) for name in mech_names for n in sorted(ns)]
     skip = set()
@@ -144,7 +166,10 @@ def run(mech_names=None, ns=DEFAULT_N, *, d=64, dtype="float32", causal=False, r
         rows.append(row)
         if row["time_s"] * repeats > max_seconds:
             skip.add(name)
-    return rows, summarise(rows, rate, d)
+    summary = summarise(rows, rate, d)
+    summary["attention_gemm_gflops"] = gemm_rate / 1e9
+    summary["attention_gemm_n"] = gemm_n
+    return rows, summary
 
 
 def summarise(rows, rate, d):
@@ -164,9 +189,10 @@ def summarise(rows, rate, d):
         }
     if full:
         nmax = max(full)
-        flops = 12.0 * nmax * nmax * d
-        summary["full_fraction_of_matmul"] = flops / full[nmax]["time_s"] / rate
-        summary["full_peak_in_nn_matrices"] = full[nmax]["peak_bytes"] / (nmax * nmax * 4)
+        summary["full_fraction_of_matmul_by_n"] = {n: 12.0 * n * n * d / r["time_s"] / rate for n, r in full.items()}
+        summary["full_peak_in_nn_matrices_by_n"] = {n: r["peak_bytes"] / (n * n * 4) for n, r in full.items()}
+        summary["full_fraction_of_matmul"] = summary["full_fraction_of_matmul_by_n"][nmax]
+        summary["full_peak_in_nn_matrices"] = summary["full_peak_in_nn_matrices_by_n"][nmax]
         summary["full_n"] = nmax
     return summary
 
@@ -196,10 +222,14 @@ def write_figures(rows, out_dir):
 
 
 def format_table(rows, summary):
-    lines = [f"float32 matmul rate: {summary['matmul_gflops']:.1f} GFLOP/s"]
-    if "full_fraction_of_matmul" in summary:
-        lines.append(f"full at N={summary['full_n']}: {100 * summary['full_fraction_of_matmul']:.0f}% of the matmul rate, "
-                     f"peak memory {summary['full_peak_in_nn_matrices']:.2f} N x N float32 matrices")
+    lines = [f"float32 matmul rate (1024 x 1024 GEMM): {summary['matmul_gflops']:.1f} GFLOP/s"]
+    if "attention_gemm_gflops" in summary:
+        lines.append(f"full attention's own six GEMMs alone at N={summary['attention_gemm_n']}: "
+                     f"{summary['attention_gemm_gflops']:.1f} GFLOP/s "
+                     f"({100 * summary['attention_gemm_gflops'] / summary['matmul_gflops']:.0f}% of the matmul rate)")
+    for n, frac in summary.get("full_fraction_of_matmul_by_n", {}).items():
+        lines.append(f"full at N={n}: forward + backward at {100 * frac:.0f}% of the matmul rate, "
+                     f"peak memory {summary['full_peak_in_nn_matrices_by_n'][n]:.2f} N x N float32 matrices")
     lines.append(f"{'mechanism':22s} {'N':>6s} {'time (s)':>10s} {'peak MiB':>9s} {'x faster':>9s} {'mem/full':>9s}")
     for r in rows:
         lines.append(f"{r['name']:22s} {r['n']:6d} {r['time_s']:10.4f} {r['peak_bytes'] / 2**20:9.1f} "

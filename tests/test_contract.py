@@ -18,7 +18,7 @@ NAMES = effattn.names()
 KERNELS = effattn.names("kernel")
 CAUSAL = [n for n in NAMES if effattn.get(n).causal]
 EXACT = [n for n in KERNELS if effattn.get(n).exact]
-HYP = settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+HYP = settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
 def run(spec, case, **extra):

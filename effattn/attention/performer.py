@@ -188,16 +188,17 @@ def _features_forward(x, w, kernel, *, is_query, key_mask=None, causal=False):
         w = xp.concatenate([w, -w], axis=-2)                   # (..., 2m, d)
         wt = w.swapaxes(-1, -2)
     a = x @ wt                                                 # (..., N, m'): w_l . x
+    log_norm = 0.5 * math.log(w.shape[-2])                     # phi = exp(.) / sqrt(m') = exp(. - log sqrt(m'))
     if is_query:
-        a -= a.max(axis=-1, keepdims=True)                     # per query; -|x|^2/2 cancels too
+        a -= a.max(axis=-1, keepdims=True) + log_norm          # per query; -|x|^2/2 cancels too
     else:
-        a -= 0.5 * (x * x).sum(axis=-1, keepdims=True)         # w_l . x - |x|^2 / 2
+        a -= 0.5 * (x * x).sum(axis=-1, keepdims=True) + log_norm   # w_l . x - |x|^2 / 2
         if not causal:
             a -= _masked_max(a, key_mask, axes=(-2, -1))
         else:
             bound = 0.5 * (w * w).sum(axis=-1).max(axis=-1)    # max_l |w_l|^2 / 2: per head, data-free
             a -= xp.maximum(bound - 60.0, 0.0)[..., None, None].astype(a.dtype, copy=False)
-    phi = xp.exp(a, out=a) * (1.0 / math.sqrt(w.shape[-2]))   # (..., N, m')
+    phi = xp.exp(a, out=a)                                     # (..., N, m')
     return phi, FeatureCache(x, w, phi, None, None, kernel, is_query)
 
 

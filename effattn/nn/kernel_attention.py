@@ -126,7 +126,7 @@ def kernel_attention_backward(dout, cache):
         dden = -(dout * out).sum(axis=-1, keepdims=True) * inv     # (..., N, 1)
         dphi_q = dnum @ s.swapaxes(-1, -2) + dden * z[..., None, :]    # (..., N, m)
         ds = phi_q.swapaxes(-1, -2) @ dnum                         # (..., m, dv)
-        dz = (phi_q * dden).sum(axis=-2)                           # (..., m)
+        dz = (dden.swapaxes(-1, -2) @ phi_q)[..., 0, :]            # (..., 1, N) @ (..., N, m) -> (..., m)
         dphi_k = v @ ds.swapaxes(-1, -2) + dz[..., None, :]        # (..., M, m)
         dv = phi_k @ ds                                            # (..., M, dv)
         return {"phi_q": dphi_q, "phi_k": dphi_k, "v": dv}
