@@ -162,9 +162,9 @@ def test_tasks_are_deterministic_and_held_out_fixed():
     assert np.array_equal(rev["tgt"][:, 1:], rev["y"][:, :-1])
 
 
-@pytest.mark.skipif(not os.environ.get("EFFATTN_SLOW"), reason="training targets take ~2 min; set EFFATTN_SLOW=1")
 @pytest.mark.parametrize("task,target", [("copy", 0.95), ("listops", 0.30), ("lm", 0.35)])
 def test_default_training_targets(task, target):
+    """The CLI defaults reach the issue's targets (about 25 s for all three on an idle 2-core machine)."""
     res = train.run_train(args("--task", task))
     assert res["accuracy"] >= target, res
 
