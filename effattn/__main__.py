@@ -54,7 +54,11 @@ def cmd_readme(args):
     if extra:
         gallery.append("**Overview and scaling**\n\n" + " ".join(
             f'<img src="{f}" height="260" alt="{os.path.basename(f)}">' for f in extra) + "\n")
-    for marker, body in (("mechanisms", reg.markdown_table()), ("gallery", "\n".join(gallery))):
+    blocks = [("mechanisms", reg.markdown_table()), ("gallery", "\n".join(gallery))]
+    scaling_csv = os.path.join(args.figures, "scaling.csv")
+    if os.path.exists(scaling_csv) and "<!-- scaling:start -->" in text:
+        blocks.append(("scaling", scaling_table(scaling_csv)))
+    for marker, body in blocks:
         pat = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
         if not pat.search(text):
             raise ValueError(f"{args.path} has no <!-- {marker}:start/end --> markers")
@@ -62,6 +66,30 @@ def cmd_readme(args):
     open(args.path, "w").write(text)
     print(f"updated {args.path}")
     return 0
+
+
+def scaling_table(csv_path):
+    """Markdown summary of a bench CSV: fitted exponents and the ratios to full at the largest N."""
+    import csv
+
+    from .bench import fit_exponent
+
+    with open(csv_path) as fh:
+        rows = [dict(r, n=int(r["n"]), time_s=float(r["time_s"]), peak_bytes=float(r["peak_bytes"]))
+                for r in csv.DictReader(fh)]
+    full = {r["n"]: r for r in rows if r["name"] == "full"}
+    lines = ["| mechanism | N | time exponent | memory exponent | x faster than full (largest common N) | peak memory / full |",
+             "|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["name"] for r in rows):
+        pts = sorted((r for r in rows if r["name"] == name), key=lambda r: r["n"])
+        ns = [r["n"] for r in pts]
+        common = [r for r in pts if r["n"] in full]
+        last = common[-1] if common else None
+        speed = f"{full[last['n']]['time_s'] / last['time_s']:.1f}" if last else "-"
+        mem = f"{last['peak_bytes'] / full[last['n']]['peak_bytes']:.3f}" if last else "-"
+        lines.append(f"| `{name}` | {ns[0]}-{ns[-1]} | {fit_exponent(ns, [r['time_s'] for r in pts]):.2f} | "
+                     f"{fit_exponent(ns, [r['peak_bytes'] for r in pts]):.2f} | {speed} | {mem} |")
+    return "\n".join(lines)
 
 
 def _selected(only):
