@@ -49,3 +49,17 @@ def test_bad_arguments_exit_nonzero(argv):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code != 0
+
+
+def test_scaling_table_from_csv(tmp_path):
+    from effattn.__main__ import scaling_table
+
+    path = tmp_path / "scaling.csv"
+    rows = ["name,n,d,dtype,causal,time_s,peak_bytes,speedup_vs_full,memory_vs_full"]
+    for n in (1024, 2048, 4096):
+        rows.append(f"full,{n},64,float32,False,{(n / 1024) ** 2},{(n / 1024) ** 2 * 1e6},1,1")
+        rows.append(f"local,{n},64,float32,False,{n / 1024 * 0.1},{n / 1024 * 1e5},0,0")
+    path.write_text("\n".join(rows) + "\n")
+    table = scaling_table(str(path))
+    assert "| `full` | 1024-4096 | 2.00 | 2.00 | 1.0 | 1.000 |" in table
+    assert "| `local` | 1024-4096 | 1.00 | 1.00 | 40.0 | 0.025 |" in table
