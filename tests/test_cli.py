@@ -63,3 +63,13 @@ def test_scaling_table_from_csv(tmp_path):
     table = scaling_table(str(path))
     assert "| `full` | 1024-4096 | 2.00 | 2.00 | 1.0 | 1.000 |" in table
     assert "| `local` | 1024-4096 | 1.00 | 1.00 | 40.0 | 0.025 |" in table
+
+
+def test_figures_write_a_png_for_every_mechanism(tmp_path):
+    import effattn
+
+    assert main(["figures", "--out", str(tmp_path)]) == 0
+    written = [p.name for p in tmp_path.glob("*.png")]
+    missing = [n for n in effattn.names() if not any(w.startswith(n + "_") for w in written)]
+    assert not missing, f"no figure for {missing}"
+    assert "overview_patterns.png" in written
