@@ -185,8 +185,12 @@ def cmd_check(args):
         results.append(row)
     print(f"backend: {backend.get_backend()}")
     print(f"{'mechanism':20s} {'grad rel err':>12s} {'dense max err':>14s} {'out - W v':>10s}  result")
+    def cell(x, width):  # "-" where the check does not apply (no dense form, or a layer)
+        return f"{'-':>{width}s}" if x != x else f"{x:{width}.2e}"
+
     for r in results:
-        print(f"{r['name']:20s} {r['grad']:12.2e} {r['dense']:14.2e} {r['w@v']:10.2e}  {'PASS' if r['ok'] else 'FAIL'}")
+        print(f"{r['name']:20s} {cell(r['grad'], 12)} {cell(r['dense'], 14)} {cell(r['w@v'], 10)}  "
+              f"{'PASS' if r['ok'] else 'FAIL'}")
     failed = [r["name"] for r in results if not r["ok"]]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
