@@ -123,3 +123,15 @@ def check_param(name, a, shape, dtype=None):
     if dtype is not None and a.dtype != dtype:
         raise ValueError(f"{name} must have dtype {dtype} like the inputs, got {a.dtype}")
     return a
+
+
+def check_mlp_params(W1, b1, W2, b2, d, width, dtype, what):
+    """Parameters of :func:`effattn.nn.functional.mlp_forward`: W1 (d, d_h), b1 (d_h,),
+    W2 (d_h, L) with L >= width, b2 (L,). ``what`` says what the width counts."""
+    check_param("W1", W1, (d, None), dtype=dtype)
+    dh = W1.shape[1]
+    check_param("b1", b1, (dh,), dtype=dtype)
+    check_param("W2", W2, (dh, None), dtype=dtype)
+    if W2.shape[1] < width:
+        raise ValueError(f"W2 must have at least {what}={width} columns, got shape {tuple(W2.shape)}")
+    check_param("b2", b2, (W2.shape[1],), dtype=dtype)

@@ -150,3 +150,16 @@ def test_float32_stays_float32():
     assert F.cross_entropy_backward(cache).dtype == np.float32
     y, cache = F.gelu_forward(x)
     assert y.dtype == np.float32 and F.gelu_backward(y, cache).dtype == np.float32
+
+
+def test_mlp_with_sliced_output():
+    x = rng.standard_normal((2, 3, 4))
+    W1, b1, W2, b2 = rng.standard_normal((4, 5)), rng.standard_normal(5), rng.standard_normal((5, 7)), rng.standard_normal(7)
+    y, cache = F.mlp_forward(x, W1, b1, W2, b2, width=6)
+    np.testing.assert_allclose(y, (np.maximum(x @ W1 + b1, 0) @ W2 + b2)[..., :6])
+    dy = rng.standard_normal(y.shape)
+    g = F.mlp_backward(dy, cache)
+    f = lambda: F.mlp_forward(x, W1, b1, W2, b2, width=6)[0]  # noqa: E731
+    for name, arr in (("x", x), ("W1", W1), ("b1", b1), ("W2", W2), ("b2", b2)):
+        assert rel_error(g[name], fd(f, arr, dy)) < 1e-8, name
+    assert np.all(g["W2"][:, 6] == 0) and g["b2"][6] == 0

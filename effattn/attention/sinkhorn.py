@@ -114,7 +114,9 @@ import math
 from typing import NamedTuple
 
 from ..backend import asarray, get_namespace
-from ..checks import check_bool, check_float_array, check_int, check_param, check_positive_float, check_qkv
+from ..checks import (check_bool, check_float_array, check_int, check_mlp_params, check_positive_float,
+                      check_qkv)
+from ..nn.functional import mlp_backward, mlp_forward
 from ..nn.sparse import attend_backward, attend_forward, group_mask, pad_axis
 from ..registry import Mechanism, register
 
@@ -245,9 +247,7 @@ class SinkhornCache2(NamedTuple):
     mk: object           # (..., N_B, b, 1) float: real, unmasked key
     realf: object        # (..., N_B, b) the same, 2-d per block
     mass: object         # (..., N_B, b) real-token mass P @ realf of each sorted slot
-    s_in: object         # (..., N_B, d) SortNet input (summaries; causal: shifted)
-    z: object            # (..., N_B, d_h) SortNet pre-activation
-    h: object            # (..., N_B, d_h) ReLU(z)
+    mlp: object          # cache of the SortNet (nn.functional.mlp_forward) on the block summaries
     params: tuple        # W1, b1, W2, b2
     n: int
     b: int
@@ -289,13 +289,7 @@ def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_it
         if causal:
             raise ValueError("causal=True is not supported with sortcut: SortCut lets every query see the "
                              "first sorted blocks, which mix the whole sequence (the paper uses it for encoding)")
-    check_param("W1", W1, (d, None), dtype=q.dtype)
-    dh = W1.shape[1]
-    check_param("b1", b1, (dh,), dtype=q.dtype)
-    check_param("W2", W2, (dh, None), dtype=q.dtype)
-    if W2.shape[1] < nb:
-        raise ValueError(f"W2 must have at least N_B={nb} columns (one per block), got shape {tuple(W2.shape)}")
-    check_param("b2", b2, (W2.shape[1],), dtype=q.dtype)
+    check_mlp_params(W1, b1, W2, b2, d, nb, q.dtype, "N_B (one per block)")
     gumbel = _check_gumbel(gumbel, nb, q.dtype, xp)
     lead = tuple(q.shape[:-2])
     npad = nb * b
@@ -319,9 +313,7 @@ def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_it
         s_in = xp.concatenate([xp.zeros_like(summ[..., :1, :]), summ[..., :-1, :]], axis=-2)
     else:
         s_in = summ
-    z = s_in @ W1 + b1                                                   # (..., N_B, d) @ (d, d_h) -> (..., N_B, d_h)
-    h = xp.maximum(z, 0)
-    r = h @ W2[:, :nb] + b2[:nb]                                         # (..., N_B, d_h) @ (d_h, N_B) -> (..., N_B, N_B)
+    r, mlp = mlp_forward(s_in, W1, b1, W2, b2, width=nb)                 # (..., N_B, d) -> (..., N_B, N_B)
     if causal:
         support = xp.arange(nb)[None, :] < xp.arange(nb)[:, None]        # block i draws from j < i
     else:
@@ -382,7 +374,7 @@ def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_it
         bias = slot_bias[..., :nk, :].reshape(lead + (1, 1, nk * b))
         out, _, acache = attend_forward(qb.reshape(lead + (1, npad, d)), kc, vc, allowed, scale, bias=bias)
     out = out.reshape(lead + (npad, dv))[..., :n, :]
-    cache = SinkhornCache2(acache, sink, p, kzf, vzf, mk, realf, mass, s_in, z, h, (W1, b1, W2, b2), n, b, nb, tau,
+    cache = SinkhornCache2(acache, sink, p, kzf, vzf, mk, realf, mass, mlp, (W1, b1, W2, b2), n, b, nb, tau,
                            causal, sink is not None, sortcut, lead)
     return out, cache
 
@@ -393,7 +385,7 @@ def backward(dout, cache):
     c = cache
     lead, n, b, nb = c.lead, c.n, c.b, c.nb
     npad = nb * b
-    d = c.s_in.shape[-1]
+    d = c.attend.q.shape[-1]
     dv = dout.shape[-1]
     W1, b1, W2, b2 = c.params
     dout_p = pad_axis(dout, npad)
@@ -430,14 +422,9 @@ def backward(dout, cache):
         dp += dmass @ c.realf.swapaxes(-1, -2)                          # mass = P real: (..., N_B, b) @ (..., b, N_B)
         dla = sinkhorn_backward(dp * c.p, c.sink)                         # d log P = P * dP
         dr = dla * (1.0 / c.tau)                                          # log_alpha = (R + eps) / tau
-        hd = c.h.shape[-1]
-        dW2[:, :nb] = c.h.reshape(-1, hd).T @ dr.reshape(-1, nb)         # (d_h, rows) @ (rows, N_B)
-        db2[:nb] = dr.reshape(-1, nb).sum(axis=0)
-        dh = dr @ W2[:, :nb].T                                            # (..., N_B, N_B) @ (N_B, d_h)
-        dz = dh * (c.z > 0)
-        dW1[...] = c.s_in.reshape(-1, d).T @ dz.reshape(-1, hd)
-        db1[...] = dz.reshape(-1, hd).sum(axis=0)
-        ds_in = dz @ W1.T                                                 # (..., N_B, d)
+        gm = mlp_backward(dr, c.mlp)                                      # SortNet backward
+        dW1, db1, dW2, db2 = gm["W1"], gm["b1"], gm["W2"], gm["b2"]
+        ds_in = gm["x"]                                                   # (..., N_B, d)
         if c.causal:                                                      # s_in[i] = summ[i-1]
             dsumm = xp.concatenate([ds_in[..., 1:, :], xp.zeros_like(ds_in[..., :1, :])], axis=-2)
         else:

@@ -71,8 +71,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import asarray, get_namespace
-from ..checks import check_bool, check_int, check_param, check_qkv
-from ..nn.functional import softmax_backward, softmax_forward
+from ..checks import check_bool, check_int, check_mlp_params, check_param, check_qkv
+from ..nn.functional import mlp_backward, mlp_forward, softmax_backward, softmax_forward
 from ..registry import Mechanism, register
 from .full import combine_masks
 
@@ -82,7 +82,7 @@ class SynthCache(NamedTuple):
     p: object        # (..., N, M) softmax weights
     v: object        # (..., M, dv)
     out: object      # (..., N, dv)
-    saved: tuple     # what the logits' backward needs
+    saved: object    # what the logits' backward needs (dense: the MLP cache)
     params: dict     # the parameters used
     n: int
     m: int
@@ -129,17 +129,9 @@ def dense_forward(q, k, v, *, causal=False, key_mask=None, W1=None, b1=None, W2=
         for name, val in (("W1", W1), ("b1", b1), ("W2", W2), ("b2", b2)):
             if val is None:
                 raise ValueError(f"{name} is required by the dense synthesizer (or pass factorized=a with Wa, ba, Wb, bb)")
-        check_param("W1", W1, (d, None), dtype=q.dtype)
-        dh = W1.shape[1]
-        check_param("b1", b1, (dh,), dtype=q.dtype)
-        check_param("W2", W2, (dh, None), dtype=q.dtype)
-        if W2.shape[1] < m:
-            raise ValueError(f"W2 must have at least M={m} columns (L = N_max >= M), got shape {tuple(W2.shape)}")
-        check_param("b2", b2, (W2.shape[1],), dtype=q.dtype)
-        z = q @ W1 + b1                                                 # (..., N, d) @ (d, d_h) -> (..., N, d_h)
-        h = xp.maximum(z, 0)                                            # ReLU
-        logits = h @ W2[:, :m] + b2[:m]                                 # B = W2^T ReLU(W1^T X + b1) + b2: (..., N, M)
-        kind, saved, params = "dense", (q, z, h), {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
+        check_mlp_params(W1, b1, W2, b2, d, m, q.dtype, "M (L = N_max >= M)")
+        logits, mlp = mlp_forward(q, W1, b1, W2, b2, width=m)          # B = W2^T ReLU(W1^T X + b1) + b2: (..., N, M)
+        kind, saved, params = "dense", mlp, {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
     else:
         a = check_int("factorized", factorized)
         for name, val in (("Wa", Wa), ("ba", ba), ("Wb", Wb), ("bb", bb)):
@@ -211,17 +203,9 @@ def backward(dout, cache):
     dq = xp.zeros(lead + (c.n, c.d), dtype=dout.dtype)
     grads = {"q": dq, "k": xp.zeros(lead + (c.m, c.d), dtype=dout.dtype), "v": dv}
     if c.kind == "dense":
-        x, z, h = c.saved
-        W1, W2 = c.params["W1"], c.params["W2"]
-        dh_ = h.shape[-1]
-        L = W2.shape[1]
-        dW2 = h.reshape(-1, dh_).T @ db.reshape(-1, c.m)                 # (d_h, rows) @ (rows, M)
-        grads["W2"] = _pad_cols(dW2, L, xp)
-        grads["b2"] = _pad_cols(db.reshape(-1, c.m).sum(axis=0), L, xp)
-        dz = (db @ W2[:, :c.m].T) * (z > 0)                             # dZ = (dB W2^T) * ReLU'
-        grads["W1"] = x.reshape(-1, c.d).T @ dz.reshape(-1, dh_)
-        grads["b1"] = dz.reshape(-1, dh_).sum(axis=0)
-        grads["q"] = dz @ W1.T
+        gm = mlp_backward(db, c.saved)                                  # the MLP's backward (nn.functional)
+        grads["q"] = gm.pop("x")
+        grads.update(gm)
     elif c.kind == "dense_factorized":
         x, fa, fb = c.saved
         a, cc = fa.shape[-1], fb.shape[-1]

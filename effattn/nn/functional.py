@@ -218,6 +218,35 @@ def elu_backward(dy, cache):
     return dy * get_namespace(dy).where(pos, 1.0, e)
 
 
+# --------------------------------------------------------------------------- two-layer perceptron
+def mlp_forward(x, W1, b1, W2, b2, width=None):
+    """y = ReLU(x W1 + b1) W2[:, :width] + b2[:width]   (the paper's W2^T ReLU(W1^T x + b1) + b2).
+
+    x (..., d), W1 (d, d_h), b1 (d_h,), W2 (d_h, L), b2 (L,) -> y (..., width).
+    Only the first ``width`` <= L outputs are computed: Sinkhorn's SortNet and the
+    dense Synthesizer size W2 for a maximum length and slice it to the actual one.
+    """
+    width = W2.shape[1] if width is None else width
+    z, c1 = linear_forward(x, W1, b1)                     # (..., d) @ (d, d_h) -> (..., d_h)
+    h, c2 = relu_forward(z)
+    y, c3 = linear_forward(h, W2[:, :width], b2[:width])  # (..., d_h) @ (d_h, width) -> (..., width)
+    return y, (c1, c2, c3, W2.shape[1])
+
+
+def mlp_backward(dy, cache):
+    """{"x", "W1", "b1", "W2", "b2"}: the linear / ReLU / linear backwards in reverse order;
+    the unused columns of W2 and b2 (beyond ``width``) get zero gradient."""
+    c1, c2, c3, full_width = cache
+    g3 = linear_backward(dy, c3)
+    g1 = linear_backward(relu_backward(g3["x"], c2), c1)
+    xp = get_namespace(dy)
+
+    def pad(g):  # (..., width) -> (..., L)
+        return xp.concatenate([g, xp.zeros(g.shape[:-1] + (full_width - g.shape[-1],), dtype=g.dtype)], axis=-1)
+
+    return {"x": g1["x"], "W1": g1["W"], "b1": g1["b"], "W2": pad(g3["W"]), "b2": pad(g3["b"])}
+
+
 # --------------------------------------------------------------------------- dropout
 def dropout_forward(x, p, rng):
     """Inverted dropout with an explicit ``numpy.random.Generator`` (drawn on the host).
