@@ -96,9 +96,12 @@ def xp():
 
 
 def get_namespace(*arrays):
-    """Array module (numpy or cupy) of the given arrays; ``None`` entries are skipped.
+    """Array module (numpy or cupy) of the given arrays; ``None`` entries and Python scalars are skipped.
 
-    Raises ValueError when host and device arrays are mixed.
+    The one rule for choosing where arrays live: the module of the arrays given, and the active
+    backend (:func:`xp`) when none is given (``get_namespace()``, ``get_namespace(None)``), so a
+    pattern built from sizes alone lands where :func:`set_backend` says. Raises ValueError when host
+    and device arrays are mixed.
     """
     found = None
     for a in arrays:
@@ -110,6 +113,8 @@ def get_namespace(*arrays):
             found = space
         elif found != space:
             raise ValueError("arrays live on different backends (numpy and cupy); move them with effattn.backend.asarray")
+    if found is None:
+        return xp()
     if found == "cupy":
         return _import_cupy()
     return np
@@ -134,12 +139,6 @@ def to_numpy(a):
     if type(a).__module__.split(".")[0] == "cupy":
         return a.get()
     return np.asarray(a)
-
-
-def scatter_add(target, index, values):
-    """``target[index] += values`` with repeated indices accumulated (``xp.add.at``)."""
-    get_namespace(target).add.at(target, index, values)
-    return target
 
 
 def set_blas_threads(n: int) -> bool:

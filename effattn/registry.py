@@ -10,7 +10,8 @@ A mechanism module registers itself at import time::
 and every module under ``effattn/attention`` and ``effattn/layers`` is
 imported on the first :func:`get` / :func:`names`, so adding a file is all it
 takes to join the contract tests (``tests/test_contract.py``), ``python -m
-effattn list/figures/check/bench`` and the README table.
+effattn list/check/bench`` and the README table. :func:`get` and :func:`names`
+are the one public way to look mechanisms up (``effattn.get``, ``effattn.names``).
 
 Kernel mechanisms map ``(q, k, v) -> out``. Their :class:`Case` is built from
 ``setup(rng, n=..., d=..., heads=..., causal=..., dtype=...) -> (params, config)``:
@@ -164,21 +165,3 @@ def get(name: str) -> Mechanism:
     if name not in _REGISTRY:
         raise ValueError(f"unknown mechanism {name!r}; registered: {', '.join(names())}")
     return _REGISTRY[name]
-
-
-def all_mechanisms() -> list:
-    return [get(n) for n in names()]
-
-
-def markdown_table() -> str:
-    """The README's table of mechanisms."""
-    rows = ["| name | mechanism | paper | taxonomy | complexity | causal | exact | kind | notebook |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for m in all_mechanisms():
-        rows.append(
-            f"| `{m.name}` | {m.title} | [{m.citation}]({m.url}) | {', '.join(m.classes)} | {m.complexity} | "
-            f"{'yes' if m.causal else 'no'} | {'yes' if m.exact else 'approx.'} | {m.kind} | "
-            f"[{m.notebook}](notebooks/{m.notebook}.ipynb) |")
-    return "\n".join(rows)
-
-

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from effattn.__main__ import main
+from effattn.tools.cli import main
 
 
 def test_list_markdown_has_every_mechanism(capsys):
@@ -52,7 +52,7 @@ def test_bad_arguments_exit_nonzero(argv):
 
 
 def test_scaling_table_from_csv(tmp_path):
-    from effattn.__main__ import scaling_table
+    from effattn.tools.readme import scaling_table
 
     path = tmp_path / "scaling.csv"
     rows = ["name,n,d,dtype,causal,time_s,peak_bytes,speedup_vs_full,memory_vs_full"]

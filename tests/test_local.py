@@ -137,7 +137,7 @@ def test_registry_entry_and_figures(tmp_path):
                                       ("memory_compressed", {"compression": 4})])
 def test_fixed_pattern_kernels_inside_multi_head_attention(name, cfg):
     """setup() at max_len gives the parameters; shorter sequences re-run setup for their config only."""
-    from effattn.nn.modules import MultiHeadAttention
+    from effattn.models.attention import MultiHeadAttention
 
     rng = np.random.default_rng(0)
     mha = MultiHeadAttention(16, 2, np.random.default_rng(1), attention=name, attn_config=cfg, causal=True, max_len=40)

@@ -5,7 +5,7 @@ import pytest
 
 import effattn
 from effattn import registry
-from effattn.checks import check_causal
+from effattn.validate import check_causal
 from effattn.gradcheck import rel_error
 from effattn.models import IGNORE, Decoder, Encoder, EncoderDecoder
 

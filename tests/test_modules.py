@@ -8,10 +8,11 @@ import pytest
 
 import effattn
 from effattn import registry
-from effattn.checks import check_causal, check_qkv
+from effattn.validate import check_causal, check_qkv
 from effattn.gradcheck import numerical_gradient, rel_error
 from effattn.nn import functional as F
-from effattn.nn.modules import Embedding, FeedForward, LayerNorm, Linear, MultiHeadAttention
+from effattn.models.attention import MultiHeadAttention
+from effattn.nn.modules import Embedding, FeedForward, LayerNorm, Linear
 
 TOL = 1e-6
 

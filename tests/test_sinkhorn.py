@@ -260,7 +260,7 @@ def test_bad_config_raises():
 @pytest.mark.parametrize("causal", [False, True])
 def test_inside_multi_head_attention_at_shorter_lengths(causal):
     """Params are made once for max_len; W2 must cover the N_B of every shorter length."""
-    from effattn.nn.modules import MultiHeadAttention
+    from effattn.models.attention import MultiHeadAttention
 
     rng = np.random.default_rng(11)
     mha = MultiHeadAttention(8, 2, rng, attention="sinkhorn", causal=causal, max_len=60)

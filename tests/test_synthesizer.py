@@ -163,7 +163,7 @@ def test_key_mask_zeroes_columns():
 
 @pytest.mark.parametrize("name", ["synthesizer_dense", "synthesizer_random"])
 def test_inside_multi_head_attention_at_shorter_lengths(name):
-    from effattn.nn.modules import MultiHeadAttention
+    from effattn.models.attention import MultiHeadAttention
 
     rng = np.random.default_rng(12)
     mha = MultiHeadAttention(8, 2, rng, attention=name, causal=True, max_len=20)

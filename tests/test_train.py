@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import effattn
-from effattn import train
-from effattn.tasks import ListOps, listops_tokens, listops_value, make_task
+from effattn.tools import train
+from effattn.tools.tasks import ListOps, listops_tokens, listops_value, make_task
 
 TINY = ["--steps", "3", "--d-model", "16", "--heads", "2", "--layers", "1", "--batch-size", "4", "--eval-every", "0"]
 

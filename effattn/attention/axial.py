@@ -66,7 +66,7 @@ from typing import NamedTuple
 
 from ..backend import get_namespace, to_numpy
 from ..backend import xp as active_xp
-from ..checks import check_bool, check_int, check_positive_float, check_qkv
+from ..validate import check_bool, check_int, check_positive_float, check_qkv
 from ..nn.union import Part, union_backward, union_forward, union_weights
 from ..registry import Mechanism, register
 

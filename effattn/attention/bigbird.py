@@ -62,7 +62,7 @@ import numbers
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..checks import check_causal, check_int, check_positive_float, check_qkv
+from ..validate import check_causal, check_int, check_positive_float, check_qkv
 from ..nn.blockwise import neighbour_blocks, neighbour_blocks_backward
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, gather_rows, group_mask, pad_axis, scatter_rows
 from ..registry import Mechanism, register

@@ -69,10 +69,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..checks import check_bool, check_causal, check_int, check_param, check_positive_float, check_qkv
+from ..validate import broadcast_shapes, check_bool, check_causal, check_int, check_param, check_positive_float, check_qkv
 from ..nn.functional import softmax_forward
 from ..nn.blockwise import neighbour_blocks, neighbour_blocks_backward
-from ..nn.sparse import attend_backward, attend_forward, broadcast_shapes, dense_from_groups, group_mask, pad_axis, round_up
+from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask, pad_axis, round_up
 from ..registry import Mechanism, register
 
 WHY_NOT_CAUSAL = ("ETC's global tokens summarise the whole input (g2l attention reads every long token "

@@ -29,36 +29,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..checks import check_bool, check_positive_float, check_qkv
-from ..nn.sparse import attend_backward, attend_forward, broadcast_shapes
+from ..nn.sparse import attend_backward, attend_forward, combine_masks
+from ..validate import check_bool, check_qkv, check_scale
 from ..registry import Mechanism, register
 
 
 class FullCache(NamedTuple):
     attend: object   # AttendCache: q, k, v, P (..., N, M), out, scale
     allowed: object  # bool (..., N, M) or None: the combined mask
-
-
-def combine_masks(n, m, xp, *, causal=False, key_mask=None, mask=None, lead=()):
-    """AND of the causal, key and general masks as one boolean array broadcastable
-    to lead + (n, m); None when nothing is masked."""
-    allowed = None
-    if causal:
-        allowed = xp.arange(m)[None, :] <= xp.arange(n)[:, None]            # (N, M): j <= i
-    if key_mask is not None:
-        km = key_mask[..., None, :]                                          # (..., 1, M)
-        allowed = km if allowed is None else allowed & km
-    if mask is not None:
-        if getattr(mask, "dtype", None) is None or mask.dtype.kind != "b":
-            raise ValueError(f"mask must be a boolean array (True = may attend), got {getattr(mask, 'dtype', type(mask).__name__)}")
-        try:
-            shape = broadcast_shapes(tuple(mask.shape), tuple(lead) + (n, m))
-        except ValueError:
-            shape = None
-        if shape != tuple(lead) + (n, m):
-            raise ValueError(f"mask must broadcast to {tuple(lead) + (n, m)}, got shape {tuple(mask.shape)}")
-        allowed = mask if allowed is None else allowed & mask
-    return allowed
 
 
 def forward(q, k, v, *, causal=False, key_mask=None, mask=None, scale=None):
@@ -70,7 +48,7 @@ def forward(q, k, v, *, causal=False, key_mask=None, mask=None, scale=None):
     """
     n, m, d, _ = check_qkv(q, k, v, key_mask=key_mask)
     causal = check_bool("causal", causal)
-    scale = d ** -0.5 if scale is None else check_positive_float("scale", scale)
+    scale = check_scale(scale, d)
     xp = get_namespace(q, k, v)
     allowed = combine_masks(n, m, xp, causal=causal, key_mask=key_mask, mask=mask, lead=q.shape[:-2])
     out, _, cache = attend_forward(q, k, v, allowed, scale)
@@ -102,12 +80,6 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     return {}, {}
 
 
-def _figures(out_dir, rng):
-    from ..viz import full_figures
-
-    return full_figures(out_dir)
-
-
 MECHANISM = register(Mechanism(
     name="full",
     title="Full attention (Transformer)",
@@ -124,7 +96,6 @@ MECHANISM = register(Mechanism(
     weights=weights,
     setup=setup,
     pattern=pattern,
-    figures=_figures,
     subquadratic=False,
     summary="Dense scaled dot-product attention: the reference for every exact mechanism.",
 ))

@@ -79,7 +79,7 @@ import numbers
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..checks import check_bool, check_int, check_positive_float, check_qkv
+from ..validate import check_bool, check_int, check_positive_float, check_qkv
 from ..nn.blockwise import (band_pattern, block_windows, block_windows_backward, blockwise_backward,
                             blockwise_forward, blockwise_weights)
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask, pad_axis

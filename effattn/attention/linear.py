@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 from ..backend import get_namespace
 from ..backend import xp as _active_xp
-from ..checks import check_bool, check_causal, check_float_array, check_int, check_qkv
+from ..validate import check_bool, check_causal, check_float_array, check_int, check_qkv
 from ..nn.functional import elu_backward, elu_forward
 from ..nn.kernel_attention import (kernel_attention_backward, kernel_attention_forward,
                                    kernel_attention_loop, kernel_attention_weights,

@@ -60,7 +60,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..checks import check_causal, check_choice, check_float_array, check_qkv
+from ..validate import check_causal, check_choice, check_float_array, check_qkv
 from ..nn.functional import softmax_forward
 from ..nn.sparse import attend_backward, attend_forward, pad_axis
 from ..registry import Mechanism, register

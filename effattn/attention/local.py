@@ -64,7 +64,7 @@ layout; memory O(N (r + 1 + a) b). Complexity O(N b d) time (per head).
 from __future__ import annotations
 
 from ..backend import get_namespace
-from ..checks import check_bool, check_int, check_positive_float, check_qkv
+from ..validate import check_bool, check_int, check_positive_float, check_qkv
 from ..nn.blockwise import band_pattern, blockwise_backward, blockwise_forward, blockwise_weights
 from ..registry import Mechanism, register
 

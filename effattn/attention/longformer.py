@@ -77,7 +77,7 @@ import numbers
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..checks import check_bool, check_float_array, check_int, check_positive_float, check_qkv
+from ..validate import check_bool, check_float_array, check_int, check_positive_float, check_qkv
 from ..nn.functional import softmax_forward
 from ..nn.blockwise import neighbour_blocks, neighbour_blocks_backward
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, gather_rows, group_mask, pad_axis, round_up

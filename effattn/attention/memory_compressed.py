@@ -88,8 +88,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..checks import check_bool, check_int, check_param, check_positive_float, check_qkv
-from ..nn.sparse import (attend_backward, attend_forward, broadcast_shapes, dense_from_groups, group_mask,
+from ..validate import broadcast_shapes, check_bool, check_int, check_param, check_positive_float, check_qkv
+from ..nn.sparse import (attend_backward, attend_forward, dense_from_groups, group_mask,
                          pad_axis)
 from ..registry import Mechanism, register
 
@@ -318,7 +318,7 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64", compression=None):
     sequences, so that padding and partial slots are exercised, and 8 from n = 64 on (the
     N x N/k scores at N = 2048 then stay at 4 MiB in float64). Parameters shared by all heads;
     k is read from their shape, so one set of parameters serves every sequence length."""
-    from ..checks import check_int
+    from ..validate import check_int
 
     ks = (3 if n < 64 else 8) if compression is None else check_int("compression", compression)
     return draw_compression(rng, ks, d, dtype=dtype), {}

@@ -86,7 +86,7 @@ import math
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..checks import check_bool, check_causal, check_choice, check_float_array, check_int, check_qkv
+from ..validate import check_bool, check_causal, check_choice, check_float_array, check_int, check_qkv
 from ..nn.kernel_attention import (kernel_attention_backward, kernel_attention_forward,
                                    kernel_attention_loop, kernel_attention_weights)
 from ..registry import Mechanism, register

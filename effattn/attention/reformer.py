@@ -98,7 +98,7 @@ import math
 from typing import NamedTuple
 
 from ..backend import asarray, get_namespace, to_numpy
-from ..checks import check_bool, check_choice, check_float_array, check_int, check_positive_float, check_qkv
+from ..validate import check_bool, check_choice, check_float_array, check_int, check_positive_float, check_qkv
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask, pad_axis, round_up
 from ..registry import Mechanism, register
 

@@ -57,7 +57,7 @@ import math
 from typing import NamedTuple
 
 from ..backend import asarray, get_namespace, to_numpy
-from ..checks import check_bool, check_choice, check_float_array, check_int, check_positive_float, check_qkv
+from ..validate import check_bool, check_choice, check_float_array, check_int, check_positive_float, check_qkv
 from ..nn.functional import layer_norm_backward, layer_norm_forward
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, gather_rows, group_mask, scatter_rows
 from ..registry import Mechanism, register

@@ -114,7 +114,7 @@ import math
 from typing import NamedTuple
 
 from ..backend import asarray, get_namespace
-from ..checks import (check_bool, check_float_array, check_int, check_mlp_params, check_positive_float,
+from ..validate import (check_bool, check_float_array, check_int, check_mlp_params, check_positive_float,
                       check_qkv)
 from ..nn.functional import mlp_backward, mlp_forward
 from ..nn.sparse import attend_backward, attend_forward, group_mask, pad_axis

@@ -101,7 +101,7 @@ from typing import NamedTuple
 
 from ..backend import get_namespace
 from ..backend import xp as active_xp
-from ..checks import check_bool, check_choice, check_int, check_positive_float, check_qkv
+from ..validate import check_bool, check_choice, check_int, check_positive_float, check_qkv
 from ..nn.union import Part, union_backward, union_forward, union_weights
 from ..registry import Mechanism, register
 

@@ -71,10 +71,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import asarray, get_namespace
-from ..checks import check_bool, check_int, check_mlp_params, check_param, check_qkv
+from ..validate import check_bool, check_int, check_mlp_params, check_param, check_qkv
 from ..nn.functional import mlp_backward, mlp_forward, softmax_backward, softmax_forward
+from ..nn.sparse import combine_masks
 from ..registry import Mechanism, register
-from .full import combine_masks
 
 
 class SynthCache(NamedTuple):

@@ -101,7 +101,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import asarray, get_namespace
-from ..checks import check_bool, check_causal, check_choice, check_float_array, check_int, check_key_mask, check_param
+from ..validate import check_bool, check_causal, check_choice, check_float_array, check_int, check_key_mask, check_param
 from ..nn.functional import (layer_norm_backward, layer_norm_forward, linear_backward, linear_forward,
                              relu_backward, relu_forward)
 from ..nn.sparse import attend_backward, attend_forward

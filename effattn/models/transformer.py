@@ -29,11 +29,12 @@ from __future__ import annotations
 
 from .. import backend
 from ..backend import get_namespace, to_numpy
-from ..checks import check_choice, check_int
+from ..validate import check_choice, check_int
 from ..nn import functional as F
-from ..nn.modules import Embedding, FeedForward, LayerNorm, Linear, Module, MultiHeadAttention
+from ..nn.functional import IGNORE
+from ..nn.modules import Embedding, FeedForward, LayerNorm, Linear, Module
+from .attention import MultiHeadAttention
 
-IGNORE = -100  # target value ignored by the losses (padding)
 
 
 class Block(Module):

@@ -11,6 +11,7 @@ import math
 from ..backend import get_namespace
 
 NEG_INF = float("-inf")
+IGNORE = -100  # target value ignored by the losses (padding), as in PyTorch
 
 
 # --------------------------------------------------------------------------- linear
@@ -115,7 +116,7 @@ def log_softmax_backward(dlogp, cache):
     return dlogp - xp.exp(logp) * dlogp.sum(axis=axis, keepdims=True)
 
 
-def cross_entropy_forward(logits, targets, ignore_index=-100):
+def cross_entropy_forward(logits, targets, ignore_index=IGNORE):
     """Mean cross-entropy over the positions whose target != ignore_index.
 
     logits (..., C), targets (...) integers. Returns (loss, cache); loss is a
@@ -292,3 +293,15 @@ def sinusoidal_positions(n, dim, xp, dtype="float64", base=10000.0):
     pe[:, 0::2] = xp.sin(angle)[:, : (dim + 1) // 2]
     pe[:, 1::2] = xp.cos(angle)[:, : dim // 2]
     return pe.astype(dtype)
+
+
+def split_heads(x, heads):
+    """(..., N, H * d) -> (..., H, N, d): the model dimension cut into ``heads`` heads."""
+    *lead, n, dm = x.shape
+    return x.reshape(*lead, n, heads, dm // heads).swapaxes(-3, -2)
+
+
+def merge_heads(x):
+    """(..., H, N, d) -> (..., N, H * d): the inverse of :func:`split_heads`."""
+    *lead, h, n, d = x.shape
+    return x.swapaxes(-3, -2).reshape(*lead, n, h * d)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 from ..backend import get_namespace
-from ..checks import check_int
+from ..validate import check_int
 
 
 def _check_lr(lr):

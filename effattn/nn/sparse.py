@@ -34,6 +34,7 @@ import math
 from typing import NamedTuple
 
 from ..backend import get_namespace
+from ..validate import broadcast_shapes
 from .functional import NEG_INF, _ignore_divide
 
 LOG2E = 1.0 / math.log(2.0)
@@ -212,6 +213,29 @@ def group_mask(q_pos, k_pos, n, m, *, causal=False, key_mask=None, k_idx=None):
     return allowed
 
 
+def combine_masks(n, m, xp, *, causal=False, key_mask=None, mask=None, lead=()):
+    """AND of the causal, key and general masks as one boolean array broadcastable
+    to lead + (n, m); None when nothing is masked."""
+    allowed = None
+    if causal:
+        allowed = xp.arange(m)[None, :] <= xp.arange(n)[:, None]            # (N, M): j <= i
+    if key_mask is not None:
+        km = key_mask[..., None, :]                                          # (..., 1, M)
+        allowed = km if allowed is None else allowed & km
+    if mask is not None:
+        if getattr(mask, "dtype", None) is None or mask.dtype.kind != "b":
+            raise ValueError(f"mask must be a boolean array (True = may attend), got {getattr(mask, 'dtype', type(mask).__name__)}")
+        try:
+            shape = broadcast_shapes(tuple(mask.shape), tuple(lead) + (n, m))
+        except ValueError:
+            shape = None
+        if shape != tuple(lead) + (n, m):
+            raise ValueError(f"mask must broadcast to {tuple(lead) + (n, m)}, got shape {tuple(mask.shape)}")
+        allowed = mask if allowed is None else allowed & mask
+    return allowed
+
+
+
 def _gather_mask(key_mask, idx):
     xp = get_namespace(idx)
     lead = broadcast_shapes(key_mask.shape[:-1], idx.shape[:-2])
@@ -219,15 +243,3 @@ def _gather_mask(key_mask, idx):
     ii = xp.broadcast_to(idx, lead + idx.shape[-2:])
     g, b = ii.shape[-2:]
     return xp.take_along_axis(km, ii.reshape(lead + (g * b,)), axis=-1).reshape(lead + (g, b))
-
-
-def broadcast_shapes(*shapes):
-    """NumPy's broadcasting rule on shape tuples (pure Python, for either backend)."""
-    nd = max(len(s) for s in shapes)
-    out = []
-    for i in range(nd):
-        dims = {s[len(s) - nd + i] for s in shapes if len(s) - nd + i >= 0} - {1}
-        if len(dims) > 1:
-            raise ValueError(f"shapes {shapes} do not broadcast")
-        out.append(dims.pop() if dims else 1)
-    return tuple(out)

@@ -7,7 +7,7 @@
 # `python -m effattn bench` makes the same measurement for every mechanism.
 
 # %%
-from effattn.bench import fit_exponent, measure
+from effattn.tools.bench import fit_exponent, measure
 
 ns = [256, 512, 1024, 2048]
 rows = [measure(full, n, d=64, repeats=2) for n in ns]

@@ -12,6 +12,6 @@
 # 1. Pass `scale=1.0` instead of $1/\sqrt d$ and look at how peaked the rows of $P$ become for $d = 64$. Why did
 #    Vaswani et al. scale?
 # 2. Mask every key of one row. What do `out` and the gradients of that row look like, and why is that the right answer?
-# 3. Use `effattn.bench.measure` at N = 4096. How many N×N float32 matrices does the peak hold? Find them in
+# 3. Use `effattn.tools.bench.measure` at N = 4096. How many N×N float32 matrices does the peak hold? Find them in
 #    `effattn/nn/sparse.py`.
 # 4. With $D = 512$, at which $N$ does attention cost as much as the rest of the layer?

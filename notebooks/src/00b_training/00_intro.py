@@ -33,8 +33,8 @@ import numpy as np
 import effattn
 from effattn.gradcheck import rel_error
 from effattn.models import Decoder, Encoder, EncoderDecoder
-from effattn.train import train_model
-from effattn.viz import plot_pattern, plot_patterns
+from effattn.tools.train import train_model
+from effattn.figures.style import plot_pattern, plot_patterns
 
 T0 = time.time()
 print("kernels usable in a model:", ", ".join(effattn.names("kernel")))

@@ -1,7 +1,7 @@
 # %% [markdown]
 # ## Summary
 #
-# * `effattn.nn.modules.MultiHeadAttention` wraps any kernel: its learnable parameters come from the kernel's own
+# * `effattn.models.attention.MultiHeadAttention` wraps any kernel: its learnable parameters come from the kernel's own
 #   `setup` (created once for `max_len`), its configuration is re-made for each length with the same random draws.
 # * `effattn.models` stacks pre-LN blocks into an encoder, a decoder and an encoder-decoder; the backward is the
 #   modules' backwards chained in reverse, checked against finite differences for every parameter.

@@ -38,7 +38,7 @@ import numpy as np
 
 import effattn
 from effattn.gradcheck import check_gradients, rel_error
-from effattn.viz import plot_pattern, plot_patterns
+from effattn.figures.style import plot_pattern, plot_patterns
 
 full = effattn.get("full")
 fixed_pattern_names = [n for n in effattn.names() if effattn.get(n).notebook == "01_fixed_patterns"]

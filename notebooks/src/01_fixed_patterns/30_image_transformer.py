@@ -92,7 +92,7 @@ for spec, cfg in ((il1, {"block_length": 4, "memory_length": 5}),
 # unmasked memory of a whole block, then what the first and the last query of the block see in the masked version.
 
 # %%
-from effattn.viz_fixed import draw_image_block
+from effattn.figures.fixed_patterns import draw_image_block
 
 h_, w_ = 8, 12
 n1 = h_ * w_

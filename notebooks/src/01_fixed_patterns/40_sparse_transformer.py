@@ -46,7 +46,7 @@ import numpy as np
 import effattn
 from effattn.attention import sparse_transformer as st
 from effattn.gradcheck import check_gradients
-from effattn.viz import plot_pattern, plot_patterns
+from effattn.figures.style import plot_pattern, plot_patterns
 
 full = effattn.get("full")
 strided, fixed = effattn.get("sparse_strided"), effattn.get("sparse_fixed")

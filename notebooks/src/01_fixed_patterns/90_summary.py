@@ -12,7 +12,7 @@
 
 # %%
 from effattn.backend import set_blas_threads
-from effattn.bench import fit_exponent, measure
+from effattn.tools.bench import fit_exponent, measure
 
 ns = [1024, 2048, 4096]
 names_fp = ["full"] + [n_ for n_ in effattn.names() if effattn.get(n_).notebook == "01_fixed_patterns"

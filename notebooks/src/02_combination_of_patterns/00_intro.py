@@ -30,7 +30,7 @@ import numpy as np
 
 import effattn
 from effattn.gradcheck import check_gradients, rel_error
-from effattn.viz import plot_pattern, plot_patterns
+from effattn.figures.style import plot_pattern, plot_patterns
 
 for name in ("longformer", "etc", "bigbird"):
     s = effattn.get(name)

@@ -9,7 +9,7 @@
 # the memory is deterministic. `python -m effattn bench` measures up to $N = 16384$.
 
 # %%
-from effattn.bench import fit_exponent, measure
+from effattn.tools.bench import fit_exponent, measure
 
 ns = [1024, 2048, 4096]
 names_cp = ["full", "longformer", "etc", "bigbird"]

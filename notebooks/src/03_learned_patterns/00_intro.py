@@ -29,7 +29,7 @@ import effattn
 from effattn.attention import reformer as RF
 from effattn.attention import routing as RT
 from effattn.gradcheck import check_gradients
-from effattn.viz import plot_pattern, plot_patterns
+from effattn.figures.style import plot_pattern, plot_patterns
 
 for name in ("reformer", "routing"):
     s = effattn.get(name)

@@ -37,7 +37,7 @@ import numpy as np
 import effattn
 from effattn.attention import sinkhorn as sk
 from effattn.gradcheck import check_gradients, rel_error
-from effattn.viz import plot_pattern, plot_patterns
+from effattn.figures.style import plot_pattern, plot_patterns
 
 sinkhorn = effattn.get("sinkhorn")
 full = effattn.get("full")

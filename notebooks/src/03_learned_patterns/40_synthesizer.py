@@ -30,7 +30,7 @@ import effattn
 from effattn.attention import synthesizer as syn
 from effattn.gradcheck import check_gradients
 from effattn.nn.functional import sinusoidal_positions
-from effattn.viz import plot_patterns
+from effattn.figures.style import plot_patterns
 
 dense = effattn.get("synthesizer_dense")
 random_ = effattn.get("synthesizer_random")

@@ -46,7 +46,7 @@ for name, kept, overlap, nnz in rows:   # random support: the mass a random set 
 # the exponents and the ratio to `full`, not the absolute times. `python -m effattn bench` runs the full measurement.
 
 # %%
-from effattn.bench import fit_exponent, measure
+from effattn.tools.bench import fit_exponent, measure
 
 ns = [512, 1024, 2048, 4096]
 cost = {}

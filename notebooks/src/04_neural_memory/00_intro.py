@@ -37,7 +37,7 @@ import numpy as np
 import effattn
 from effattn.gradcheck import check_gradients, rel_error
 from effattn.layers import set_transformer as st
-from effattn.viz import plot_pattern, plot_patterns
+from effattn.figures.style import plot_pattern, plot_patterns
 
 full = effattn.get("full")
 for name in ("isab", "pma"):

@@ -10,7 +10,7 @@
 # also print the slope between the last two points).
 
 # %%
-from effattn.bench import fit_exponent
+from effattn.tools.bench import fit_exponent
 
 
 def measure_layer(fwd, bwd, inputs, config, repeats=3):

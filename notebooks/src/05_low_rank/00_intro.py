@@ -23,7 +23,7 @@ import numpy as np
 import effattn
 from effattn.backend import to_numpy
 from effattn.gradcheck import check_gradients
-from effattn.viz import plot_patterns
+from effattn.figures.style import plot_patterns
 
 linformer = effattn.get("linformer")
 nystromformer = effattn.get("nystromformer")

@@ -7,13 +7,13 @@
 
 # %%
 from effattn.backend import set_blas_threads
-from effattn.bench import fit_exponent, measure
+from effattn.tools.bench import fit_exponent, measure
 
 set_blas_threads(1)  # one BLAS thread: CPU time then counts the work done, whatever else runs on the machine
 
 
 def cpu_measure(spec, n, causal=False):
-    """Forward + backward at B = H = 1, d = 64, float32 (effattn.bench.measure): (CPU seconds, peak traced bytes)."""
+    """Forward + backward at B = H = 1, d = 64, float32 (effattn.tools.bench.measure): (CPU seconds, peak traced bytes)."""
     r = measure(spec, n, d=64, causal=causal, repeats=3, clock="cpu")
     return r["time_s"], r["peak_bytes"]
 

@@ -32,7 +32,7 @@ from effattn.attention import linear as linear_mod
 from effattn.attention import performer as performer_mod
 from effattn.backend import to_numpy
 from effattn.gradcheck import check_gradients
-from effattn.viz import plot_patterns
+from effattn.figures.style import plot_patterns
 
 performer = effattn.get("performer")
 linear = effattn.get("linear")

@@ -7,6 +7,7 @@ they never copy data.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 from .backend import get_namespace
@@ -41,9 +42,16 @@ def check_int(name, value, *, minimum=1):
 
 
 def check_positive_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    """``value`` must be a finite real number > 0 (not a bool); returned as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
     return float(value)
+
+
+def check_scale(scale, d):
+    """The logit scale of ``softmax(scale * q k^T)``: ``d ** -0.5`` when ``scale`` is None (Vaswani et al.),
+    else a finite positive number. Always a Python float, so a float32 computation stays float32."""
+    return d ** -0.5 if scale is None else check_positive_float("scale", scale)
 
 
 def check_bool(name, value):
@@ -79,10 +87,23 @@ def check_key_mask(key_mask, lead, m):
     return key_mask
 
 
+def broadcast_shapes(*shapes):
+    """NumPy's broadcasting rule on shape tuples (pure Python, for either backend)."""
+    nd = max(len(s) for s in shapes)
+    out = []
+    for i in range(nd):
+        dims = {s[len(s) - nd + i] for s in shapes if len(s) - nd + i >= 0} - {1}
+        if len(dims) > 1:
+            raise ValueError(f"shapes {shapes} do not broadcast")
+        out.append(dims.pop() if dims else 1)
+    return tuple(out)
+
+
 def _broadcastable(a, b):
-    for x, y in zip(reversed(a), reversed(b)):
-        if x != 1 and y != 1 and x != y:
-            return False
+    try:
+        broadcast_shapes(a, b)
+    except ValueError:
+        return False
     return True
 
 

@@ -1,9 +1,10 @@
-"""Figures: attention patterns, weight matrices, scaling curves (matplotlib, one shared style).
+"""The shared style of every figure: patterns, weight matrices, saving.
 
 Every function takes NumPy or CuPy arrays (moved to the host here) and either
 an existing ``ax`` or makes its own figure. ``save(fig, path)`` writes a PNG
-and closes the figure. Mechanism modules import from here lazily (inside
-their ``figures`` function) so importing effattn does not import matplotlib.
+and closes the figure. Only ``effattn.figures`` imports matplotlib: the compute
+packages (``nn``, ``attention``, ``layers``, ``models``) never do, and a test
+enforces it.
 """
 from __future__ import annotations
 
@@ -18,14 +19,14 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .backend import to_numpy  # noqa: E402
+from ..backend import to_numpy  # noqa: E402
 
 PATTERN_CMAP = ListedColormap(["#f4f4f4", "#1f5fa8"])
 WEIGHT_CMAP = "viridis"
 CATEGORY_CMAP = "tab20"
 
 
-def _host2d(a):
+def host2d(a):
     a = np.asarray(to_numpy(a))
     while a.ndim > 2:
         a = a[0]
@@ -40,7 +41,7 @@ def plot_pattern(matrix, ax=None, title=None, *, weights=None, grid=None, xlabel
     float/boolean style (default: by dtype). ``grid``: draw block lines every
     ``grid`` positions. Returns the axes.
     """
-    a = _host2d(matrix)
+    a = host2d(matrix)
     is_weights = a.dtype.kind == "f" if weights is None else weights
     if ax is None:
         side = 3.2 if a.shape[1] <= 64 else 4.2
@@ -92,51 +93,17 @@ def save(fig, path):
     return path
 
 
-def mechanism_pattern_figure(spec, rng=None, n=48, out_dir="figures"):
-    """Default figure of a kernel: the support of its effective attention matrix,
-    bidirectional and (if supported) causal, from its registered example."""
-    rng = np.random.default_rng(0) if rng is None else rng
+def mechanism_pattern_figure(spec, out_dir="figures", n=48):
+    """Default figure of a kernel, ``<name>_pattern.png``: the support of its effective attention
+    matrix (exact kernels) or the matrix itself (approximations), bidirectional and (if supported)
+    causal, from its registered example."""
     modes = [False, True] if spec.causal else [False]
     mats, titles = [], []
     for causal in modes:
         case = spec.example(np.random.default_rng(0), batch=1, heads=1, n=n, d=8, causal=causal)
         _, cache = spec.forward(**case.inputs, **case.config)
         w = spec.weights(cache)
-        mats.append(np.abs(_host2d(w)) > 0 if spec.exact else _host2d(w))
+        mats.append(np.abs(host2d(w)) > 0 if spec.exact else host2d(w))
         titles.append(f"{spec.name} ({'causal' if causal else 'bidirectional'})")
     fig = plot_patterns(mats, titles, suptitle=f"{spec.title}: {spec.complexity}", weights=not spec.exact)
     return save(fig, os.path.join(out_dir, f"{spec.name}_pattern.png"))
-
-
-def full_figures(out_dir):
-    """Full attention: bidirectional (encoder), causal (decoder), cross-attention (encoder-decoder)."""
-    n, m = 16, 24
-    ones = np.ones((n, n), bool)
-    fig = plot_patterns(
-        [ones, np.tril(ones), np.ones((n, m), bool)],
-        ["encoder: bidirectional", "decoder: causal", "encoder-decoder: cross (N=16, M=24)"],
-        suptitle="Full attention in the three modes")
-    return [save(fig, os.path.join(out_dir, "full_modes.png"))]
-
-
-def plot_scaling(rows, value="time_s", ax=None, title=None, ylabel=None):
-    """Log-log curves of a measured quantity against N, one line per mechanism.
-
-    rows: dicts with keys name, n and ``value``. Returns the axes.
-    """
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4.2))
-    by_name = {}
-    for r in rows:
-        by_name.setdefault(r["name"], []).append((r["n"], r[value]))
-    for name, pts in by_name.items():
-        pts.sort()
-        ax.loglog([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=name,
-                  lw=2.2 if name == "full" else 1.2, color="k" if name == "full" else None)
-    ax.set_xlabel("sequence length N")
-    ax.set_ylabel(ylabel or value)
-    if title:
-        ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    return ax

@@ -26,8 +26,8 @@ import tracemalloc
 
 import numpy as np
 
-from . import backend
-from .registry import get, names
+from .. import backend
+from ..registry import get, names
 
 DEFAULT_N = (1024, 2048, 4096, 8192, 16384)
 QUICK_N = (256, 512, 1024, 2048)
@@ -205,20 +205,6 @@ def write_csv(rows, path):
         w.writeheader()
         w.writerows(rows)
     return path
-
-
-def write_figures(rows, out_dir):
-    from . import viz
-
-    paths = []
-    for value, label, fname in (("time_s", "forward + backward time (s)", "scaling_time.png"),
-                                ("peak_bytes", "peak memory (bytes, tracemalloc)", "scaling_memory.png")):
-        pts = [r for r in rows if math.isfinite(r[value])]
-        if not pts:
-            continue
-        ax = viz.plot_scaling(pts, value=value, ylabel=label, title=f"{label} vs N (d=64, float32)")
-        paths.append(viz.save(ax.figure, os.path.join(out_dir, fname)))
-    return paths
 
 
 def format_table(rows, summary):

@@ -1,10 +1,9 @@
 """Figures of the fixed-pattern mechanisms (notebook 01): blocks on a grid, image-shaped
 memory pictures, compressed-slot visibility.
 
-Kept out of the compute modules (which never import numpy): each mechanism's
-``figures=`` callable imports this module lazily. Every function writes PNGs
-named ``<out_dir>/<mechanism>_*.png`` and returns their paths; the drawing
-helpers (:func:`draw_image_block`) are reused by the notebook.
+Every ``<name>_figures(out_dir, rng)`` writes PNGs named ``<out_dir>/<name>_*.png``
+and returns their paths; the drawing helpers (:func:`draw_image_block`) are reused
+by the notebook.
 """
 from __future__ import annotations
 
@@ -14,8 +13,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 
-from . import viz
-from .backend import to_numpy
+from ..backend import to_numpy
+from . import style as viz
 
 IMAGE_CMAP = ListedColormap(["#f4f4f4", "#9ecae1", "#1f5fa8"])
 
@@ -41,7 +40,7 @@ def draw_image_block(ax, image_shape, qpos, kpos, n, title=None):
 
 
 def local_figures(out_dir, rng=None):
-    from .attention.local import local_pattern
+    from ..attention.local import local_pattern
 
     n, b = 32, 8
     mats = [local_pattern(n, b, 0, False, xp=np), local_pattern(n, b, 1, False, xp=np),
@@ -57,7 +56,7 @@ def local_figures(out_dir, rng=None):
 
 
 def image_local_1d_figures(out_dir, rng=None):
-    from .attention.image_local import image_local_1d_pattern
+    from ..attention.image_local import image_local_1d_pattern
 
     h, w, lq, lm = 8, 12, 12, 18
     n = h * w
@@ -82,7 +81,7 @@ def image_local_1d_figures(out_dir, rng=None):
 
 
 def image_local_2d_figures(out_dir, rng=None):
-    from .attention.image_local import image_local_2d_pattern, image_shape_for, positions_2d
+    from ..attention.image_local import image_local_2d_pattern, image_shape_for, positions_2d
 
     shape, qs, fl = (12, 16), (4, 4), (3, 2)
     n = shape[0] * shape[1]
@@ -108,7 +107,7 @@ def image_local_2d_figures(out_dir, rng=None):
 
 
 def memory_compressed_figures(out_dir, rng=None):
-    from .attention.memory_compressed import draw_compression, forward, slot_visibility, weights
+    from ..attention.memory_compressed import draw_compression, forward, slot_visibility, weights
 
     rng = np.random.default_rng(0) if rng is None else rng
     n, k = 24, 4

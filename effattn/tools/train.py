@@ -34,10 +34,10 @@ import zipfile
 
 import numpy as np
 
-from . import backend
-from .models import MODES
-from .nn.modules import resolve_kernel
-from .nn.optim import Adam, WarmupDecay, clip_grad_norm
+from .. import backend
+from ..models import MODES
+from ..models.attention import resolve_kernel
+from ..nn.optim import Adam, WarmupDecay, clip_grad_norm
 from .tasks import DEFAULTS, TASKS, make_task
 
 FORMAT = "effattn-train-1"
@@ -373,17 +373,8 @@ def train_main(args) -> int:
     return 0
 
 
-def add_train_parser(subparsers):
-    """Register the ``train`` subcommand on an argparse ``subparsers`` object."""
-    p = subparsers.add_parser("train", help="train a small transformer with any attention on a generated task",
-                              description=__doc__.splitlines()[0])
-    add_train_arguments(p)
-    p.set_defaults(func=train_main)
-    return p
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m effattn.train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m effattn.tools.train", description=__doc__.splitlines()[0])
     add_train_arguments(ap)
     return train_main(ap.parse_args(argv))
 

@@ -1,0 +1,79 @@
+"""Every figure of effattn, apart from the compute code (which never imports matplotlib).
+
+One module per notebook (survey section), plus the shared style and the figures across
+mechanisms:
+
+    style.py                    plot_pattern, plot_patterns, save, the default pattern figure
+    background.py               00: full attention in the three modes
+    fixed_patterns.py           01: local, memory-compressed, Image Transformer, Sparse Transformer, axial
+    combination_of_patterns.py  02: Longformer, ETC, BigBird
+    learned_patterns.py         03: Reformer's buckets, Routing's clusters, Sinkhorn's sorting, Synthesizer
+    neural_memory.py            04: Set Transformer's inducing points and seeds
+    low_rank.py                 05: Linformer, Nystromformer
+    kernels.py                  06: Performer's features
+    scaling.py                  the overview of every kernel, the measured scaling curves
+
+:data:`FIGURES` maps each registry name to the function that draws its own figures,
+``fn(out_dir, rng) -> [paths]`` (``None``: only the default pattern figure).
+``python -m effattn figures`` calls :func:`write`, which draws, for every name, the
+default ``<name>_pattern.png`` (kernels) and then the function in the table.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import registry
+from . import (background, combination_of_patterns, fixed_patterns, kernels, learned_patterns, low_rank,
+               neural_memory, scaling)
+from .style import mechanism_pattern_figure
+
+FIGURES = {
+    "full": getattr(background, "full_figures", None),  # TRANSITIONAL
+    "local": getattr(fixed_patterns, "local_figures", None),  # TRANSITIONAL
+    "memory_compressed": getattr(fixed_patterns, "memory_compressed_figures", None),  # TRANSITIONAL
+    "image_local_1d": getattr(fixed_patterns, "image_local_1d_figures", None),  # TRANSITIONAL
+    "image_local_2d": getattr(fixed_patterns, "image_local_2d_figures", None),  # TRANSITIONAL
+    "sparse_strided": getattr(fixed_patterns, "sparse_strided_figures", None),  # TRANSITIONAL
+    "sparse_fixed": getattr(fixed_patterns, "sparse_fixed_figures", None),  # TRANSITIONAL
+    "axial": getattr(fixed_patterns, "axial_figures", None),  # TRANSITIONAL
+    "longformer": getattr(combination_of_patterns, "longformer_figures", None),  # TRANSITIONAL
+    "etc": getattr(combination_of_patterns, "etc_figures", None),  # TRANSITIONAL
+    "bigbird": getattr(combination_of_patterns, "bigbird_figures", None),  # TRANSITIONAL
+    "reformer": getattr(learned_patterns, "reformer_figures", None),  # TRANSITIONAL
+    "routing": getattr(learned_patterns, "routing_figures", None),  # TRANSITIONAL
+    "sinkhorn": getattr(learned_patterns, "sinkhorn_figures", None),  # TRANSITIONAL
+    "synthesizer_dense": getattr(learned_patterns, "synthesizer_dense_figures", None),  # TRANSITIONAL
+    "synthesizer_random": getattr(learned_patterns, "synthesizer_random_figures", None),  # TRANSITIONAL
+    "isab": getattr(neural_memory, "isab_figures", None),  # TRANSITIONAL
+    "pma": getattr(neural_memory, "pma_figures", None),  # TRANSITIONAL
+    "linformer": getattr(low_rank, "linformer_figures", None),  # TRANSITIONAL
+    "nystromformer": getattr(low_rank, "nystromformer_figures", None),  # TRANSITIONAL
+    "linear": getattr(kernels, "linear_figures", None),  # TRANSITIONAL
+    "performer": getattr(kernels, "performer_figures", None),  # TRANSITIONAL
+}
+
+
+def write(names=None, out_dir="figures", progress=False):
+    """Draw the figures of ``names`` (default: every registered mechanism, plus the overview)
+    into ``out_dir``; returns the paths written, in order."""
+    every = names is None
+    names = registry.names() if every else list(names)
+    for name in names:
+        registry.get(name)  # unknown names raise ValueError listing the valid ones
+        if name not in FIGURES:
+            raise ValueError(f"mechanism {name!r} has no entry in effattn.figures.FIGURES")
+    from tqdm import tqdm
+
+    written = []
+    for name in tqdm(names, desc="figures", disable=not progress):
+        spec = registry.get(name)
+        if spec.kind == "kernel":
+            written.append(mechanism_pattern_figure(spec, out_dir))
+        if FIGURES[name] is not None:
+            written.extend(FIGURES[name](out_dir, np.random.default_rng(0)))
+    if every:
+        written.append(scaling.overview_figure(out_dir))
+    return list(dict.fromkeys(written))
+
+
+__all__ = ["FIGURES", "write"]

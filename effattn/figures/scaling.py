@@ -1,0 +1,63 @@
+"""Figures across mechanisms: the overview of every kernel's effective attention, and the
+measured scaling curves that ``python -m effattn bench`` writes."""
+from __future__ import annotations
+
+import math
+import os
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .. import registry
+from .style import host2d, plot_patterns, save
+
+
+def overview_figure(out_dir, n=32):
+    """``overview_patterns.png``: every kernel's effective attention at ``n`` positions, one panel
+    each (exact kernels: their support; approximations: |W|)."""
+    mats, titles = [], []
+    for name in registry.names("kernel"):
+        spec = registry.get(name)
+        case = spec.example(np.random.default_rng(0), batch=1, heads=1, n=n, d=8, causal=False)
+        _, cache = spec.forward(**case.inputs, **case.config)
+        w = host2d(spec.weights(cache))
+        mats.append(np.abs(w) > 1e-12 if spec.exact else np.abs(w))
+        titles.append(f"{spec.name} [{','.join(spec.classes)}]")
+    fig = plot_patterns(mats, titles, suptitle=f"Effective attention of every kernel (N = {n})", ncols=6)
+    return save(fig, os.path.join(out_dir, "overview_patterns.png"))
+
+
+def plot_scaling(rows, value="time_s", ax=None, title=None, ylabel=None):
+    """Log-log curves of a measured quantity against N, one line per mechanism.
+
+    rows: dicts with keys name, n and ``value``. Returns the axes.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4.2))
+    by_name = {}
+    for r in rows:
+        by_name.setdefault(r["name"], []).append((r["n"], r[value]))
+    for name, pts in by_name.items():
+        pts.sort()
+        ax.loglog([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=name,
+                  lw=2.2 if name == "full" else 1.2, color="k" if name == "full" else None)
+    ax.set_xlabel("sequence length N")
+    ax.set_ylabel(ylabel or value)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return ax
+
+
+def scaling_figures(rows, out_dir, d=64, dtype="float32"):
+    """``scaling_time.png`` and ``scaling_memory.png`` from the rows of :func:`effattn.tools.bench.run`."""
+    paths = []
+    for value, label, fname in (("time_s", "forward + backward time (s)", "scaling_time.png"),
+                                ("peak_bytes", "peak memory (bytes, tracemalloc)", "scaling_memory.png")):
+        pts = [r for r in rows if math.isfinite(r[value])]
+        if not pts:
+            continue
+        ax = plot_scaling(pts, value=value, ylabel=label, title=f"{label} vs N (d={d}, {dtype})")
+        paths.append(save(ax.figure, os.path.join(out_dir, fname)))
+    return paths
