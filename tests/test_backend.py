@@ -1,33 +1,10 @@
-"""The backend rule: only effattn/backend.py chooses numpy or cupy."""
-import ast
-import pathlib
+"""The backend: choosing numpy or cupy (the import rule itself is enforced in test_architecture.py)."""
 
 import numpy as np
 import pytest
 
 import effattn
 from effattn import backend
-
-ROOT = pathlib.Path(effattn.__file__).parent
-COMPUTE = ["nn", "attention", "layers", "models"]
-
-
-def _imports(path):
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            yield from (a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            yield node.module.split(".")[0]
-
-
-@pytest.mark.parametrize("folder", COMPUTE)
-def test_compute_modules_never_import_numpy_or_cupy(folder):
-    files = list((ROOT / folder).rglob("*.py"))
-    bad = {str(f.relative_to(ROOT)): sorted(set(_imports(f)) & {"numpy", "cupy", "cupyx"}) for f in files}
-    bad = {k: v for k, v in bad.items() if v}
-    assert not bad, f"compute modules import numpy/cupy directly (use effattn.backend.get_namespace): {bad}"
-
 
 def test_default_backend_and_namespace():
     assert backend.get_backend() in ("numpy", "cupy")

@@ -1,4 +1,5 @@
 """The command line: every subcommand runs, errors are one clear line with a non-zero exit."""
+import pathlib
 import subprocess
 import sys
 
@@ -73,3 +74,7 @@ def test_figures_write_a_png_for_every_mechanism(tmp_path):
     missing = [n for n in effattn.names() if not any(w.startswith(n + "_") for w in written)]
     assert not missing, f"no figure for {missing}"
     assert "overview_patterns.png" in written
+    # every committed figure (but the bench's scaling curves) is one the command writes
+    committed = {p.name for p in (pathlib.Path(__file__).parents[1] / "figures").glob("*.png")}
+    lost = sorted(n for n in committed - set(written) if not n.startswith("scaling_"))
+    assert not lost, f"figures/ holds PNGs that python -m effattn figures no longer writes: {lost}"

@@ -84,9 +84,7 @@ def scatter_rows(g, idx, n):
     lead = g.shape[:-3]
     gg, b, d = g.shape[-3:]
     idx = xp.broadcast_to(idx, lead + (gg, b))
-    lead_size = 1
-    for s in lead:
-        lead_size *= s
+    lead_size = math.prod(lead)
     flat = idx.reshape(lead_size, gg * b) + (xp.arange(lead_size) * n)[:, None]
     out = xp.zeros((lead_size * n, d), dtype=g.dtype)
     xp.add.at(out, flat.reshape(-1), g.reshape(-1, d))
@@ -185,9 +183,7 @@ def dense_from_groups(pb, q_idx, k_idx, n, m):
     g, bq, bk = pb.shape[-3:]
     qi = xp.broadcast_to(q_idx[..., :, :, None], lead + (g, bq, bk))
     ki = xp.broadcast_to(k_idx[..., :, None, :], lead + (g, bq, bk))
-    lead_size = 1
-    for s in lead:
-        lead_size *= s
+    lead_size = math.prod(lead)
     flat = (qi.reshape(lead_size, -1) * m + ki.reshape(lead_size, -1)) + (xp.arange(lead_size) * (n * m))[:, None]
     w = xp.zeros(lead_size * n * m, dtype=pb.dtype)
     xp.add.at(w, flat.reshape(-1), pb.reshape(-1))
