@@ -9,7 +9,9 @@ import pytest
 
 import effattn
 from effattn.attention import axial
+from effattn.figures import FIGURES
 from effattn.gradcheck import check_gradients
+from effattn.nn.image import default_image_shape
 
 FULL = effattn.get("full")
 
@@ -36,9 +38,11 @@ def qkv(rng, b, h, n, d=4, dv=3):
 def test_fast_path_equals_dense_masked_by_rule(axis, causal):
     rng = np.random.default_rng(0)
     for n, shape in ((5, None), (12, (3, 4)), (23, None), (30, (4, 8)), (17, (17, 1)), (17, (1, 17))):
-        rows, cols = shape or axial.default_shape(n)
+        rows, cols = shape or default_image_shape(n)
         mask = oracle_mask(n, rows, cols, axis, causal)
-        assert np.array_equal(axial.axial_pattern(n, (rows, cols), axis, causal=causal), mask)
+        assert np.array_equal(axial.build_pattern(n, shape=(rows, cols), axis=axis, causal=causal), mask)
+        if shape is None:
+            assert np.array_equal(axial.build_pattern(n, axis=axis, causal=causal), mask)
         q, k, v = qkv(rng, 2, 2, n)
         km = rng.random((2, 1, n)) > 0.3
         km[..., 0] = True
@@ -67,9 +71,9 @@ def test_rows_and_columns_are_full_attention_on_the_reshaped_grid():
 def test_both_is_the_union_of_row_and_column_under_one_softmax():
     n, shape = 20, (4, 5)
     for causal in (False, True):
-        row = axial.axial_pattern(n, shape, "row", causal=causal)
-        col = axial.axial_pattern(n, shape, "column", causal=causal)
-        both = axial.axial_pattern(n, shape, "both", causal=causal)
+        row = axial.build_pattern(n, shape=shape, axis="row", causal=causal)
+        col = axial.build_pattern(n, shape=shape, axis="column", causal=causal)
+        both = axial.build_pattern(n, shape=shape, axis="both", causal=causal)
         assert np.array_equal(both, row | col)
         assert np.array_equal(row & col, np.eye(n, dtype=bool))     # they share only the query itself
         assert both.sum(1).max() <= shape[0] + shape[1] - 1
@@ -106,7 +110,7 @@ def test_gradients(axis):
 
 def test_default_shape_and_bad_configuration():
     for n in (1, 2, 5, 16, 17, 47, 1000, 2048):
-        r, c = axial.default_shape(n)
+        r, c = default_image_shape(n)
         assert r * c >= n and r * c - n < c and abs(r - c) <= 1
     q = np.ones((1, 1, 10, 2))
     for bad in ((3, 3), (0, 10), (-1, 5), 10, ()):
@@ -124,3 +128,9 @@ def test_score_entries_grow_like_n_sqrt_n():
         return sum(a.p.size for a in cache.union.attends)
 
     assert np.log(entries(16384) / entries(1024)) / np.log(16) < 1.6
+
+
+def test_figures(tmp_path):
+    paths = FIGURES["axial"](str(tmp_path), np.random.default_rng(0))
+    assert [p.split("/")[-1] for p in paths] == ["axial_grid.png", "axial_masks.png"]
+    assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)

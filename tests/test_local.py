@@ -7,6 +7,7 @@ import pytest
 import effattn
 from effattn.attention import local
 from effattn.attention.full import forward as full_forward
+from effattn.figures import FIGURES
 from effattn.gradcheck import check_gradients
 from effattn.nn.blockwise import block_windows, block_windows_backward, window_positions
 
@@ -34,14 +35,14 @@ def test_matches_per_query_loop(n, b, r, a, causal):
     out, _ = local.forward(q, k, v, block=b, look_back=r, look_ahead=a, causal=causal, key_mask=km)
     for bi in range(2):
         for h in range(3):
-            ref = local.local_loop(q[bi, h], k[bi, h], v[bi, h], block=b, look_back=r, look_ahead=a,
-                                   causal=causal, key_mask=km[bi, 0])
+            ref = local.loop(q[bi, h], k[bi, h], v[bi, h], block=b, look_back=r, look_ahead=a,
+                             causal=causal, key_mask=km[bi, 0])
             np.testing.assert_allclose(out[bi, h], ref, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("n,b,r,a,causal", [(11, 3, 1, 0, True), (16, 4, 2, 1, False), (5, 8, 1, 0, False)])
 def test_pattern_helper_is_the_rule(n, b, r, a, causal):
-    pat = local.local_pattern(n, b, r, causal, look_ahead=a, xp=np)
+    pat = local.build_pattern(n, block=b, look_back=r, look_ahead=a, causal=causal, xp=np)
     ref = np.array([[rule(i, j, b, r, a, causal) for j in range(n)] for i in range(n)])
     assert np.array_equal(pat, ref)
 
@@ -51,7 +52,7 @@ def test_weights_support_and_rows():
     q, k, v = qkv(rng, (1, 2, 23, 4))
     out, cache = local.forward(q, k, v, block=5, look_back=1, causal=True)
     w = local.weights(cache)
-    assert np.array_equal(w[0, 0] != 0, local.local_pattern(23, 5, 1, True, xp=np))
+    assert np.array_equal(w[0, 0] != 0, local.build_pattern(23, block=5, look_back=1, causal=True, xp=np))
     np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-12)
     np.testing.assert_allclose(out, w @ v, atol=1e-12)
 
@@ -128,7 +129,7 @@ def test_validation():
 def test_registry_entry_and_figures(tmp_path):
     spec = effattn.get("local")
     assert spec.notebook == "01_fixed_patterns" and spec.classes == ("FP",) and spec.exact and spec.causal
-    paths = spec.figures(str(tmp_path), np.random.default_rng(0))
+    paths = FIGURES["local"](str(tmp_path), np.random.default_rng(0))
     assert paths and all(p.endswith(".png") and "local_" in p for p in paths)
     assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)
 

@@ -7,6 +7,7 @@ import pytest
 import effattn
 from effattn.attention import memory_compressed as mc
 from effattn.attention.full import forward as full_forward
+from effattn.figures import FIGURES
 from effattn.gradcheck import check_gradients
 
 
@@ -14,7 +15,7 @@ def make(rng, lead, n, m, d, dv, k):
     q = rng.standard_normal((*lead, n, d))
     kk = rng.standard_normal((*lead, m, d))
     v = rng.standard_normal((*lead, m, dv))
-    return q, kk, v, mc.draw_compression(rng, k, d)
+    return q, kk, v, mc.init_compression(rng, k, d)
 
 
 @pytest.mark.parametrize("n,m,k,causal,masked", [(13, 13, 3, True, False), (13, 13, 3, False, True),
@@ -134,8 +135,8 @@ def test_validation():
 
 def test_registry_entry_and_figures(tmp_path):
     spec = effattn.get("memory_compressed")
-    assert spec.notebook == "01_fixed_patterns" and "FP" in spec.classes and spec.reference is not None
-    paths = spec.figures(str(tmp_path), np.random.default_rng(0))
+    assert spec.notebook == "01_fixed_patterns" and spec.classes == ("FP", "M") and spec.reference is not None
+    paths = FIGURES["memory_compressed"](str(tmp_path), np.random.default_rng(0))
     assert len(paths) == 2 and all("memory_compressed_" in p for p in paths)
 
 

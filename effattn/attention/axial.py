@@ -12,7 +12,8 @@ row layer followed by a column layer already connects every pair of pixels.
 
 Layout. Position i of the (padded) sequence is the raster-order cell
 (i // c, i mod c) of a grid ``shape = (r, c)`` (any number of axes works:
-``shape = (s_0, ..., s_{k-1})``, C order, the last axis varies fastest).
+``shape = (s_0, ..., s_{k-1})``, C order, the last axis varies fastest;
+:func:`effattn.nn.image.raster_coords`).
 
     row    attention:  A_row(i)    = {j : row(j) = row(i)}       (the last axis)
     column attention:  A_column(i) = {j : col(j) = col(i)}       (the second-to-last axis)
@@ -28,8 +29,10 @@ has the O(N sqrt N) support the survey draws; the paper applies row and
 column attention in SEPARATE layers — pass axis="row" / "column" to each
 layer to do that), an int (one grid axis) or a tuple of ints (union over
 those axes). ``shape=None`` picks a near-square grid c = ceil(sqrt N),
-r = ceil(N / c); when r c > N the tail of the last row is padding, masked
-(so the last row is shorter and the last columns one cell shorter).
+r = ceil(N / c) (:func:`effattn.nn.image.default_image_shape`, also the
+Image Transformer's default image); when r c > N the tail of the last row is
+padding, masked (so the last row is shorter and the last columns one cell
+shorter).
 lucidrains' ``axial-attention`` (``AxialAttention(dim, num_dimensions=2,
 dim_index=..., sum_axial_out=True)``) takes the tensor already shaped
 (B, r, c, d) (so N must equal r c, no padding) and has no causal or padding
@@ -64,9 +67,9 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from ..backend import get_namespace, to_numpy
-from ..backend import xp as active_xp
-from ..validate import check_bool, check_int, check_positive_float, check_qkv
+from ..backend import get_namespace
+from ..validate import check_bool, check_int, check_qkv, check_scale
+from ..nn.image import default_image_shape, raster_coords
 from ..nn.union import Part, union_backward, union_forward, union_weights
 from ..registry import Mechanism, register
 
@@ -79,14 +82,7 @@ class AxialCache(NamedTuple):
     n: int
 
 
-def default_shape(n):
-    """A near-square grid for n positions: c = ceil(sqrt n) columns, r = ceil(n / c) rows."""
-    n = check_int("n", n)
-    cols = math.isqrt(n - 1) + 1 if n > 1 else 1   # ceil(sqrt(n))
-    return (-(-n // cols), cols)
-
-
-def check_shape(shape, n):
+def _check_shape(shape, n):
     """``shape``: a tuple of >= 1 positive ints whose product is >= n (the padded grid)."""
     if not isinstance(shape, (tuple, list)) or len(shape) < 1:
         raise ValueError(f"shape must be a tuple of positive grid sizes, e.g. (rows, cols), got {shape!r}")
@@ -96,7 +92,7 @@ def check_shape(shape, n):
     return shape
 
 
-def resolve_axes(axis, ndim):
+def _resolve_axes(axis, ndim):
     """axis ("row" | "column" | "both" | int | tuple of ints) -> sorted tuple of grid axes."""
     names = {"row": (ndim - 1,), "column": (ndim - 2,) if ndim >= 2 else None, "both": tuple(range(ndim))}
     if isinstance(axis, str):
@@ -115,23 +111,15 @@ def resolve_axes(axis, ndim):
     return tuple(sorted(out))
 
 
-def _coords(pos, shape):
-    """Grid coordinates of raster positions: list of arrays, one per axis (C order)."""
-    coords = []
-    rest = pos
-    for s in reversed(shape):
-        coords.append(rest % s)
-        rest = rest // s
-    return coords[::-1]
-
-
-def axial_pattern(n, shape, axis="both", *, causal=False, xp=None):
+def build_pattern(n, *, shape=None, axis="both", causal=False, xp=None):
     """The rule as a bool (n, n) mask: j shares every grid coordinate of i except
-    along one of the attended axes (and j <= i if causal)."""
-    xp = active_xp() if xp is None else xp
-    axes = resolve_axes(axis, len(shape))
-    ci = _coords(xp.arange(n)[:, None], shape)       # per axis (N, 1)
-    cj = _coords(xp.arange(n)[None, :], shape)       # per axis (1, N)
+    along one of the attended axes (and j <= i if causal). ``shape=None``: the default grid."""
+    xp = get_namespace() if xp is None else xp
+    n = check_int("n", n)
+    shape = default_image_shape(n) if shape is None else _check_shape(shape, n)
+    axes = _resolve_axes(axis, len(shape))
+    ci = raster_coords(xp.arange(n)[:, None], shape)  # per axis (N, 1)
+    cj = raster_coords(xp.arange(n)[None, :], shape)  # per axis (1, N)
     allowed = xp.zeros((n, n), dtype=bool)
     for a in axes:
         same = xp.ones((n, n), dtype=bool)
@@ -144,9 +132,9 @@ def axial_pattern(n, shape, axis="both", *, causal=False, xp=None):
     return allowed
 
 
-def axial_part(n, shape, axis, *, causal, exclude_self=False, xp=None):
+def _part(n, shape, axis, *, causal, exclude_self=False, xp=None):
     """The :class:`Part` of one grid axis: groups = lines of the grid along ``axis``."""
-    xp = active_xp() if xp is None else xp
+    xp = get_namespace() if xp is None else xp
     pos = xp.arange(math.prod(shape)).reshape(shape)
     lines = xp.moveaxis(pos, axis, -1).reshape(-1, shape[axis])   # (cells / s_a, s_a): one line per group
     i = lines[:, :, None]
@@ -163,16 +151,16 @@ def forward(q, k, v, *, causal=False, key_mask=None, shape=None, axis="both", sc
     """Axial attention.
 
     q, k, v (..., N, d) / (..., N, dv) (self-attention); shape: the grid
-    (default :func:`default_shape`); axis: "row" | "column" | "both" | int |
+    (default :func:`effattn.nn.image.default_image_shape`); axis: "row" | "column" | "both" | int |
     tuple of ints; key_mask (..., N) bool. Returns out (..., N, dv), :class:`AxialCache`.
     """
     n, _, d, _ = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
     causal = check_bool("causal", causal)
-    shape = default_shape(n) if shape is None else check_shape(shape, n)
-    axes = resolve_axes(axis, len(shape))
-    scale = d ** -0.5 if scale is None else check_positive_float("scale", scale)
+    shape = default_image_shape(n) if shape is None else _check_shape(shape, n)
+    axes = _resolve_axes(axis, len(shape))
+    scale = check_scale(scale, d)
     xp = get_namespace(q, k, v)
-    parts = tuple(axial_part(n, shape, a, causal=causal, exclude_self=t > 0, xp=xp) for t, a in enumerate(axes))
+    parts = tuple(_part(n, shape, a, causal=causal, exclude_self=t > 0, xp=xp) for t, a in enumerate(axes))
     out, cache = union_forward(q, k, v, parts, key_mask=key_mask, scale=scale)
     return out, AxialCache(cache, shape, axes, causal, n)
 
@@ -190,64 +178,12 @@ def weights(cache):
 def pattern(cache):
     """The rule (not the fast path) as a bool (N, N) mask."""
     xp = get_namespace(cache.union.out)
-    return axial_pattern(cache.n, cache.shape, cache.axes, causal=cache.causal, xp=xp)
+    return build_pattern(cache.n, shape=cache.shape, axis=cache.axes, causal=cache.causal, xp=xp)
 
 
 def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     """No parameters; a near-square grid with padding, axis="both"."""
-    return {}, {"shape": default_shape(n), "axis": "both"}
-
-
-def plot_grid(shape=(6, 8), query=(3, 5)):
-    """Figure: the keys of one query q drawn on the grid, for row, column and both,
-    bidirectional (top) and causal in raster order (bottom)."""
-    import matplotlib.pyplot as plt
-    r, c = shape
-    n = r * c
-    qi = query[0] * c + query[1]
-    fig, axes = plt.subplots(2, 3, figsize=(11, 6.5))
-    for col, (ax_name, title) in enumerate((("row", "row attention"), ("column", "column attention"),
-                                            ("both", "both: row ∪ column"))):
-        for rowi, causal in enumerate((False, True)):
-            ax = axes[rowi, col]
-            allowed = to_numpy(axial_pattern(n, shape, ax_name, causal=causal)[qi]).reshape(shape).astype(float)
-            allowed[query] = 0.5
-            ax.imshow(allowed, cmap="Blues", vmin=0, vmax=1.2)
-            ax.set_xticks(range(c))
-            ax.set_yticks(range(r))
-            ax.set_xlabel("column")
-            ax.set_ylabel("row")
-            ax.set_title(f"{title} ({'causal' if causal else 'bidirectional'})", fontsize=9)
-            ax.text(query[1], query[0], "q", ha="center", va="center", color="k")
-    fig.suptitle(f"Axial attention on a {r} x {c} grid: the keys (blue) of the query q")
-    fig.tight_layout()
-    return fig
-
-
-def plot_masks(shape=(6, 8), causal=True):
-    """Figure: row, column and both as N x N masks (block lines every row of the grid)."""
-    from .. import viz
-
-    n = math.prod(shape)
-    mats = [axial_pattern(n, shape, a, causal=causal) for a in ("row", "column", "both")]
-    mode = "causal" if causal else "bidirectional"
-    return viz.plot_patterns(mats, [f"row ({mode})", f"column ({mode})", f"both ({mode})"],
-                             suptitle=f"Axial attention as N x N masks (grid {shape[0]} x {shape[1]}, N={n})",
-                             grid=shape[-1])
-
-
-def grid_figure(out_dir):
-    """Writes axial_grid.png (rows/columns on the grid) and axial_masks.png (as N x N masks)."""
-    import os
-
-    from .. import viz
-
-    return [viz.save(plot_grid(), os.path.join(out_dir, "axial_grid.png")),
-            viz.save(plot_masks(), os.path.join(out_dir, "axial_masks.png"))]
-
-
-def _figures(out_dir, rng):
-    return grid_figure(out_dir)
+    return {}, {"shape": default_image_shape(n), "axis": "both"}
 
 
 MECHANISM = register(Mechanism(
@@ -266,6 +202,5 @@ MECHANISM = register(Mechanism(
     weights=weights,
     setup=setup,
     pattern=pattern,
-    figures=_figures,
     summary="The sequence as a grid; attend along its rows and columns: O(N sqrt N) on a square grid.",
 ))

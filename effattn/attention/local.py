@@ -30,7 +30,7 @@ scatter with fancy indices.
 Shapes: q, k (..., N, d), v (..., N, dv) (self-attention: M == N); groups
 G = ceil(N / b); windows L = (r + 1 + a) b. N not divisible by b: padded inside
 and masked, so the result equals dense attention masked by
-:func:`local_pattern`.
+:func:`build_pattern`.
 
 Backward (per block, the flash-attention derivation in :mod:`effattn.nn.sparse`):
 dV_win = P^T dO, dS = P * (dP - rowsum(dO * O)), dQ = dS K_win / sqrt(d),
@@ -44,7 +44,7 @@ Conventions next to the well-known implementations:
   causally = here ``block=block_length, look_back=1, causal=True``.
   (t2t's unmasked ``local_attention_1d(block_length, filter_width)`` uses a
   window of ``filter_width`` *positions* on each side: that is the Image
-  Transformer's 1-D rule, :mod:`effattn.attention.image_local`.)
+  Transformer's 1-D rule, :mod:`effattn.attention.image_local_1d`.)
 - lucidrains ``local-attention`` ``LocalAttention(window_size, look_backward=1,
   look_forward=...)``: ``window_size`` = our ``block``, ``look_backward`` = our
   ``look_back``, ``look_forward`` = our ``look_ahead`` (it defaults to 1 when
@@ -64,8 +64,9 @@ layout; memory O(N (r + 1 + a) b). Complexity O(N b d) time (per head).
 from __future__ import annotations
 
 from ..backend import get_namespace
-from ..validate import check_bool, check_int, check_positive_float, check_qkv
+from ..validate import check_bool, check_int, check_qkv, check_scale
 from ..nn.blockwise import band_pattern, blockwise_backward, blockwise_forward, blockwise_weights
+from ..nn.loops import masked_loop
 from ..registry import Mechanism, register
 
 
@@ -89,7 +90,7 @@ def forward(q, k, v, *, causal=False, key_mask=None, block=64, look_back=1, look
     """
     n, _, d, _ = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
     block, look_back, look_ahead, causal = _check_config(block, look_back, look_ahead, causal)
-    scale = d ** -0.5 if scale is None else check_positive_float("scale", scale)
+    scale = check_scale(scale, d)
     return blockwise_forward(q, k, v, block=block, before=look_back * block, after=look_ahead * block,
                              causal=causal, key_mask=key_mask, scale=scale)
 
@@ -104,7 +105,7 @@ def weights(cache):
     return blockwise_weights(cache)
 
 
-def local_pattern(n, block, look_back=1, causal=False, look_ahead=0, xp=None):
+def build_pattern(n, *, block, look_back=1, look_ahead=0, causal=False, xp=None):
     """The paper's rule as a boolean (N, N) array: query i (block g = i // b) may attend
     key j iff (g - look_back) b <= j < (g + 1 + look_ahead) b, and j <= i when causal."""
     n = check_int("n", n, minimum=1)
@@ -116,29 +117,22 @@ def pattern(cache):
     """The support of this call, rebuilt from the rule with the cache's sizes."""
     xp = get_namespace(cache.attend.p)
     b = cache.block
-    return local_pattern(cache.n, b, cache.before // b, cache.causal, cache.after // b, xp=xp)
+    return build_pattern(cache.n, block=b, look_back=cache.before // b, look_ahead=cache.after // b,
+                         causal=cache.causal, xp=xp)
 
 
-def local_loop(q, k, v, *, block, look_back=1, look_ahead=0, causal=False, key_mask=None, scale=None):
+def loop(q, k, v, *, block, look_back=1, look_ahead=0, causal=False, key_mask=None, scale=None):
     """Readable per-query reference (teaching and tests only; O(N^2) Python loop).
 
-    For each query i: collect the allowed keys by the rule, softmax, weighted sum.
-    Works on one (N, d) head: q, k (N, d), v (N, dv), key_mask (N,) or None.
+    For each query i: collect the allowed keys by the rule, softmax, weighted sum
+    (:func:`effattn.nn.loops.masked_loop`). Works on one (N, d) head: q, k (N, d),
+    v (N, dv), key_mask (N,) or None.
     """
-    xp = get_namespace(q, k, v)
-    n, d = q.shape
-    scale = d ** -0.5 if scale is None else scale
-    out = xp.zeros((n, v.shape[-1]), dtype=q.dtype)
-    for i in range(n):
+    def allowed(i, j):
         g = i // block
-        keys = [j for j in range((g - look_back) * block, (g + 1 + look_ahead) * block)
-                if 0 <= j < n and (not causal or j <= i) and (key_mask is None or bool(key_mask[j]))]
-        if not keys:
-            continue
-        s = (k[keys] @ q[i]) * scale                                             # (|keys|,)
-        p = xp.exp(s - s.max())
-        out[i] = (p / p.sum()) @ v[keys]
-    return out
+        return (g - look_back) * block <= j < (g + 1 + look_ahead) * block and (not causal or j <= i)
+
+    return masked_loop(q, k, v, allowed=allowed, key_mask=key_mask, scale=scale)
 
 
 def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
@@ -146,12 +140,6 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     about n / 4 (at least 2) so that short test sequences have several blocks and padding."""
     block = 128 if n >= 512 else max(2, n // 4)
     return {}, {"block": block, "look_back": 1}
-
-
-def _figures(out_dir, rng):
-    from ..viz_fixed import local_figures
-
-    return local_figures(out_dir, rng)
 
 
 MECHANISM = register(Mechanism(
@@ -171,6 +159,5 @@ MECHANISM = register(Mechanism(
     setup=setup,
     pattern=pattern,
     sizes=("block",),
-    figures=_figures,
     summary="Queries attend within their block of b positions and look_back previous blocks.",
 ))

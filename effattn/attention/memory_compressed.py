@@ -82,15 +82,18 @@ mask_right, compression_factor=3, ...)`` / lucidrains
 and shows slot s to query i when its last position is <= i; we pad on the
 right (slots aligned with position 0, like the local blocks) with the same
 visibility rule.
+
+Taxonomy: Table 1 of the survey lists Memory Compressed as FP+M (a fixed
+pattern of slots, and the slots act as a compressed neural memory), hence
+``classes=("FP", "M")``.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..backend import get_namespace
-from ..validate import broadcast_shapes, check_bool, check_int, check_param, check_positive_float, check_qkv
-from ..nn.sparse import (attend_backward, attend_forward, dense_from_groups, group_mask,
-                         pad_axis)
+from ..backend import asarray, get_namespace
+from ..validate import broadcast_shapes, check_bool, check_int, check_param, check_qkv, check_scale
+from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask, pad_axis
 from ..registry import Mechanism, register
 
 
@@ -129,7 +132,7 @@ def _check(q, k, v, conv_k, conv_v, causal, key_mask, scale, local_block=None):
     if ks < 1:
         raise ValueError(f"conv_k must have shape (k, {d}, {d}) with k >= 1, got {tuple(conv_k.shape)}")
     check_param("conv_v", conv_v, (ks,), dtype=q.dtype)
-    scale = d ** -0.5 if scale is None else check_positive_float("scale", scale)
+    scale = check_scale(scale, d)
     if local_block is not None:
         local_block = check_int("local_block", local_block)
         if m != n:
@@ -260,10 +263,9 @@ def weights(cache):
 def reference(q, k, v, *, conv_k, conv_v, causal=False, key_mask=None, scale=None, local_block=None):
     """Dense oracle written from the definitions, one slot and one query at a time:
     compress slot by slot with explicit loops, build the visibility rule pair by pair,
-    then call ``full`` attention on the compressed keys with that mask (with
-    ``local_block``: on the raw keys followed by the compressed ones, one softmax)."""
-    from .full import forward as full_forward
-
+    then dense masked softmax attention (:func:`effattn.nn.sparse.attend_forward` without
+    groups, as in ``full``) on the compressed keys with that mask (with ``local_block``: on
+    the raw keys followed by the compressed ones, one softmax)."""
     n, m, d, dv, ks, causal, scale, local_block = _check(q, k, v, conv_k, conv_v, causal, key_mask, scale,
                                                          local_block)
     xp = get_namespace(q, k, v)
@@ -288,7 +290,7 @@ def reference(q, k, v, *, conv_k, conv_v, causal=False, key_mask=None, scale=Non
             visible[i, s] = (not causal) or last <= i
     mask = visible & real[..., None, :]
     if local_block is None:
-        return full_forward(q, kc, vc, mask=mask, scale=scale)[0]
+        return attend_forward(q, kc, vc, mask, scale)[0]
     near = xp.zeros((n, m), dtype=bool)
     for i in range(n):
         for j in range(m):
@@ -300,14 +302,12 @@ def reference(q, k, v, *, conv_k, conv_v, causal=False, key_mask=None, scale=Non
                           axis=-1)
     keys = xp.concatenate([k, kc], axis=-2)                                    # (..., M + M_c, d)
     values = xp.concatenate([v, vc], axis=-2)
-    return full_forward(q, keys, values, mask=mask, scale=scale)[0]
+    return attend_forward(q, keys, values, mask, scale)[0]
 
 
-def draw_compression(rng, k, d, dv=None, dtype="float64"):
-    """Initial parameters drawn on the host: conv_k (k, d, d) ~ N(0, 1 / (k d)) (keeps K^c at
-    unit scale) and conv_v (k,) = 1/k + N(0, 0.1^2) (close to mean pooling)."""
-    from ..backend import asarray
-
+def init_compression(rng, k, d, dtype="float64"):
+    """Initial (learnable) parameters drawn on the host: conv_k (k, d, d) ~ N(0, 1 / (k d))
+    (keeps K^c at unit scale) and conv_v (k,) = 1/k + N(0, 0.1^2) (close to mean pooling)."""
     conv_k = rng.standard_normal((k, d, d)) / (k * d) ** 0.5
     conv_v = 1.0 / k + 0.1 * rng.standard_normal(k)
     return {"conv_k": asarray(conv_k, dtype=dtype), "conv_v": asarray(conv_v, dtype=dtype)}
@@ -318,16 +318,8 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64", compression=None):
     sequences, so that padding and partial slots are exercised, and 8 from n = 64 on (the
     N x N/k scores at N = 2048 then stay at 4 MiB in float64). Parameters shared by all heads;
     k is read from their shape, so one set of parameters serves every sequence length."""
-    from ..validate import check_int
-
     ks = (3 if n < 64 else 8) if compression is None else check_int("compression", compression)
-    return draw_compression(rng, ks, d, dtype=dtype), {}
-
-
-def _figures(out_dir, rng):
-    from ..viz_fixed import memory_compressed_figures
-
-    return memory_compressed_figures(out_dir, rng)
+    return init_compression(rng, ks, d, dtype=dtype), {}
 
 
 MECHANISM = register(Mechanism(
@@ -346,7 +338,5 @@ MECHANISM = register(Mechanism(
     weights=weights,
     setup=setup,
     reference=reference,
-    figures=_figures,
     summary="Keys and values shortened k times by a strided convolution; queries attend the N/k slots.",
-    extra={"taxonomy_note": "Table 1 of the survey lists Memory Compressed as FP+M."},
 ))

@@ -44,10 +44,11 @@ for causal in (False, True):
     assert np.allclose(out, local.weights(cache) @ v)
 
 # %% [markdown]
-# The readable version, one query at a time, is in the module too (`local_loop`): the fast path must agree with it.
+# The readable version, one query at a time, is in the module too (`loop`, built on the shared per-query loop
+# `effattn.nn.loops.masked_loop`): the fast path must agree with it.
 
 # %%
-ref = local_mod.local_loop(q[0, 0], k[0, 0], v[0, 0], block=8, look_back=1, causal=True)
+ref = local_mod.loop(q[0, 0], k[0, 0], v[0, 0], block=8, look_back=1, causal=True)
 out, _ = local.forward(q, k, v, block=8, look_back=1, causal=True)
 print("max |fast - loop| =", np.abs(out[0, 0] - ref).max())
 assert np.allclose(out[0, 0], ref, atol=1e-12)
@@ -75,9 +76,10 @@ for cfg in ({"block": 4, "look_back": 1, "causal": True, "key_mask": km}, {"bloc
 
 # %%
 n_, b_ = 32, 8
-plot_patterns([local_mod.local_pattern(n_, b_, 0, xp=np), local_mod.local_pattern(n_, b_, 1, xp=np),
-               local_mod.local_pattern(n_, b_, 1, causal=True, xp=np),
-               local_mod.local_pattern(n_, b_, 1, look_ahead=1, xp=np)],
+plot_patterns([local_mod.build_pattern(n_, block=b_, look_back=0, xp=np),
+               local_mod.build_pattern(n_, block=b_, look_back=1, xp=np),
+               local_mod.build_pattern(n_, block=b_, look_back=1, causal=True, xp=np),
+               local_mod.build_pattern(n_, block=b_, look_back=1, look_ahead=1, xp=np)],
               ["look_back=0", "look_back=1", "look_back=1, causal", "look_back=1, look_ahead=1"],
               suptitle=f"Blockwise local attention, N={n_}, b={b_}", grid=b_)
 plt.show()

@@ -36,7 +36,7 @@ mc = effattn.get("memory_compressed")
 rng = np.random.default_rng(1)
 B, H, N, d, k_c = 2, 4, 50, 16, 4                         # 50 is not a multiple of k = 4: the last slot is partial
 q, k, v = (rng.standard_normal((B, H, N, d)) for _ in range(3))
-params = mc_mod.draw_compression(rng, k_c, d)             # conv_k (4, 16, 16), conv_v (4,)
+params = mc_mod.init_compression(rng, k_c, d)             # conv_k (4, 16, 16), conv_v (4,)
 print({n_: p.shape for n_, p in params.items()})
 km = rng.random((B, 1, N)) > 0.2
 for causal in (False, True):
@@ -66,7 +66,7 @@ assert np.allclose(out1, ref1, atol=1e-12)
 
 # %%
 qs, ks, vs = (rng.standard_normal((1, 2, 11, 3)) for _ in range(3))
-small = mc_mod.draw_compression(rng, 3, 3)
+small = mc_mod.init_compression(rng, 3, 3)
 kms = np.ones((1, 1, 11), bool); kms[..., 4] = False
 for causal in (False, True):
     errors = check_gradients(mc.forward, mc.backward, {"q": qs, "k": ks, "v": vs, **small},
@@ -92,7 +92,7 @@ for ax, m_, t_ in zip(axes, [np.ones_like(vis), vis, vis & real], ["bidirectiona
 plt.tight_layout(); plt.show()
 
 qq, kk, vv = (rng.standard_normal((1, 1, n_, 8)) for _ in range(3))
-_, cache = mc.forward(qq, kk, vv, causal=True, **mc_mod.draw_compression(rng, k_, 8))
+_, cache = mc.forward(qq, kk, vv, causal=True, **mc_mod.init_compression(rng, k_, 8))
 plot_pattern(mc.weights(cache)[0, 0], title=f"memory_compressed, causal, k={k_}: W = P C")
 plt.show()
 
@@ -102,7 +102,7 @@ plt.show()
 # positions. The first queries of a causal call are no longer empty, and the map gains a block diagonal of fine detail.
 
 # %%
-_, cache_lb = mc.forward(qq, kk, vv, causal=True, local_block=6, **mc_mod.draw_compression(rng, k_, 8))
+_, cache_lb = mc.forward(qq, kk, vv, causal=True, local_block=6, **mc_mod.init_compression(rng, k_, 8))
 plot_pattern(mc.weights(cache_lb)[0, 0], title=f"memory_compressed, causal, k={k_}, local_block=6")
 plt.show()
 ref_lb = mc.reference(qq, kk, vv, causal=True, local_block=6, conv_k=cache_lb.conv_k, conv_v=cache_lb.conv_v)

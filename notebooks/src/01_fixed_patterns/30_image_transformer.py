@@ -3,7 +3,8 @@
 #
 # *Image Transformer* — Parmar, Vaswani, Uszkoreit, Kaiser, Shazeer, Ku, Tran, 2018
 # ([arXiv 1802.05751](https://arxiv.org/abs/1802.05751)), Section 3.2 and Figure 2. Code:
-# `effattn/attention/image_local.py` (registered as `image_local_1d` and `image_local_2d`). Survey: FP, $O(N \cdot m)$.
+# `effattn/attention/image_local_1d.py` and `effattn/attention/image_local_2d.py` (registered as `image_local_1d` and
+# `image_local_2d`), the image layouts in `effattn/nn/image.py`. Survey: FP, $O(N \cdot m)$.
 #
 # **Intuition.** A $32 \times 32 \times 3$ image is a sequence of 3,072 intensities — far too long for full attention in
 # 2018 — but a pixel depends mostly on its neighbourhood. The paper cuts the *queries* into non-overlapping blocks and
@@ -26,7 +27,7 @@
 # **How it runs.** 1-D is the blockwise window of the previous section with a window of $l_m$ *positions* before
 # the block (not whole blocks). 2-D is separable: one window copy along the rows (block $h_q$, $h_m$ rows before), one
 # along the columns (block $w_q$, $w_m$ on both sides), then a transpose puts each memory rectangle together —
-# reshapes and basic slices only.
+# reshapes and basic slices only (`effattn/nn/image.py`).
 #
 # **Conventions.** tensor2tensor `masked_local_attention_2d(query_shape=(h_q, w_q), memory_flange=(h_m, w_m))` uses the
 # same names. Its *unmasked* `local_attention_2d` also extends the memory $h_m$ rows below; ours keeps the paper's
@@ -36,7 +37,10 @@
 # the last image row may be incomplete ($(H-1)W < N \le HW$); `setup` uses a near-square shape.
 
 # %%
-from effattn.attention import image_local as il
+from effattn.attention import image_local_1d as il1_mod
+from effattn.attention import image_local_2d as il2_mod
+from effattn.nn.image import positions_2d
+from effattn.nn.loops import masked_loop
 
 il1, il2 = effattn.get("image_local_1d"), effattn.get("image_local_2d")
 rng = np.random.default_rng(2)
@@ -57,7 +61,8 @@ for spec, cfg in configs:
         assert out.shape == (B, H, N, d) and err < 1e-12
 
 # %% [markdown]
-# The 2-D rule written for one pair of pixels, looped over every query (`image_local_loop`), agrees with the fast path:
+# The 2-D rule written for one pair of pixels, looped over every query (`effattn.nn.loops.masked_loop`, the per-query
+# loop the modules' `loop` functions share), agrees with the fast path; so does the module's own `loop`:
 
 # %%
 def rule_2d(i, j, w=img[1], qs=(4, 4), fl=(3, 2)):
@@ -67,9 +72,10 @@ def rule_2d(i, j, w=img[1], qs=(4, 4), fl=(3, 2)):
 
 
 out, _ = il2.forward(q, k, v, causal=True, **configs[1][1])
-ref = il.image_local_loop(q[0, 0], k[0, 0], v[0, 0], rule_2d)
-print("max |fast - loop| =", np.abs(out[0, 0] - ref).max())
-assert np.allclose(out[0, 0], ref, atol=1e-12)
+ref = masked_loop(q[0, 0], k[0, 0], v[0, 0], allowed=rule_2d)
+ref_mod = il2_mod.loop(q[0, 0], k[0, 0], v[0, 0], causal=True, **configs[1][1])
+print("max |fast - loop| =", np.abs(out[0, 0] - ref).max(), " max |fast - il2.loop| =", np.abs(out[0, 0] - ref_mod).max())
+assert np.allclose(out[0, 0], ref, atol=1e-12) and np.allclose(out[0, 0], ref_mod, atol=1e-12)
 
 # %% [markdown]
 # ### Gradient check (central finite differences, float64)
@@ -96,7 +102,8 @@ from effattn.figures.fixed_patterns import draw_image_block
 
 h_, w_ = 8, 12
 n1 = h_ * w_
-p1, p1m = il.image_local_1d_pattern(n1, 12, 18, xp=np), il.image_local_1d_pattern(n1, 12, 18, causal=True, xp=np)
+p1 = il1_mod.build_pattern(n1, block_length=12, memory_length=18, xp=np)
+p1m = il1_mod.build_pattern(n1, block_length=12, memory_length=18, causal=True, xp=np)
 block = np.arange(48, 60)
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
 draw_image_block(axes[0], (h_, w_), block, np.flatnonzero(p1[48]), n1, "1-D, unmasked: block + memory")
@@ -106,9 +113,9 @@ plt.tight_layout(); plt.show()
 
 shape2, qs2, fl2 = (12, 16), (4, 4), (3, 2)
 n2 = shape2[0] * shape2[1]
-qpos, kpos = il.positions_2d(np, n2, shape2, qs2, fl2)
+qpos, kpos = positions_2d(np, n2, shape2, qs2, fl2)
 g = 1 * 4 + 2                                              # block row 1, block column 2
-p2m = il.image_local_2d_pattern(n2, shape2, qs2, fl2, causal=True, xp=np)
+p2m = il2_mod.build_pattern(n2, image_shape=shape2, query_shape=qs2, memory_flange=fl2, causal=True, xp=np)
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
 draw_image_block(axes[0], shape2, qpos[g], kpos[g], n2, f"2-D, unmasked: query {qs2}, flange {fl2}")
 for ax, i in zip(axes[1:], (qpos[g][0], qpos[g][-1])):
@@ -121,9 +128,9 @@ plt.tight_layout(); plt.show()
 
 # %%
 n3, shape3 = 60, (6, 10)
-plot_patterns([il.image_local_1d_pattern(n3, 10, 15, causal=True, xp=np),
-               il.image_local_2d_pattern(n3, shape3, (2, 5), (2, 2), xp=np),
-               il.image_local_2d_pattern(n3, shape3, (2, 5), (2, 2), causal=True, xp=np)],
+cfg3 = {"image_shape": shape3, "query_shape": (2, 5), "memory_flange": (2, 2), "xp": np}
+plot_patterns([il1_mod.build_pattern(n3, block_length=10, memory_length=15, causal=True, xp=np),
+               il2_mod.build_pattern(n3, **cfg3), il2_mod.build_pattern(n3, causal=True, **cfg3)],
               ["1-D, l_q=10, l_m=15, masked", "2-D, 6x10 image, query (2, 5), flange (2, 2)", "2-D, masked"],
               suptitle="Image Transformer local attention: the patterns", ncols=3)
 plt.show()

@@ -2,8 +2,9 @@
 # ## Sparse Transformer: strided and fixed factorized attention
 #
 # *Generating Long Sequences with Sparse Transformers* — Child, Gray, Radford, Sutskever, 2019
-# ([arXiv 1904.10509](https://arxiv.org/abs/1904.10509)). Code: `effattn/attention/sparse_transformer.py`
-# (registered as `sparse_strided` and `sparse_fixed`).
+# ([arXiv 1904.10509](https://arxiv.org/abs/1904.10509)). Code: `effattn/attention/sparse_strided.py` and
+# `effattn/attention/sparse_fixed.py` (registered as `sparse_strided` and `sparse_fixed`); what the two patterns share
+# (the three ways to combine them, the receptive field) is in `effattn/nn/factorized.py`.
 #
 # **Intuition.** Instead of letting every position look at every earlier one, split the job between two cheap patterns
 # $A^{(1)}$ and $A^{(2)}$ such that *any* position reaches *any* earlier one in two hops. With a stride $l \approx \sqrt N$
@@ -44,9 +45,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import effattn
-from effattn.attention import sparse_transformer as st
-from effattn.gradcheck import check_gradients
+from effattn.attention import sparse_fixed as sf_mod
+from effattn.attention import sparse_strided as ss_mod
+from effattn.figures.fixed_patterns import plot_sparse_heads
 from effattn.figures.style import plot_pattern, plot_patterns
+from effattn.gradcheck import check_gradients
 
 full = effattn.get("full")
 strided, fixed = effattn.get("sparse_strided"), effattn.get("sparse_fixed")
@@ -96,9 +99,9 @@ for spec, cfg in ((strided, {"stride": 3}), (fixed, {"block": 4, "summary": 2}))
 # the merged pattern. Grid lines every $l$ positions.
 
 # %%
-st.plot_heads("strided", n=64, l=8)
+plot_sparse_heads("strided", n=64, l=8)
 plt.show()
-st.plot_heads("fixed", n=64, l=8, c=2)
+plot_sparse_heads("fixed", n=64, l=8, c=2)
 plt.show()
 
 # %%
@@ -116,9 +119,9 @@ plt.show()
 # keeps the whole own block and the summary columns of every block, earlier and later.
 
 # %%
-st.plot_heads("strided", n=48, l=6, causal=False)
+plot_sparse_heads("strided", n=48, l=6, causal=False)
 plt.show()
-st.plot_heads("fixed", n=48, l=8, c=2, causal=False)
+plot_sparse_heads("fixed", n=48, l=8, c=2, causal=False)
 plt.show()
 
 # %% [markdown]

@@ -26,10 +26,12 @@
 # (separately normalised), not one softmax over the union.
 
 # %%
-from effattn.attention import axial as ax
+from effattn.attention import axial as axial_mod
+from effattn.figures.fixed_patterns import plot_axial_grid, plot_axial_masks
+from effattn.nn.image import default_image_shape
 
 axial = effattn.get("axial")
-print(axial.title, "|", axial.citation, "|", axial.complexity, "| default grid for N=1000:", ax.default_shape(1000))
+print(axial.title, "|", axial.citation, "|", axial.complexity, "| default grid for N=1000:", default_image_shape(1000))
 
 # %% [markdown]
 # ### Shape check: rows are a batched matmul over the reshaped grid
@@ -77,11 +79,11 @@ for axis in ("row", "column", "both"):
 # column attention on a $G \times l$ grid).
 
 # %%
-ax.plot_grid(shape=(6, 8), query=(3, 5))
+plot_axial_grid(shape=(6, 8), query=(3, 5))
 plt.show()
-ax.plot_masks(shape=(6, 8), causal=True)
+plot_axial_masks(shape=(6, 8), causal=True)
 plt.show()
-ax.plot_masks(shape=(6, 8), causal=False)
+plot_axial_masks(shape=(6, 8), causal=False)
 plt.show()
 
 # %% [markdown]
@@ -98,7 +100,7 @@ def axial_entries(n):
 
 entries = {n: axial_entries(n) for n in (256, 1024, 4096, 16384)}
 for n, e_n in entries.items():
-    print(f"N={n:6d}  grid {ax.default_shape(n)}  score entries {e_n:10d}  (N^2 = {n * n:10d})")
+    print(f"N={n:6d}  grid {default_image_shape(n)}  score entries {e_n:10d}  (N^2 = {n * n:10d})")
 e = np.log(entries[16384] / entries[1024]) / np.log(16)
 print(f"axial: score entries grow as N^{e:.2f} (survey: {axial.complexity})")
 assert e < 1.6

@@ -7,23 +7,26 @@
 #
 # $$R_1 = A_1, \qquad R_t = A_t\, R_{t-1} \quad\text{(boolean matrix product)}.$$
 #
-# `st.receptive_field(A_1, A_2, ...)` computes this (dense, for teaching). Claim of the Sparse Transformer paper: with
+# `receptive_field(A_1, A_2, ...)` (in `effattn/nn/factorized.py`) computes this (dense, for teaching). Claim of the Sparse Transformer paper: with
 # $A^{(1)}$ (local) then $A^{(2)}$ (strided), two layers already reach every earlier position.
 
 # %%
+from effattn.figures.fixed_patterns import plot_sparse_receptive_field
+from effattn.nn.factorized import receptive_field
+
 n, l = 64, 8
-a1 = st.strided_pattern(n, l, causal=True, part=1)
-a2 = st.strided_pattern(n, l, causal=True, part=2)
+a1 = ss_mod.build_pattern(n, stride=l, causal=True, part=1)
+a2 = ss_mod.build_pattern(n, stride=l, causal=True, part=2)
 tril = np.tril(np.ones((n, n), bool))
 for name, mats in (("A1 alone", [a1]), ("A2 alone", [a2]), ("A1 then A1", [a1, a1]),
                    ("A1 then A2", [a1, a2]), ("merged once", [a1 | a2])):
-    reach = st.receptive_field(*mats)
+    reach = receptive_field(*mats)
     print(f"{name:12s}: query {n - 1} reaches {reach[-1].sum():2d} of {n} positions; reaches all earlier keys: "
           f"{np.array_equal(reach, tril)}")
-assert np.array_equal(st.receptive_field(a1, a2), tril)
+assert np.array_equal(receptive_field(a1, a2), tril)
 
 # %%
-st.plot_receptive_field(n=64, stride=8)
+plot_sparse_receptive_field(n=64, stride=8)
 plt.show()
 
 # %% [markdown]
@@ -33,30 +36,31 @@ plt.show()
 
 # %%
 def reach_counts(layers, n):
-    return [int(st.receptive_field(*layers[:t])[-1].sum()) for t in range(1, len(layers) + 1)]
+    return [int(receptive_field(*layers[:t])[-1].sum()) for t in range(1, len(layers) + 1)]
 
 
-f = st.fixed_pattern(n, l, 2, causal=True)
-row = ax.axial_pattern(n, (8, 8), "row", causal=True)
-col = ax.axial_pattern(n, (8, 8), "column", causal=True)
+f = sf_mod.build_pattern(n, block=l, summary=2, causal=True)
+row = axial_mod.build_pattern(n, shape=(8, 8), axis="row", causal=True)
+col = axial_mod.build_pattern(n, shape=(8, 8), axis="column", causal=True)
 print("last query reaches, after 1, 2, 3, 4 layers:")
 print("  local only (A1)        ", reach_counts([a1] * 4, n))
 print("  strided A1, A2, A1, A2 ", reach_counts([a1, a2, a1, a2], n))
 print("  fixed merged           ", reach_counts([f] * 4, n))
 print("  axial row, column, ... ", reach_counts([row, col, row, col], n))
-assert np.array_equal(st.receptive_field(f, f), tril)
-rc = st.receptive_field(row, col)        # causal row, then causal column
+assert np.array_equal(receptive_field(f, f), tril)
+rc = receptive_field(row, col)        # causal row, then causal column
 missed = tril & ~rc
 print("causal axial row then column misses", missed.sum(), "of", tril.sum(), "earlier (query, key) pairs")
-assert missed.any() and np.array_equal(st.receptive_field(ax.axial_pattern(n, (8, 8), "row"),
-                                                          ax.axial_pattern(n, (8, 8), "column")), np.ones((n, n), bool))
+assert missed.any() and np.array_equal(receptive_field(axial_mod.build_pattern(n, shape=(8, 8), axis="row"),
+                                                       axial_mod.build_pattern(n, shape=(8, 8), axis="column")),
+                                       np.ones((n, n), bool))
 
 mid = n // 2 + 3
 fig, axes = plt.subplots(1, 4, figsize=(13, 3.2))
 for a_, (title, layers) in zip(axes, (("local A1 only", [a1, a1]), ("strided A1 then A2", [a1, a2]),
                                       ("fixed merged twice", [f, f]), ("axial row then column", [row, col]))):
-    one = st.receptive_field(*layers[:1])[mid].reshape(8, 8).astype(int)
-    two = st.receptive_field(*layers)[mid].reshape(8, 8).astype(int)
+    one = receptive_field(*layers[:1])[mid].reshape(8, 8).astype(int)
+    two = receptive_field(*layers)[mid].reshape(8, 8).astype(int)
     a_.imshow(one + two, cmap="Blues", vmin=0, vmax=2)
     a_.set_title(f"{title}\n(dark: 1 layer, light: +2nd layer)", fontsize=9)
     a_.text(mid % 8, mid // 8, "q", ha="center", va="center", color="red")

@@ -81,8 +81,8 @@ if "memory_compressed" in summary:
 #
 # ## Exercises
 #
-# 1. Set `look_back=0` in `local` and stack a few layers' patterns (`local_pattern` as boolean matrices, multiplied as in
-#    the receptive-field section): how many layers until the last query reaches position 0? Repeat with `look_back=1`.
+# 1. Set `look_back=0` in `local` and stack a few layers' patterns (`local.build_pattern` as boolean matrices, multiplied
+#    as in the receptive-field section): how many layers until the last query reaches position 0? Repeat with `look_back=1`.
 # 2. With `image_local_2d`, take `query_shape=(1, W)` and `memory_flange=(0, 0)` on an $H \times W$ image. Which 1-D
 #    mechanism do you get? Check it numerically against `image_local_1d` (the tests do this).
 # 3. For the same number of keys per query, compare what a 1-D memory ($l_m$) and a 2-D memory (flange $h_m, w_m$)

@@ -1,0 +1,184 @@
+"""Sparse Transformer, fixed pattern: the paper's per-query sets vs the fast block-sparse path.
+
+Oracles: the sets A(1)_i, A(2)_i written as plain Python loops over queries
+from the paper's definitions (not the vectorised pattern helper), dense
+attention masked by them, central finite differences, and graph reachability
+(:func:`effattn.nn.factorized.receptive_field`).
+"""
+import numpy as np
+import pytest
+
+import effattn
+from effattn.attention import sparse_fixed as sf
+from effattn.figures import FIGURES
+from effattn.gradcheck import check_gradients
+from effattn.nn.factorized import receptive_field
+
+FULL = effattn.get("full")
+FIXED = effattn.get("sparse_fixed")
+
+
+# --------------------------------------------------------------------------- readable oracles
+def fixed_sets(n, l, c, causal):
+    a1, a2 = [], []
+    for i in range(n):
+        block = {j for j in range(n) if j // l == i // l}
+        summary = {j for j in range(n) if j % l in range(l - c, l)}
+        if causal:
+            block = {j for j in block if j <= i}
+            summary = {j for j in summary if j <= i}
+        a1.append(block)
+        a2.append(summary)
+    return a1, a2
+
+
+def to_mask(sets, n):
+    m = np.zeros((n, n), bool)
+    for i, s in enumerate(sets):
+        m[i, sorted(s)] = True
+    return m
+
+
+def oracle_mask(n, l, c, causal, combine, part, heads):
+    a1, a2 = fixed_sets(n, l, c, causal)
+    m1, m2 = to_mask(a1, n), to_mask(a2, n)
+    if combine == "merged":
+        return m1 | m2
+    if combine == "layers":
+        return m1 if part == 1 else m2
+    return np.stack([m1 if h % 2 == 0 else m2 for h in range(heads)])
+
+
+def qkv(rng, b, h, n, d=4, dv=3):
+    return rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, dv))
+
+
+# --------------------------------------------------------------------------- the rules
+@pytest.mark.parametrize("causal", [False, True])
+def test_pattern_helper_follows_the_paper(causal):
+    for n in (1, 7, 16, 29):
+        for l in (1, 2, 3, 5, 8):
+            for c in range(1, l + 1):
+                f1, f2 = fixed_sets(n, l, c, causal)
+                assert np.array_equal(sf.build_pattern(n, block=l, summary=c, causal=causal, part=1), to_mask(f1, n))
+                assert np.array_equal(sf.build_pattern(n, block=l, summary=c, causal=causal, part=2), to_mask(f2, n))
+                assert np.array_equal(sf.build_pattern(n, block=l, summary=c, causal=causal),
+                                      to_mask(f1, n) | to_mask(f2, n))
+
+
+# --------------------------------------------------------------------------- fast path == dense masked by the oracle
+CASES = ((5, 2, 1), (16, 4, 2), (23, 4, 1), (37, 6, 3), (30, 5, 5))
+
+
+@pytest.mark.parametrize("combine,part", [("merged", 1), ("heads", 1), ("layers", 1), ("layers", 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_path_equals_dense_masked_by_paper_sets(combine, part, causal):
+    rng = np.random.default_rng(0)
+    heads = 3
+    for n, l, c in CASES:
+        q, k, v = qkv(rng, 2, heads, n)
+        km = rng.random((2, heads, n)) > 0.3
+        km[..., 0] = True
+        for key_mask in (None, km):
+            out, cache = sf.forward(q, k, v, causal=causal, key_mask=key_mask, block=l, summary=c, combine=combine,
+                                    part=part)
+            mask = oracle_mask(n, l, c, causal, combine, part, heads)
+            ref, _ = FULL.forward(q, k, v, mask=mask, key_mask=key_mask)
+            np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12, err_msg=f"fixed n={n} l={l} c={c}")
+            assert np.array_equal(np.broadcast_to(FIXED.pattern(cache), mask.shape), mask)
+            np.testing.assert_allclose(FIXED.weights(cache) @ v, out, rtol=0, atol=1e-12)
+
+
+def test_union_of_the_two_heads_is_the_merged_pattern():
+    rng = np.random.default_rng(1)
+    for causal in (False, True):
+        q, k, v = qkv(rng, 1, 2, 19)
+        _, heads = sf.forward(q, k, v, causal=causal, combine="heads", block=4, summary=2)
+        _, merged = sf.forward(q, k, v, causal=causal, combine="merged", block=4, summary=2)
+        per_head = sf.pattern(heads)
+        assert per_head.shape == (2, 19, 19)
+        assert np.array_equal(per_head[0] | per_head[1], sf.pattern(merged))
+        assert not np.array_equal(per_head[0], per_head[1])
+
+
+def test_heads_mode_is_layers_mode_per_head():
+    rng = np.random.default_rng(2)
+    q, k, v = qkv(rng, 2, 5, 21)
+    for causal in (False, True):
+        out, _ = sf.forward(q, k, v, causal=causal, block=4, summary=2, combine="heads")
+        o1, _ = sf.forward(q, k, v, causal=causal, block=4, summary=2, combine="layers", part=1)
+        o2, _ = sf.forward(q, k, v, causal=causal, block=4, summary=2, combine="layers", part=2)
+        np.testing.assert_array_equal(out[:, 0::2], o1[:, 0::2])
+        np.testing.assert_array_equal(out[:, 1::2], o2[:, 1::2])
+
+
+# --------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("combine,part", [("merged", 1), ("heads", 1), ("layers", 2)])
+def test_gradients(combine, part):
+    rng = np.random.default_rng(3)
+    for causal in (False, True):
+        q, k, v = qkv(rng, 1, 2, 11, d=3, dv=2)
+        km = rng.random((1, 2, 11)) > 0.3
+        km[..., 0] = True
+        errors = check_gradients(sf.forward, sf.backward, {"q": q, "k": k, "v": v},
+                                 {"causal": causal, "key_mask": km, "combine": combine, "part": part, "block": 4,
+                                  "summary": 2}, rng=rng)
+        assert max(errors.values()) < 1e-7, errors
+
+
+# --------------------------------------------------------------------------- receptive field
+def test_two_layers_reach_every_earlier_position():
+    for n, l in ((64, 8), (50, 7), (30, 5)):
+        tril = np.tril(np.ones((n, n), bool))
+        merged = sf.build_pattern(n, block=l, summary=1, causal=True)
+        assert not np.array_equal(merged, tril)
+        assert np.array_equal(receptive_field(merged, merged), tril)    # fixed: block -> summary -> block
+
+
+# --------------------------------------------------------------------------- cost and configuration
+def test_score_entries_grow_like_n_sqrt_n():
+    """Sum of the per-group score matrices: O(N sqrt N), far from N^2."""
+    def entries(n):
+        q = np.zeros((1, 1, n, 2))
+        _, cache = sf.forward(q, q, q, causal=True)
+        return sum(a.p.size for _, c in cache.slices for a in c.attends)
+
+    small, big = entries(1024), entries(16384)
+    exponent = np.log(big / small) / np.log(16)
+    assert exponent < 1.6, exponent
+    assert big < 16384 ** 2 / 20
+
+
+def test_defaults_and_bad_configuration():
+    assert sf.default_summary(128) == 4 and sf.default_summary(2) == 1
+    assert sf.setup(np.random.default_rng(0), n=1024, d=4, heads=2) == ({}, {"block": 32, "summary": 4})
+    q = np.ones((1, 2, 8, 3))
+    with pytest.raises(ValueError, match="combine"):
+        sf.forward(q, q, q, combine="both")
+    with pytest.raises(ValueError, match="part"):
+        sf.forward(q, q, q, combine="layers", part=3)
+    with pytest.raises(ValueError, match="summary"):
+        sf.forward(q, q, q, block=2, summary=3)
+    with pytest.raises(ValueError, match="summary"):
+        sf.build_pattern(8, block=2, summary=3)
+    with pytest.raises(ValueError, match="head axis"):
+        sf.forward(q[0, 0], q[0, 0], q[0, 0], combine="heads")
+    with pytest.raises(ValueError, match="k must have the same length"):
+        sf.forward(q, q[..., :5, :], q[..., :5, :])
+
+
+def test_single_head_in_heads_mode_and_unbatched_input():
+    rng = np.random.default_rng(4)
+    q, k, v = qkv(rng, 1, 1, 9)
+    out, cache = sf.forward(q, k, v, block=3, summary=1, combine="heads", causal=True)
+    ref, _ = FULL.forward(q, k, v, mask=sf.pattern(cache), causal=True)
+    np.testing.assert_allclose(out, ref, atol=1e-12)
+    out2, _ = sf.forward(q[0, 0], k[0, 0], v[0, 0], block=3, summary=1)
+    ref2, _ = FULL.forward(q[0, 0], k[0, 0], v[0, 0], mask=sf.build_pattern(9, block=3, summary=1))
+    np.testing.assert_allclose(out2, ref2, atol=1e-12)
+
+
+def test_figures(tmp_path):
+    paths = FIGURES["sparse_fixed"](str(tmp_path), np.random.default_rng(0))
+    assert [p.split("/")[-1] for p in paths] == ["sparse_fixed_heads.png"]
+    assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)

@@ -1,0 +1,192 @@
+"""Sparse Transformer, strided pattern: the paper's per-query sets vs the fast block-sparse path.
+
+Oracles: the sets A(1)_i, A(2)_i written as plain Python loops over queries
+from the paper's definitions (not the vectorised pattern helper), dense
+attention masked by them, central finite differences, and graph reachability
+(:func:`effattn.nn.factorized.receptive_field`).
+"""
+import numpy as np
+import pytest
+
+import effattn
+from effattn.attention import sparse_strided as ss
+from effattn.figures import FIGURES
+from effattn.gradcheck import check_gradients
+from effattn.nn.factorized import default_stride, receptive_field
+
+FULL = effattn.get("full")
+STRIDED = effattn.get("sparse_strided")
+
+
+# --------------------------------------------------------------------------- readable oracles
+def strided_sets(n, l, causal, paper_a1=False):
+    """A(1)_i, A(2)_i as Python sets, one query at a time (Child et al., section 4.2).
+
+    paper_a1=True uses the paper's A(1)_i = {t, ..., i}, t = max(0, i - l) (l + 1 cells);
+    the default is l cells, i - l < j <= i (OpenAI's "local" band)."""
+    a1, a2 = [], []
+    for i in range(n):
+        if causal:
+            t = max(0, i - l) if paper_a1 else max(0, i - l + 1)
+            a1.append(set(range(t, i + 1)))
+            a2.append({j for j in range(0, i + 1) if (i - j) % l == 0})
+        else:
+            a1.append({j for j in range(n) if abs(i - j) < l})
+            a2.append({j for j in range(n) if (i - j) % l == 0})
+    return a1, a2
+
+
+def to_mask(sets, n):
+    m = np.zeros((n, n), bool)
+    for i, s in enumerate(sets):
+        m[i, sorted(s)] = True
+    return m
+
+
+def oracle_mask(n, l, causal, combine, part, heads):
+    a1, a2 = strided_sets(n, l, causal)
+    m1, m2 = to_mask(a1, n), to_mask(a2, n)
+    if combine == "merged":
+        return m1 | m2
+    if combine == "layers":
+        return m1 if part == 1 else m2
+    return np.stack([m1 if h % 2 == 0 else m2 for h in range(heads)])
+
+
+def qkv(rng, b, h, n, d=4, dv=3):
+    return rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, dv))
+
+
+# --------------------------------------------------------------------------- the rules
+@pytest.mark.parametrize("causal", [False, True])
+def test_pattern_helper_follows_the_paper(causal):
+    for n in (1, 7, 16, 29):
+        for l in (1, 2, 3, 5, 8):
+            a1, a2 = strided_sets(n, l, causal)
+            assert np.array_equal(ss.build_pattern(n, stride=l, causal=causal, part=1), to_mask(a1, n))
+            assert np.array_equal(ss.build_pattern(n, stride=l, causal=causal, part=2), to_mask(a2, n))
+            assert np.array_equal(ss.build_pattern(n, stride=l, causal=causal), to_mask(a1, n) | to_mask(a2, n))
+
+
+def test_paper_and_openai_local_conventions_give_the_same_merged_pattern():
+    # The paper's A(1) has one more cell (j = i - l) than OpenAI's band; A(2) contains it.
+    for n, l in ((20, 4), (33, 5)):
+        p1, p2 = strided_sets(n, l, True, paper_a1=True)
+        o1, o2 = strided_sets(n, l, True)
+        assert (to_mask(p1, n) != to_mask(o1, n)).any()
+        assert np.array_equal(to_mask(p1, n) | to_mask(p2, n), to_mask(o1, n) | to_mask(o2, n))
+
+
+# --------------------------------------------------------------------------- fast path == dense masked by the oracle
+CASES = ((5, 2), (16, 4), (23, 4), (37, 6), (40, 1))
+
+
+@pytest.mark.parametrize("combine,part", [("merged", 1), ("heads", 1), ("layers", 1), ("layers", 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_path_equals_dense_masked_by_paper_sets(combine, part, causal):
+    rng = np.random.default_rng(0)
+    heads = 3
+    for n, l in CASES:
+        q, k, v = qkv(rng, 2, heads, n)
+        km = rng.random((2, heads, n)) > 0.3
+        km[..., 0] = True
+        for key_mask in (None, km):
+            out, cache = ss.forward(q, k, v, causal=causal, key_mask=key_mask, stride=l, combine=combine, part=part)
+            mask = oracle_mask(n, l, causal, combine, part, heads)
+            ref, _ = FULL.forward(q, k, v, mask=mask, key_mask=key_mask)
+            np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12, err_msg=f"strided n={n} l={l}")
+            assert np.array_equal(np.broadcast_to(STRIDED.pattern(cache), mask.shape), mask)
+            np.testing.assert_allclose(STRIDED.weights(cache) @ v, out, rtol=0, atol=1e-12)
+
+
+def test_union_of_the_two_heads_is_the_merged_pattern():
+    rng = np.random.default_rng(1)
+    for causal in (False, True):
+        q, k, v = qkv(rng, 1, 2, 19)
+        _, heads = ss.forward(q, k, v, causal=causal, combine="heads", stride=4)
+        _, merged = ss.forward(q, k, v, causal=causal, combine="merged", stride=4)
+        per_head = ss.pattern(heads)
+        assert per_head.shape == (2, 19, 19)
+        assert np.array_equal(per_head[0] | per_head[1], ss.pattern(merged))
+        assert not np.array_equal(per_head[0], per_head[1])
+
+
+def test_heads_mode_is_layers_mode_per_head():
+    rng = np.random.default_rng(2)
+    q, k, v = qkv(rng, 2, 5, 21)
+    for causal in (False, True):
+        out, _ = ss.forward(q, k, v, causal=causal, stride=4, combine="heads")
+        o1, _ = ss.forward(q, k, v, causal=causal, stride=4, combine="layers", part=1)
+        o2, _ = ss.forward(q, k, v, causal=causal, stride=4, combine="layers", part=2)
+        np.testing.assert_array_equal(out[:, 0::2], o1[:, 0::2])
+        np.testing.assert_array_equal(out[:, 1::2], o2[:, 1::2])
+
+
+# --------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("combine,part", [("merged", 1), ("heads", 1), ("layers", 2)])
+def test_gradients(combine, part):
+    rng = np.random.default_rng(3)
+    for causal in (False, True):
+        q, k, v = qkv(rng, 1, 2, 11, d=3, dv=2)
+        km = rng.random((1, 2, 11)) > 0.3
+        km[..., 0] = True
+        errors = check_gradients(ss.forward, ss.backward, {"q": q, "k": k, "v": v},
+                                 {"causal": causal, "key_mask": km, "combine": combine, "part": part, "stride": 3},
+                                 rng=rng)
+        assert max(errors.values()) < 1e-7, errors
+
+
+# --------------------------------------------------------------------------- receptive field
+def test_two_layers_reach_every_earlier_position():
+    for n, l in ((64, 8), (50, 7), (30, 5)):
+        a1 = ss.build_pattern(n, stride=l, causal=True, part=1)
+        a2 = ss.build_pattern(n, stride=l, causal=True, part=2)
+        tril = np.tril(np.ones((n, n), bool))
+        assert not np.array_equal(a1, tril) and not np.array_equal(a2, tril)
+        assert np.array_equal(receptive_field(a1, a2), tril)             # local, then strided
+        bi = ss.build_pattern(n, stride=l)
+        assert receptive_field(bi, bi).all()
+
+
+# --------------------------------------------------------------------------- cost and configuration
+def test_score_entries_grow_like_n_sqrt_n():
+    """Sum of the per-group score matrices: O(N sqrt N), far from N^2."""
+    def entries(n):
+        q = np.zeros((1, 1, n, 2))
+        _, cache = ss.forward(q, q, q, causal=True)
+        return sum(a.p.size for _, c in cache.slices for a in c.attends)
+
+    small, big = entries(1024), entries(16384)
+    exponent = np.log(big / small) / np.log(16)
+    assert exponent < 1.6, exponent
+    assert big < 16384 ** 2 / 20
+
+
+def test_defaults_and_bad_configuration():
+    assert default_stride(1024) == 32 and default_stride(16384) == 128 and default_stride(5) == 2
+    assert ss.setup(np.random.default_rng(0), n=2048, d=4, heads=2) == ({}, {"stride": 64})
+    q = np.ones((1, 2, 8, 3))
+    with pytest.raises(ValueError, match="combine"):
+        ss.forward(q, q, q, combine="both")
+    with pytest.raises(ValueError, match="part"):
+        ss.forward(q, q, q, combine="layers", part=3)
+    with pytest.raises(ValueError, match="head axis"):
+        ss.forward(q[0, 0], q[0, 0], q[0, 0], combine="heads")
+    with pytest.raises(ValueError, match="k must have the same length"):
+        ss.forward(q, q[..., :5, :], q[..., :5, :])
+    with pytest.raises(ValueError, match="stride"):
+        ss.forward(q, q, q, stride=0)
+
+
+def test_single_head_in_heads_mode():
+    rng = np.random.default_rng(4)
+    q, k, v = qkv(rng, 1, 1, 9)
+    out, cache = ss.forward(q, k, v, stride=3, combine="heads", causal=True)
+    ref, _ = FULL.forward(q, k, v, mask=ss.pattern(cache), causal=True)
+    np.testing.assert_allclose(out, ref, atol=1e-12)
+
+
+def test_figures(tmp_path):
+    paths = FIGURES["sparse_strided"](str(tmp_path), np.random.default_rng(0))
+    assert [p.split("/")[-1] for p in paths] == ["sparse_strided_heads.png", "sparse_strided_receptive_field.png"]
+    assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)
