@@ -92,7 +92,7 @@ def test_huggingface_rand_attn_mapping():
     assert global_blocks == (0, nb - 1)
     np.testing.assert_array_equal(random_blocks[0, 1:-1], rand_attn[0])
     assert (random_blocks[:, [0, -1]] == -1).all()
-    pat = bb.bigbird_pattern(n, b, random_blocks, global_blocks)[0]
+    pat = bb.build_pattern(n, block=b, random_blocks=random_blocks, global_blocks=global_blocks)[0]
     blk = pat[::b, ::b]                                             # block-level pattern
     assert blk[0].all() and blk[-1].all() and blk[:, 0].all() and blk[:, -1].all()
     for i in range(1, nb - 1):
@@ -119,6 +119,11 @@ def test_causal_raises_with_the_reason():
     case = SPEC.example(np.random.default_rng(0), batch=1, heads=2, n=12, d=4)
     with pytest.raises(ValueError, match="encoder"):
         SPEC.forward(**case.inputs, **{**case.config, "causal": True})
+
+
+def test_build_pattern_refuses_causal():
+    with pytest.raises(ValueError, match="encoder"):
+        bb.build_pattern(12, block=3, random_blocks=np.full((4, 1), -1), causal=True)
 
 
 def test_bad_layout_raises():

@@ -108,6 +108,19 @@ def test_causal_raises_with_the_reason():
         SPEC.forward(**case.inputs, **{**case.config, "causal": True})
 
 
+def test_build_pattern_is_the_support_and_refuses_causal():
+    rng = np.random.default_rng(8)
+    n, ng = 17, 3
+    q, k, v = (rng.standard_normal((1, 1, n, 4)) for _ in range(3))
+    seg = etc.contiguous_segments(n - ng, ng, xp=np)
+    _, cache = etc.forward(q, k, v, n_global=ng, radius=2, max_distance=2, rel_emb=rng.standard_normal((5, 4)),
+                           segment_ids=seg, hard_l2g=True)
+    pat = etc.build_pattern(n, n_global=ng, radius=2, segment_ids=seg, hard_l2g=True)
+    np.testing.assert_array_equal(etc.weights(cache)[0, 0] != 0, pat)
+    with pytest.raises(ValueError, match="global tokens summarise the whole input"):
+        etc.build_pattern(n, n_global=ng, radius=2, causal=True)
+
+
 def test_bad_configuration_raises():
     rng = np.random.default_rng(7)
     q, k, v = (rng.standard_normal((1, 1, 10, 4)) for _ in range(3))

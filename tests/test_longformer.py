@@ -130,7 +130,7 @@ def test_causal_band_and_globals_ignore_the_future():
 
 
 def test_per_head_dilation_pattern():
-    pat = lf.longformer_pattern(24, 2, (1, 3), ())
+    pat = lf.build_pattern(24, w=2, dilation=(1, 3))
     assert pat.shape == (2, 24, 24)
     i = 12
     assert set(np.flatnonzero(pat[0, i])) == {10, 11, 12, 13, 14}

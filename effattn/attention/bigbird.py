@@ -45,7 +45,9 @@ the future.
 N not a multiple of b: padded inside to n_b b positions and masked.
 
 Shapes: q, k (..., N, d), v (..., N, dv), key_mask (..., N) bool, out (..., N, dv).
-Each query block gathers K_c = (g + 3 + r) b keys: (..., n_b, K_c, d).
+Each query block gathers K_c = (g + 3 + r) b keys: (..., n_b, K_c, d); the global
+key blocks and the dense global rows are :mod:`effattn.nn.global_tokens` (shared
+with Longformer and ETC).
 
 Complexity: O(N b (3 + g + r) d) for the blocks plus O(g b N d) for the
 global rows: O(N) for fixed b, g, r — the survey's O(N).
@@ -61,9 +63,10 @@ from __future__ import annotations
 import numbers
 from typing import NamedTuple
 
-from ..backend import get_namespace
-from ..validate import check_causal, check_int, check_positive_float, check_qkv
+from ..backend import asarray, get_namespace
+from ..validate import check_causal, check_int, check_qkv, check_scale
 from ..nn.blockwise import neighbour_blocks, neighbour_blocks_backward
+from ..nn.global_tokens import global_keys, global_keys_backward, global_rows_forward, index_set, membership
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, gather_rows, group_mask, pad_axis, scatter_rows
 from ..registry import Mechanism, register
 
@@ -76,16 +79,8 @@ def _global_blocks(global_blocks, nb):
     if isinstance(global_blocks, numbers.Integral) and not isinstance(global_blocks, bool):
         g = check_int("global_blocks", global_blocks, minimum=0)
         return tuple(range(min(g, nb)))
-    if hasattr(global_blocks, "tolist"):
-        global_blocks = global_blocks.tolist()
-    try:
-        blocks = sorted({int(x) for x in global_blocks})
-    except (TypeError, ValueError):
-        raise ValueError(f"global_blocks must be an int g (the first g blocks) or block indices, got {global_blocks!r}") from None
-    bad = [x for x in blocks if not 0 <= x < nb]
-    if bad:
-        raise ValueError(f"global_blocks must be block indices in [0, n_blocks={nb}), got {bad}")
-    return tuple(blocks)
+    return index_set("global_blocks", global_blocks, nb, expected="an int g (the first g blocks) or block indices",
+                     bound="n_blocks")
 
 
 def _random_blocks(random_blocks, nb, q, xp):
@@ -109,9 +104,8 @@ def block_slots(nb, gbl, rand, xp):
     valid (.., n_b, g + 3 + r) bool: the slot is a real block seen for the first time."""
     g = len(gbl)
     c = xp.arange(nb)[:, None]                                        # (n_b, 1)
-    is_g = xp.zeros(nb + 2, dtype=bool)                               # index -1 and n_b never global
+    is_g = membership(gbl, nb + 2, xp)                                # index -1 and n_b never global
     gidx = xp.asarray(gbl, dtype=xp.int64)
-    is_g[gidx] = True
     lead = rand.shape[:-2]
     win = c + xp.arange(-1, 2)[None, :]                               # (n_b, 3)
     win_ok = (win >= 0) & (win < nb) & ~is_g[win]                     # a global block comes from the global slots
@@ -145,7 +139,7 @@ def forward(q, k, v, *, block, random_blocks, global_blocks=1, causal=False, key
     n, _, d, dv = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
     check_causal(causal, False, WHY_NOT_CAUSAL)
     b = check_int("block", block)
-    scale = d ** -0.5 if scale is None else check_positive_float("scale", scale)
+    scale = check_scale(scale, d)
     xp = get_namespace(q, k, v)
     nb = -(-n // b)
     npad = nb * b
@@ -163,8 +157,8 @@ def forward(q, k, v, *, block, random_blocks, global_blocks=1, causal=False, key
     def keys(x):                                                                       # (..., N, f) -> (..., n_b, K_c, f)
         f = x.shape[-1]
         xb = pad_axis(x, npad).reshape(lead + (nb, b, f))                              # (..., n_b, b, f)
-        parts = [xp.broadcast_to(xb[..., gidx, :, :].reshape(lead + (1, g * b, f)), lead + (nb, g * b, f)),
-                 neighbour_blocks(xb, 1, 1)]                                           # globals, window
+        parts = [global_keys(xb[..., gidx, :, :].reshape(lead + (g * b, f)), nb),    # globals
+                 neighbour_blocks(xb, 1, 1)]                                           # window
         if r:
             flat = xb.reshape(lead + (nb, b * f))
             rb = flat[..., rand_c, :] if rand_c.ndim == 2 else gather_rows(flat, rand_c)   # (..., n_b, r, b f)
@@ -174,8 +168,7 @@ def forward(q, k, v, *, block, random_blocks, global_blocks=1, causal=False, key
     kb, vb = keys(k), keys(v)                                                          # (..., n_b, (g+3+r) b, d|dv)
     qpos = xp.arange(npad).reshape(nb, b)                                              # (n_b, b)
     kpos = (kblk[..., None] * b + xp.arange(b)).reshape(kblk.shape[:-1] + (-1,))      # (.., n_b, K_c)
-    is_gq = xp.zeros(nb, dtype=bool)
-    is_gq[gidx] = True
+    is_gq = membership(gbl, nb, xp)
     allowed = group_mask(qpos, kpos, n, n, key_mask=key_mask)                         # real query & key, key_mask
     allowed = allowed & xp.repeat(valid, b, axis=-1)[..., None, :] & ~is_gq[:, None, None]
     ob, _, band_cache = attend_forward(qb, kb, vb, allowed, scale)                   # (..., n_b, b, dv)
@@ -184,9 +177,8 @@ def forward(q, k, v, *, block, random_blocks, global_blocks=1, causal=False, key
     if g:
         gq = (gidx[:, None] * b + xp.arange(b)).reshape(-1)                           # (g b,) positions of global rows
         allowed_g = (gq < n)[:, None]                                                 # padding rows see nothing
-        if key_mask is not None:
-            allowed_g = allowed_g & key_mask[..., None, :]
-        og, _, glob_cache = attend_forward(qb[..., gidx, :, :].reshape(lead + (g * b, d)), k, v, allowed_g, scale)
+        og, _, glob_cache = global_rows_forward(qb[..., gidx, :, :].reshape(lead + (g * b, d)), k, v, allowed_g,
+                                                key_mask=key_mask, scale=scale)
         ob = ob.copy()
         ob[..., gidx, :, :] = og.reshape(lead + (g, b, dv))                           # global rows: dense attention
     out = ob.reshape(lead + (npad, dv))[..., :n, :]
@@ -209,7 +201,7 @@ def backward(dout, cache):
     def key_grad(gk, f):                                                   # (..., n_b, K_c, f) -> (..., n_b, b, f)
         acc = neighbour_blocks_backward(gk[..., g * b:(g + 3) * b, :], 1, 1)          # window: slice additions
         if g:
-            acc[..., gidx, :, :] += gk[..., :g * b, :].sum(axis=-3).reshape(lead + (g, b, f))   # globals: sum over blocks
+            acc[..., gidx, :, :] += global_keys_backward(gk[..., :g * b, :]).reshape(lead + (g, b, f))   # globals: sum over blocks
         if r:
             rnd = gk[..., (g + 3) * b:, :].reshape(lead + (nb, r, b * f))
             acc += scatter_rows(rnd, rand_c, nb).reshape(lead + (nb, b, f))          # random: scatter-add
@@ -243,16 +235,17 @@ def weights(cache):
     return wm
 
 
-def bigbird_pattern(n, block, random_blocks, global_blocks=1, xp=None):
-    """The rule as a boolean (.., N, N) matrix (one per head for a per-head layout)."""
+def build_pattern(n, *, block, random_blocks, global_blocks=1, causal=False, xp=None):
+    """The rule as a boolean (.., N, N) matrix (one per head for a per-head layout); causal=True
+    raises (:data:`WHY_NOT_CAUSAL`). ``xp`` defaults to the array module of ``random_blocks``."""
+    check_causal(causal, False, WHY_NOT_CAUSAL)
     xp = get_namespace(random_blocks) if xp is None else xp
     b = block
     nb = -(-n // b)
     rand = xp.asarray(random_blocks)
     gbl = _global_blocks(global_blocks, nb)
     c = xp.arange(nb)
-    is_g = xp.zeros(nb, dtype=bool)
-    is_g[xp.asarray(gbl, dtype=xp.int64)] = True
+    is_g = membership(gbl, nb, xp)
     blocks = (abs(c[:, None] - c[None, :]) <= 1) | is_g[:, None] | is_g[None, :]          # window + global
     blocks = blocks | (rand[..., None] == c).any(axis=-2)                                 # + random (-1 never matches)
     full = xp.repeat(xp.repeat(blocks, b, axis=-2), b, axis=-1)                           # token level
@@ -262,7 +255,7 @@ def bigbird_pattern(n, block, random_blocks, global_blocks=1, xp=None):
 def pattern(cache):
     """Support of W from the layout: window, global rows and columns, random blocks."""
     band, glob, kblk, rand, gbl, n, b, lead = cache
-    return bigbird_pattern(n, b, rand, gbl, xp=get_namespace(band.p))
+    return build_pattern(n, block=b, random_blocks=rand, global_blocks=gbl, xp=get_namespace(band.p))
 
 
 # --------------------------------------------------------------------------- random layout
@@ -315,33 +308,11 @@ def default_sizes(n):
 
 def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     """No parameters; config: block, global_blocks and a random layout per head (H, n_b, r)."""
-    from ..backend import asarray
-
     check_causal(causal, False, WHY_NOT_CAUSAL)
     b, g, r = default_sizes(n)
     nb = -(-n // b)
     rand = draw_random_blocks(rng, nb, r, g, heads=heads)
     return {}, {"block": b, "global_blocks": g, "random_blocks": asarray(rand)}
-
-
-def _figures(out_dir, rng):
-    import os
-
-    from .. import viz
-
-    n, b, g, r, heads = 64, 4, 1, 2, 3
-    nb = n // b
-    rand = draw_random_blocks(rng, nb, r, g, heads=heads)
-    pats = bigbird_pattern(n, b, rand, g)
-    fig = viz.plot_patterns(list(pats), [f"head {h}: window + global + random" for h in range(heads)],
-                            suptitle=f"BigBird (b={b}, g={g}, r={r}): a new random layout per head", grid=b)
-    paths = [viz.save(fig, os.path.join(out_dir, "bigbird_heads.png"))]
-    none = rand[0] * 0 - 1
-    parts = [bigbird_pattern(n, b, none, 0), bigbird_pattern(n, b, none, g), pats[0]]
-    fig = viz.plot_patterns(parts, ["window (3 blocks)", "+ global block", "+ random blocks"],
-                            suptitle="BigBird = window + global + random", grid=b)
-    paths.append(viz.save(fig, os.path.join(out_dir, "bigbird_parts.png")))
-    return paths
 
 
 MECHANISM = register(Mechanism(
@@ -361,7 +332,6 @@ MECHANISM = register(Mechanism(
     setup=setup,
     pattern=pattern,
     sizes=("block",),
-    figures=_figures,
     summary="Block-sparse: a window of 3 blocks + global blocks (ITC) + r random blocks per query block "
             "(explicit layout, one per head).",
 ))

@@ -51,7 +51,8 @@ with an additive ``bias`` does the masked softmax per block. The relative
 bias q_i . a_{l(i,j)} is computed as qa = Q A^T ((..., N, 2k+1), one matmul)
 followed by a fixed one-hot selection O[s, t, c] = [l(s, t) = c] (inside a
 block, l depends only on the slots s, t), done as a batched matmul. The
-global rows are dense (n_g x N) with the g2g bias.
+global rows are dense (n_g x N) with the g2g bias (the global keys and rows:
+:mod:`effattn.nn.global_tokens`, shared with Longformer and BigBird).
 
 Complexity: O((n_g^2 + N n_g + 3 N r)(d + 2k + 1)) time and O(N (n_g + 3r))
 memory: O(N_g^2 + N N_g) for a fixed radius, as the survey states.
@@ -68,10 +69,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..backend import get_namespace
-from ..validate import broadcast_shapes, check_bool, check_causal, check_int, check_param, check_positive_float, check_qkv
+from ..backend import asarray, get_namespace
+from ..validate import broadcast_shapes, check_bool, check_causal, check_int, check_param, check_qkv, check_scale
 from ..nn.functional import softmax_forward
 from ..nn.blockwise import neighbour_blocks, neighbour_blocks_backward
+from ..nn.global_tokens import global_keys, global_keys_backward, global_rows_forward
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask, pad_axis, round_up
 from ..registry import Mechanism, register
 
@@ -169,7 +171,7 @@ def forward(q, k, v, *, n_global, radius, max_distance, rel_emb, segment_ids=Non
     """
     n, _, d, dv = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
     ng, r, kmax, hard_l2g = _check_config(q, n, n_global, radius, max_distance, rel_emb, segment_ids, hard_l2g, causal)
-    scale = d ** -0.5 if scale is None else check_positive_float("scale", scale)
+    scale = check_scale(scale, d)
     xp = get_namespace(q, k, v)
     if segment_ids is not None:
         segment_ids = xp.asarray(segment_ids)              # host ids with device inputs: move them
@@ -189,20 +191,16 @@ def forward(q, k, v, *, n_global, radius, max_distance, rel_emb, segment_ids=Non
     allowed_g = None
     if segment_ids is not None:                                                     # hard g2l: s reads its segment
         allowed_g = xp.concatenate([xp.ones((ng, ng), dtype=bool), segment_ids[None, :] == gpos[:, None]], axis=-1)
-    if key_mask is not None:
-        km = key_mask[..., None, :]                                                 # (..., 1, N)
-        allowed_g = km if allowed_g is None else allowed_g & km
-    og, _, glob_cache = attend_forward(q[..., :ng, :], k, v, allowed_g, scale, bias=bias_g)   # (..., n_g, dv)
+    og, _, glob_cache = global_rows_forward(q[..., :ng, :], k, v, allowed_g, key_mask=key_mask, scale=scale,
+                                            bias=bias_g)                            # (..., n_g, dv)
 
     # ---- long rows: blocks of r queries; keys = n_g globals (l2g) + previous/own/next block (l2l)
     def blocks(x):                                                                  # (..., N, f) -> (..., G, r, f)
         return pad_axis(x[..., ng:, :], npad).reshape(lead + (gl, r, x.shape[-1]))
 
     qb = blocks(q)                                                                  # (..., G, r, d)
-    kb = xp.concatenate([xp.broadcast_to(k[..., None, :ng, :], lead + (gl, ng, d)),
-                         neighbour_blocks(blocks(k), 1, 1)], axis=-2)              # (..., G, n_g + 3r, d)
-    vb = xp.concatenate([xp.broadcast_to(v[..., None, :ng, :], lead + (gl, ng, dv)),
-                         neighbour_blocks(blocks(v), 1, 1)], axis=-2)              # (..., G, n_g + 3r, dv)
+    kb = xp.concatenate([global_keys(k[..., :ng, :], gl), neighbour_blocks(blocks(k), 1, 1)], axis=-2)   # (..., G, n_g + 3r, d)
+    vb = xp.concatenate([global_keys(v[..., :ng, :], gl), neighbour_blocks(blocks(v), 1, 1)], axis=-2)   # (..., G, n_g + 3r, dv)
     qpos = xp.arange(npad).reshape(gl, r)                                           # (G, r) long positions
     kpos = qpos[:, :1] - r + xp.arange(3 * r)[None, :]                              # (G, 3r): blocks c-1, c, c+1
     # l2l: |i - j| <= r, both real, key_mask (in long coordinates)
@@ -246,8 +244,8 @@ def backward(dout, cache):
     dob = pad_axis(dout[..., ng:, :], npad).reshape(lead + (gl, r, dv))
     gb = attend_backward(dob, long)
     dq[..., ng:, :] += gb["q"].reshape(lead + (npad, d))[..., :nl, :]
-    dk[..., :ng, :] += gb["k"][..., :ng, :].sum(axis=-3)                           # l2g keys: sum over blocks
-    dvv[..., :ng, :] += gb["v"][..., :ng, :].sum(axis=-3)
+    dk[..., :ng, :] += global_keys_backward(gb["k"][..., :ng, :])                  # l2g keys: sum over blocks
+    dvv[..., :ng, :] += global_keys_backward(gb["v"][..., :ng, :])
     dk[..., ng:, :] += neighbour_blocks_backward(gb["k"][..., ng:, :], 1, 1).reshape(lead + (npad, d))[..., :nl, :]
     dvv[..., ng:, :] += neighbour_blocks_backward(gb["v"][..., ng:, :], 1, 1).reshape(lead + (npad, dv))[..., :nl, :]
     dqa_l = select_backward(gb["bias"][..., ng:], onehot_l) * scale                # (..., G, r, C)
@@ -272,10 +270,11 @@ def weights(cache):
     return wm
 
 
-def etc_pattern(n, n_global, radius, segment_ids=None, hard_l2g=False, xp=None):
-    """The four pieces as one boolean (N, N) matrix (the rule, without key_mask)."""
-    if xp is None:
-        xp = get_namespace(None)
+def build_pattern(n, *, n_global, radius, segment_ids=None, hard_l2g=False, causal=False, xp=None):
+    """The four pieces as one boolean (N, N) matrix (the rule, without key_mask); causal=True raises
+    (:data:`WHY_NOT_CAUSAL`)."""
+    check_causal(causal, False, WHY_NOT_CAUSAL)
+    xp = get_namespace() if xp is None else xp
     ng = n_global
     i = xp.arange(n)[:, None]
     j = xp.arange(n)[None, :]
@@ -292,7 +291,8 @@ def etc_pattern(n, n_global, radius, segment_ids=None, hard_l2g=False, xp=None):
 def pattern(cache):
     """Support of W from the rule: g2g, g2l (hard-masked by segment), l2g, long band of radius r."""
     xp = get_namespace(cache.long.p)
-    return etc_pattern(cache.n, cache.ng, cache.qpos.shape[1], cache.segment_ids, cache.hard_l2g, xp=xp)
+    return build_pattern(cache.n, n_global=cache.ng, radius=cache.qpos.shape[1], segment_ids=cache.segment_ids,
+                         hard_l2g=cache.hard_l2g, xp=xp)
 
 
 def reference(q, k, v, *, n_global, radius, max_distance, rel_emb, segment_ids=None, hard_l2g=False,
@@ -302,7 +302,7 @@ def reference(q, k, v, *, n_global, radius, max_distance, rel_emb, segment_ids=N
     n, _, d, _ = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
     ng, r, kmax, hard_l2g = _check_config(q, n, n_global, radius, max_distance, rel_emb, segment_ids, hard_l2g, causal)
     xp = get_namespace(q, k, v)
-    scale = d ** -0.5 if scale is None else scale
+    scale = check_scale(scale, d)
     pos = xp.arange(n)
     labels = relative_labels(pos, pos, kmax, xp)                                    # (N, N)
     a = rel_emb[labels]                                                             # (N, N, d): a_{l(i,j)}
@@ -312,7 +312,7 @@ def reference(q, k, v, *, n_global, radius, max_distance, rel_emb, segment_ids=N
     a = a * has_label[..., None]
     # e_ij = q_i . (k_j + a_ij) / sqrt(d)
     e = ((q[..., :, None, :] * (k[..., None, :, :] + a)).sum(axis=-1)) * scale      # (..., N, N)
-    allowed = etc_pattern(n, ng, r, segment_ids, hard_l2g, xp=xp)
+    allowed = build_pattern(n, n_global=ng, radius=r, segment_ids=segment_ids, hard_l2g=hard_l2g, xp=xp)
     if key_mask is not None:
         allowed = allowed & key_mask[..., None, :]
     p, _, _ = softmax_forward(e, xp.broadcast_to(allowed, e.shape))
@@ -332,46 +332,24 @@ def default_config(n):
     return {"n_global": ng, "radius": r, "max_distance": kmax}
 
 
-def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
-    """params: rel_emb (2k + 1, d), shared by all heads (standard normal x 0.5)."""
-    from ..backend import asarray
+def init_rel_emb(rng, max_distance, d):
+    """Initial relative position embeddings a_{-k}, ..., a_{k}: (2 max_distance + 1, d), standard
+    normal x 0.5, a host NumPy array (shared by all heads)."""
+    return rng.standard_normal((2 * max_distance + 1, d)) * 0.5
 
+
+def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
+    """params: rel_emb (2k + 1, d), shared by all heads (:func:`init_rel_emb`)."""
     check_causal(causal, False, WHY_NOT_CAUSAL)
     config = default_config(n)
-    rel_emb = asarray(rng.standard_normal((2 * config["max_distance"] + 1, d)) * 0.5, dtype=dtype)
+    rel_emb = asarray(init_rel_emb(rng, config["max_distance"], d), dtype=dtype)
     return {"rel_emb": rel_emb}, config
 
 
 def contiguous_segments(n_long, n_global, xp=None):
     """segment_ids giving each global token one contiguous run of long tokens (sentences)."""
-    if xp is None:
-        xp = get_namespace(None)
+    xp = get_namespace() if xp is None else xp
     return (xp.arange(n_long) * n_global) // n_long
-
-
-def _figures(out_dir, rng):
-    import os
-
-    from .. import viz
-
-    n, ng, r = 40, 4, 3
-    plain = etc_pattern(n, ng, r)
-    seg = contiguous_segments(n - ng, ng)
-    hard = etc_pattern(n, ng, r, seg)
-    labels = relative_labels(get_namespace(None).arange(n), get_namespace(None).arange(n), 3, get_namespace(None))
-    lab = labels * plain + (~plain) * -1
-    fig = viz.plot_patterns([plain, hard], ["g2g | g2l / l2g | l2l (radius 3)", "hard g2l masking (4 segments)"],
-                            suptitle=f"ETC: {ng} global + {n - ng} long tokens, O(N_g^2 + N N_g)")
-    for ax in fig.axes[:2]:
-        ax.axhline(ng - 0.5, color="#d62728", lw=1)
-        ax.axvline(ng - 0.5, color="#d62728", lw=1)
-        for txt, (x, y) in {"g2g": (ng / 2, ng / 2), "g2l": ((n + ng) / 2, ng / 2),
-                            "l2g": (ng / 2, (n + ng) / 2), "l2l": ((n + ng) / 2 + 8, (n + ng) / 2 - 8)}.items():
-            ax.text(x - 0.5, y - 0.5, txt, color="#d62728", ha="center", va="center", fontsize=8)
-    paths = [viz.save(fig, os.path.join(out_dir, "etc_four_pieces.png"))]
-    ax = viz.plot_pattern(lab.astype(float), title="relative position label l(i,j)+k (k=3; -1 = none)", weights=True)
-    paths.append(viz.save(ax.figure, os.path.join(out_dir, "etc_relative_labels.png")))
-    return paths
 
 
 MECHANISM = register(Mechanism(
@@ -392,7 +370,6 @@ MECHANISM = register(Mechanism(
     pattern=pattern,
     reference=reference,
     sizes=("n_global", "radius", "max_distance"),
-    figures=_figures,
     summary="Global-local attention: n_g global tokens (g2g, g2l, l2g full) + local long-to-long window, "
             "learned relative position embeddings, optional hard segment masks.",
 ))

@@ -54,7 +54,8 @@ residue class; the reordered sequence is cut into blocks of w queries whose
 keys are the previous, own and next block (``neighbour_blocks``; causal: the
 previous and own block) plus the g global keys appended to every block, and
 :func:`effattn.nn.sparse.attend_forward` does the masked softmax per block.
-The global rows are a dense (g x N) attention.
+The global rows are a dense (g x N) attention; the global keys and rows are
+:mod:`effattn.nn.global_tokens` (shared with ETC and BigBird).
 
 Shapes: q, k, q_global, k_global (..., N, d); v, v_global (..., N, dv);
 key_mask (..., N) bool; out (..., N, dv). Blocks: G = Np / w with Np >= N
@@ -76,10 +77,11 @@ from __future__ import annotations
 import numbers
 from typing import NamedTuple
 
-from ..backend import get_namespace
-from ..validate import check_bool, check_float_array, check_int, check_positive_float, check_qkv
+from ..backend import asarray, get_namespace
+from ..validate import check_bool, check_float_array, check_int, check_qkv, check_scale
 from ..nn.functional import softmax_forward
 from ..nn.blockwise import neighbour_blocks, neighbour_blocks_backward
+from ..nn.global_tokens import global_keys, global_keys_backward, global_rows_forward, index_set, membership
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, gather_rows, group_mask, pad_axis, round_up
 from ..registry import Case, Mechanism, register
 
@@ -106,16 +108,7 @@ def _global_positions(global_positions, n):
     """Sorted unique global positions as a tuple of ints in [0, n)."""
     if global_positions is None:
         return ()
-    if hasattr(global_positions, "tolist"):
-        global_positions = global_positions.tolist()
-    try:
-        pos = [int(p) for p in global_positions]
-    except (TypeError, ValueError):
-        raise ValueError(f"global_positions must be a sequence of integer positions, got {global_positions!r}") from None
-    bad = [p for p in pos if not 0 <= p < n]
-    if bad:
-        raise ValueError(f"global_positions must lie in [0, N={n}), got {bad}")
-    return tuple(sorted(set(pos)))
+    return index_set("global_positions", global_positions, n, expected="a sequence of integer positions", bound="N")
 
 
 class Layout(NamedTuple):
@@ -225,14 +218,13 @@ def forward(q, k, v, *, w, dilation=1, global_positions=(), q_global=None, k_glo
     dils = _dilations(dilation, q)
     gpos = _global_positions(global_positions, n)
     separate = _check_globals(q, k, v, q_global, k_global, v_global)
-    scale = d ** -0.5 if scale is None else check_positive_float("scale", scale)
+    scale = check_scale(scale, d)
     xp = get_namespace(q, k, v)
     lead = tuple(q.shape[:-2])
     lay = make_layout(n, w, dils, causal, xp)
     g = len(gpos)
     gidx = xp.asarray(gpos, dtype=xp.int64)
-    is_global = xp.zeros(n + 1, dtype=bool)                               # slot n = padding, never global
-    is_global[gidx] = True
+    is_global = membership(gpos, n + 1, xp)                               # slot n = padding, never global
 
     # band: blocks of w queries in layout order, keys = neighbour blocks + the g global keys
     gb = lay.blocks
@@ -241,8 +233,8 @@ def forward(q, k, v, *, w, dilation=1, global_positions=(), q_global=None, k_glo
     vw = neighbour_blocks(_to_layout(v, lay, n).reshape(lead + (gb, w, dv)), 1, lay.after)   # (..., G, C w, dv)
     kpos = lay.kpos
     if g:
-        kg = xp.broadcast_to(k[..., gidx, :][..., None, :, :], lead + (gb, g, d))             # (..., G, g, d)
-        vg = xp.broadcast_to(v[..., gidx, :][..., None, :, :], lead + (gb, g, dv))            # (..., G, g, dv)
+        kg = global_keys(k[..., gidx, :], gb)                                                 # (..., G, g, d)
+        vg = global_keys(v[..., gidx, :], gb)                                                 # (..., G, g, dv)
         kw = xp.concatenate([kw, kg], axis=-2)                                               # (..., G, C w + g, d)
         vw = xp.concatenate([vw, vg], axis=-2)
         kpos = xp.concatenate([kpos, xp.broadcast_to(gidx, kpos.shape[:-1] + (g,))], axis=-1)
@@ -260,14 +252,10 @@ def forward(q, k, v, *, w, dilation=1, global_positions=(), q_global=None, k_glo
     glob_cache = None
     if g:
         qsrc, ksrc, vsrc = (q_global, k_global, v_global) if separate else (q, k, v)
-        allowed_g = None
-        if causal:
-            allowed_g = xp.arange(n)[None, :] <= gidx[:, None]            # (g, N): j <= i
-        if key_mask is not None:
-            km = key_mask[..., None, :]                                   # (..., 1, N)
-            allowed_g = km if allowed_g is None else allowed_g & km
+        allowed_g = xp.arange(n)[None, :] <= gidx[:, None] if causal else None    # (g, N): j <= i
         # global rows: softmax(q_g K_g^T / sqrt(d)) V_g over all positions
-        og, _, glob_cache = attend_forward(qsrc[..., gidx, :], ksrc, vsrc, allowed_g, scale)  # (..., g, dv)
+        og, _, glob_cache = global_rows_forward(qsrc[..., gidx, :], ksrc, vsrc, allowed_g, key_mask=key_mask,
+                                                scale=scale)                          # (..., g, dv)
         out[..., gidx, :] = og
     return out, LongformerCache(band_cache, glob_cache, lay, gidx, n, w, causal, separate, lead, (d, dv))
 
@@ -285,8 +273,8 @@ def backward(dout, cache):
     dv_ = _from_layout(neighbour_blocks_backward(gr["v"][..., :cw, :], 1, lay.after).reshape(lead + (lay.np_, dv)), lay, n)
     grads = {"q": dq, "k": dk, "v": dv_}
     if glob is not None:
-        dk[..., gidx, :] += gr["k"][..., cw:, :].sum(axis=-3)            # global keys: sum over blocks (unique positions)
-        dv_[..., gidx, :] += gr["v"][..., cw:, :].sum(axis=-3)
+        dk[..., gidx, :] += global_keys_backward(gr["k"][..., cw:, :])   # global keys: sum over blocks (unique positions)
+        dv_[..., gidx, :] += global_keys_backward(gr["v"][..., cw:, :])
         gg = attend_backward(dout[..., gidx, :], glob)
         if separate:
             dqg = xp.zeros(lead + (n, d), dtype=dout.dtype)
@@ -315,16 +303,14 @@ def weights(cache):
     return wm
 
 
-def longformer_pattern(n, w, dilation=1, global_positions=(), causal=False, xp=None):
+def build_pattern(n, *, w, dilation=1, global_positions=(), causal=False, xp=None):
     """The paper's rule as a boolean (.., N, N) matrix (one per head for per-head dilation)."""
-    if xp is None:
-        xp = get_namespace(None)
+    xp = get_namespace() if xp is None else xp
     dils = (dilation,) if isinstance(dilation, numbers.Integral) else tuple(dilation)
     dil = xp.asarray(dils).reshape(-1, 1, 1)
     i = xp.arange(n)[:, None]
     j = xp.arange(n)[None, :]
-    is_g = xp.zeros(n, dtype=bool)
-    is_g[xp.asarray(_global_positions(global_positions, n), dtype=xp.int64)] = True
+    is_g = membership(_global_positions(global_positions, n), n, xp)
     allowed = ((abs(j - i) <= w * dil) & ((j - i) % dil == 0)) | is_g[:, None] | is_g[None, :]
     if causal:
         allowed = allowed & (j <= i)
@@ -336,21 +322,20 @@ def pattern(cache):
     lay, gidx = cache.layout, cache.gidx
     xp = get_namespace(cache.band.p)
     dils = tuple(int(x) for x in lay.dil.reshape(-1).tolist())
-    return longformer_pattern(cache.n, cache.w, dils if len(dils) > 1 else dils[0], gidx.tolist(), cache.causal, xp)
+    return build_pattern(cache.n, w=cache.w, dilation=dils if len(dils) > 1 else dils[0],
+                         global_positions=gidx.tolist(), causal=cache.causal, xp=xp)
 
 
-def reference(q, k, v, q_global=None, k_global=None, v_global=None, *, w, dilation=1, global_positions=(),
+def reference(q, k, v, *, w, dilation=1, global_positions=(), q_global=None, k_global=None, v_global=None,
               causal=False, key_mask=None, scale=None):
     """Dense O(N^2) oracle: builds the N x N scores of the local and of the global projections
     and takes, per row, the paper's / HuggingFace's rule."""
     n, _, d, _ = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
     xp = get_namespace(q, k, v)
-    scale = d ** -0.5 if scale is None else scale
+    scale = check_scale(scale, d)
     separate = q_global is not None
     dils = _dilations(dilation, q)
-    gpos = _global_positions(global_positions, n)
-    is_g = xp.zeros(n, dtype=bool)
-    is_g[xp.asarray(gpos, dtype=xp.int64)] = True
+    is_g = membership(_global_positions(global_positions, n), n, xp)
     dil = xp.asarray(dils).reshape(-1, 1, 1)
     i = xp.arange(n)[:, None]
     j = xp.arange(n)[None, :]
@@ -384,33 +369,11 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
 
 def separate_global_case(rng, batch=2, heads=2, n=16, d=4, causal=False, dtype="float64", **config):
     """A :class:`Case` with separate global projections q_global, k_global, v_global as inputs."""
-    from ..backend import asarray
-
     shape = (batch, heads, n, d)
     names = ("q", "k", "v", "q_global", "k_global", "v_global")
     inputs = {nm: asarray(rng.standard_normal(shape), dtype=dtype) for nm in names}
     cfg = {"causal": causal, **default_config(n, heads), **config}
     return Case(inputs=inputs, config=cfg, seq_inputs=names, key_inputs=("k", "v", "k_global", "v_global"), n=n, m=n)
-
-
-def _figures(out_dir, rng):
-    import os
-
-    from .. import viz
-
-    n, w = 48, 4
-    mats = [longformer_pattern(n, w, 1, ()),
-            longformer_pattern(n, w, 2, ()),
-            longformer_pattern(n, w, 1, (0, 20)),
-            longformer_pattern(n, w, 1, (0, 20), causal=True)]
-    titles = ["band w=4", "dilated band (delta=2)", "band + global {0, 20}", "causal band + global"]
-    fig = viz.plot_patterns(mats, titles, suptitle="Longformer: O(N(w + g))")
-    paths = [viz.save(fig, os.path.join(out_dir, "longformer_band_global.png"))]
-    per_head = longformer_pattern(n, w, (1, 2, 3, 4), (0,))
-    fig = viz.plot_patterns(list(per_head), [f"head {h}: dilation {h + 1}" for h in range(4)],
-                            suptitle="Longformer: a different dilation per head (global position 0)")
-    paths.append(viz.save(fig, os.path.join(out_dir, "longformer_dilation_per_head.png")))
-    return paths
 
 
 MECHANISM = register(Mechanism(
@@ -431,7 +394,6 @@ MECHANISM = register(Mechanism(
     pattern=pattern,
     reference=reference,
     sizes=("w", "dilation"),
-    figures=_figures,
     summary="Dilated sliding window (per head) plus symmetric global attention on chosen positions, "
             "with optional separate global projections (HuggingFace convention).",
 ))

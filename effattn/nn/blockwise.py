@@ -4,9 +4,10 @@ Shared by the fixed-pattern mechanisms whose queries are cut into contiguous
 blocks and whose keys are "the block plus some positions before / after it":
 blockwise local attention (:mod:`effattn.attention.local`, window = whole
 neighbouring blocks), the Image Transformer's 1-D local attention
-(:mod:`effattn.attention.image_local`, window = the block plus ``l_m``
-preceding pixels) and, applied once per image axis, its 2-D local attention;
-and, as whole neighbouring blocks (:func:`neighbour_blocks`), the windows of
+(:mod:`effattn.attention.image_local_1d`, window = the block plus ``l_m``
+preceding pixels) and, applied once per image axis (:mod:`effattn.nn.image`),
+its 2-D local attention (:mod:`effattn.attention.image_local_2d`); and, as
+whole neighbouring blocks (:func:`neighbour_blocks`), the windows of
 Longformer, ETC and BigBird.
 
 The trick (no gather with fancy indices, no scatter with ``add.at``): pad the
@@ -20,7 +21,7 @@ of the window once and the backward adds each piece back into the same slice
 (a view), again without ``add.at``.
 
     block_windows(x (..., N, f), b, before, after)   -> (..., G, L, f)   G = ceil(N / b)
-    window_positions(G, b, before, after)            -> (G, L) ints (may be < 0 or >= N)
+    window_positions(xp, G, b, before, after)        -> (G, L) ints (may be < 0 or >= N)
     blockwise_forward(q, k, v, block=b, before=, after=, ...) -> out (..., N, dv), cache
 
 Cost: the windows hold ``G L f = N (1 + (before + after) / b) f`` numbers; the
@@ -31,7 +32,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from .sparse import attend_backward, attend_forward, dense_from_groups, group_mask, pad_axis, round_up
+from .sparse import attend_backward, attend_forward, dense_from_groups, group_mask, pad_axis
 
 
 def _blocked_padded(x, block, before, n_chunks, fill=0):
@@ -165,10 +166,7 @@ def band_pattern(n, block, before, after, causal=False, xp=None):
     """The rule of blockwise windows as a boolean (N, N) array, from block index
     arithmetic: i in block g = i // b sees j iff g b - before <= j < (g + 1) b + after
     (and j <= i when causal). ``xp``: array module (default: the active backend)."""
-    if xp is None:
-        from ..backend import xp as active_xp
-
-        xp = active_xp()
+    xp = get_namespace() if xp is None else xp
     i = xp.arange(n)[:, None]
     j = xp.arange(n)[None, :]
     start = (i // block) * block
@@ -179,4 +177,5 @@ def band_pattern(n, block, before, after, causal=False, xp=None):
 
 
 __all__ = ["BlockwiseCache", "band_pattern", "block_windows", "block_windows_backward", "blockwise_backward",
-           "blockwise_forward", "blockwise_weights", "round_up", "window_positions"]
+           "blockwise_forward", "blockwise_weights", "neighbour_blocks", "neighbour_blocks_backward",
+           "window_positions"]

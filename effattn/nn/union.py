@@ -1,7 +1,7 @@
 """Attention over a union of key sets, each with its own group layout, under ONE softmax.
 
-Used by the Sparse Transformer patterns (``sparse_strided``, ``sparse_fixed``)
-and axial attention: their patterns are unions of two (or more) simple parts
+Used by the Sparse Transformer patterns (``sparse_strided``, ``sparse_fixed``,
+through :mod:`effattn.nn.factorized`) and axial attention: their patterns are unions of two (or more) simple parts
 — "the previous l positions" and "every l-th position back", or "my row" and
 "my column" — and each part is cheap in its own layout (blocks of
 consecutive positions for one, columns of a grid for the other), but no
@@ -40,8 +40,9 @@ back through the inverse permutation (a gather, no scatter); so do key and
 value gradients when a part's keys are laid out like its queries
 (``k_idx is q_idx``: rows of a grid attending within themselves); a shared key
 list is summed over the groups first; otherwise key and value gradients are
-scatter-added (``scatter_rows``) because a key is read by several groups. Rows with no allowed key in any part give out = 0 and zero
-gradients (L = -inf, every a_k = 0).
+scatter-added (``scatter_rows``) because a key is read by several groups.
+Rows with no allowed key in any part give out = 0 and zero gradients
+(L = -inf, every a_k = 0).
 
 Cost: sum over parts of O(G bq bk d); memory one (G, bq, bk) score buffer per
 part plus O(Np d) — nothing of size N x N.
@@ -128,7 +129,6 @@ def union_forward(q, k, v, parts, *, key_mask=None, scale=1.0):
 
 def union_backward(dout, cache):
     """Gradients {"q", "k", "v"} (each (..., N, ·)) of :func:`union_forward`."""
-    xp = get_namespace(dout)
     n, np_ = cache.n, cache.np_
     dout = pad_axis(dout, np_)                                    # (..., Np, dv)
     single = len(cache.parts) == 1

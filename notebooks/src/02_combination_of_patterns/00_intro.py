@@ -20,7 +20,8 @@
 # All three are *exact*: their output equals full softmax attention masked by the pattern (for ETC with its relative
 # position bias, for Longformer with its separate global projections: the dense `reference` oracle), and no $N\times N$
 # array is ever allocated — the banded part runs as batched products over blocks (`effattn.nn.sparse.attend_forward`),
-# the global rows as a dense $g \times N$ attention.
+# the global rows as a dense $g \times N$ attention (`effattn.nn.global_tokens`, shared by the three). Each module also has
+# `build_pattern(n, *, <its configuration>)`, the boolean pattern from sizes alone, which the pictures below use.
 
 # %%
 import time

@@ -42,12 +42,13 @@ print("max |banded - dense reference| =", np.abs(out - ref).max())
 
 # %%
 n_ = 48
-pats = [lf_mod.longformer_pattern(n_, 4, 1, ()), lf_mod.longformer_pattern(n_, 4, 2, ()),
-        lf_mod.longformer_pattern(n_, 4, 1, (0, 20)), lf_mod.longformer_pattern(n_, 4, 1, (0, 20), causal=True)]
+pats = [lf_mod.build_pattern(n_, w=4), lf_mod.build_pattern(n_, w=4, dilation=2),
+        lf_mod.build_pattern(n_, w=4, global_positions=(0, 20)),
+        lf_mod.build_pattern(n_, w=4, global_positions=(0, 20), causal=True)]
 fig = plot_patterns(pats, ["band w=4", "dilated, delta=2", "band + global {0, 20}", "causal (autoregressive)"],
                     suptitle="Longformer patterns")
 plt.show()
-per_head = lf_mod.longformer_pattern(n_, 3, (1, 2, 3, 4), (0,))
+per_head = lf_mod.build_pattern(n_, w=3, dilation=(1, 2, 3, 4), global_positions=(0,))
 fig = plot_patterns(list(per_head), [f"head {h}: delta={h + 1}" for h in range(4)],
                     suptitle="one dilation per head (w = 3, global position 0)")
 plt.show()

@@ -35,7 +35,8 @@ assert np.abs(out - ref).max() < 1e-12 and np.allclose(bb.weights(cache) @ v, ou
 
 # %%
 none = -np.ones((nb, r), int)
-parts = [bb_mod.bigbird_pattern(N, b, none, 0), bb_mod.bigbird_pattern(N, b, none, g), bb.pattern(cache)[0]]
+parts = [bb_mod.build_pattern(N, block=b, random_blocks=none, global_blocks=0),
+         bb_mod.build_pattern(N, block=b, random_blocks=none, global_blocks=g), bb.pattern(cache)[0]]
 fig = plot_patterns(parts, ["window (3 blocks)", "+ global block", "+ random blocks (head 0)"],
                     suptitle="BigBird = window + global + random", grid=b)
 plt.show()
@@ -47,7 +48,8 @@ plt.show()
 rand_attn = np.array([[[3, 5], [4, 6], [5, 1], [1, 2], [2, 3], [3, 4]]])   # HF's (H=1, n_b - 2 = 6, r = 2)
 random_blocks, global_blocks = bb_mod.from_huggingface(rand_attn, 8)
 print("HF layout ->", global_blocks, "\n", random_blocks[0])
-plot_pattern(bb_mod.bigbird_pattern(16, 2, random_blocks, global_blocks)[0], title="HuggingFace's convention: first and last block global", grid=2)
+plot_pattern(bb_mod.build_pattern(16, block=2, random_blocks=random_blocks, global_blocks=global_blocks)[0],
+             title="HuggingFace's convention: first and last block global", grid=2)
 plt.show()
 small = bb.example(np.random.default_rng(4), batch=1, heads=2, n=14, d=3)
 errors = check_gradients(bb.forward, bb.backward, small.inputs, small.config)

@@ -27,7 +27,7 @@ def hops(pattern):
 
 def block_graph(nb, g, r, seed=0):
     layout = bb_mod.draw_random_blocks(np.random.default_rng(seed), nb, r, g)
-    return bb_mod.bigbird_pattern(nb, 1, layout, g)          # block size 1: the block-level graph
+    return bb_mod.build_pattern(nb, block=1, random_blocks=layout, global_blocks=g)   # block size 1: the block-level graph
 
 
 nbs = [16, 32, 64, 128, 256]
@@ -57,9 +57,9 @@ plt.tight_layout(); plt.show()
 
 # %%
 n_ = 96
-pats = {"band w=4": lf_mod.longformer_pattern(n_, 4, 1, ()),
-        "dilated band w=4, delta=3": lf_mod.longformer_pattern(n_, 4, 3, ()),
-        "band w=4 + global {0}": lf_mod.longformer_pattern(n_, 4, 1, (0,))}
+pats = {"band w=4": lf_mod.build_pattern(n_, w=4),
+        "dilated band w=4, delta=3": lf_mod.build_pattern(n_, w=4, dilation=3),
+        "band w=4 + global {0}": lf_mod.build_pattern(n_, w=4, global_positions=(0,))}
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
 for ax, (title, p) in zip(axes, pats.items()):
     h = hops(p)
