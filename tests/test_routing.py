@@ -165,15 +165,15 @@ def test_padding_moves_no_centroid():
     np.testing.assert_allclose(a, RT.update_centroids(mu, qn[..., :8, :], kn[..., :8, :]), atol=1e-12)
 
 
-def test_init_centroids_picks_distinct_data_rows():
+def test_draw_centroids_from_data_picks_distinct_data_rows():
     rng = np.random.default_rng(7)
     x = ln(rng.standard_normal((2, 3, 20, 4)))
-    mu = RT.init_centroids(np.random.default_rng(0), x, 6)
+    mu = RT.draw_centroids_from_data(np.random.default_rng(0), x, 6)
     rows = x.reshape(-1, 4)
     hits = [np.flatnonzero((rows == m).all(-1)) for m in mu]
     assert all(len(h) == 1 for h in hits) and len({int(h[0]) for h in hits}) == 6
     with pytest.raises(ValueError, match="c must"):
-        RT.init_centroids(rng, x, 500)
+        RT.draw_centroids_from_data(rng, x, 500)
 
 
 def test_bad_arguments():

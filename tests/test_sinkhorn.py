@@ -1,11 +1,12 @@
-"""Sparse Sinkhorn attention: the balancing and its hand-written backward, hard permutations
-against dense attention, SortCut, causality. Oracles: finite differences, a readable
-probability-space loop form of Sinkhorn, and `full` masked by a pattern built here."""
+"""Sparse Sinkhorn attention: the balancing (effattn.nn.sinkhorn) and its hand-written backward,
+hard permutations against dense attention, SortCut, causality. Oracles: finite differences, a
+readable probability-space loop form of Sinkhorn, and `full` masked by a pattern built here."""
 import numpy as np
 import pytest
 
 import effattn
 from effattn.attention import sinkhorn as sk
+from effattn.nn import sinkhorn as balancing
 from effattn.gradcheck import check_gradients, rel_error
 
 FULL = effattn.get("full")
@@ -44,13 +45,13 @@ def test_sinkhorn_backward_matches_finite_differences(causal, n_iters):
     if causal:
         la = np.where(causal_support(nb), la, -np.inf)
     g = rng.standard_normal(la.shape)
-    logp, cache = sk.sinkhorn_forward(la, n_iters, causal=causal)
+    logp, cache = balancing.sinkhorn_forward(la, n_iters, causal=causal)
     fin = np.isfinite(logp)
     assert np.array_equal(fin, np.isfinite(la))
-    dla = sk.sinkhorn_backward(np.where(fin, g, 0.0), cache)
+    dla = balancing.sinkhorn_backward(np.where(fin, g, 0.0), cache)
 
     def f():
-        out = sk.sinkhorn_forward(la, n_iters, causal=causal)[0]
+        out = balancing.sinkhorn_forward(la, n_iters, causal=causal)[0]
         return np.where(fin, out, 0.0)
 
     # perturb only the finite entries (a -inf entry is a hard constraint, not a variable)
@@ -75,25 +76,34 @@ def test_sinkhorn_equals_probability_space_loop(causal):
     if causal:
         la = np.where(causal_support(nb), la, -np.inf)
     for n_iters in (1, 4):
-        logp, _ = sk.sinkhorn_forward(la, n_iters, causal=causal)
+        logp, _ = balancing.sinkhorn_forward(la, n_iters, causal=causal)
         np.testing.assert_allclose(np.exp(logp), sinkhorn_loop(np.exp(la), n_iters, causal), atol=1e-12)
 
 
 def test_rows_and_columns_sum_to_one_after_enough_iterations():
     rng = np.random.default_rng(2)
     la = rng.standard_normal((3, 7, 7)) * 2
-    p = np.exp(sk.sinkhorn_forward(la, 60)[0])
+    p = np.exp(balancing.sinkhorn_forward(la, 60)[0])
     np.testing.assert_allclose(p.sum(-2), 1, atol=1e-12)        # the last step normalised columns
     np.testing.assert_allclose(p.sum(-1), 1, atol=1e-6)         # rows converge
-    p1 = np.exp(sk.sinkhorn_forward(la, 1)[0])
+    p1 = np.exp(balancing.sinkhorn_forward(la, 1)[0])
     assert np.abs(p1.sum(-1) - 1).max() > 1e-3                  # one iteration is not enough
     # low temperature: P approaches the permutation that maximises sum of logits
     import itertools
 
-    cold = np.exp(sk.sinkhorn_forward(la[0] / 0.01, 200)[0])
+    cold = np.exp(balancing.sinkhorn_forward(la[0] / 0.01, 200)[0])
     assert cold.max(-1).min() > 0.95
     best = max(itertools.permutations(range(7)), key=lambda pr: la[0][np.arange(7), list(pr)].sum())
     np.testing.assert_array_equal(cold.argmax(-1), best)
+
+
+def test_cumulative_column_lse_is_a_running_logsumexp():
+    """The causal column step's normaliser C[i, j] = log sum_{i' <= i} exp x[i', j]."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 6, 6)) * 3
+    x[0, 2, 4] = -np.inf
+    x[1, 0, 1] = -np.inf                                            # a column that starts forbidden
+    np.testing.assert_allclose(balancing.cumulative_col_lse(x), np.logaddexp.accumulate(x, axis=-2), atol=1e-12)
 
 
 def sinkhorn_inputs(rng, n, d=4, heads=2, batch=2, causal=False):
@@ -138,11 +148,11 @@ def test_hard_permutation_equals_full_masked_by_induced_pattern(causal, n):
         pat = pattern_from_perm(perm, n, b, causal)
         ref, _ = FULL.forward(q, k, v, mask=pat, key_mask=key_mask)
         np.testing.assert_allclose(out, ref, atol=1e-12)
-        np.testing.assert_array_equal(SPEC.extra["induced_pattern"](cache), pat)
+        np.testing.assert_array_equal(sk.induced_pattern(cache), pat)
         np.testing.assert_allclose(out, SPEC.weights(cache) @ v, atol=1e-12)
     # hard=True: perm = argmax of the balanced matrix; same identity with its own pattern
     out, cache = SPEC.forward(q, k, v, **params, **config, causal=causal, hard=True)
-    ref, _ = FULL.forward(q, k, v, mask=SPEC.extra["induced_pattern"](cache))
+    ref, _ = FULL.forward(q, k, v, mask=sk.induced_pattern(cache))
     np.testing.assert_allclose(out, ref, atol=1e-12)
 
 
@@ -254,7 +264,7 @@ def test_bad_config_raises():
     with pytest.raises(ValueError, match="k"):
         SPEC.forward(q, k[..., :-1, :], v[..., :-1, :], **params, **config)   # cross-attention unsupported
     with pytest.raises(ValueError, match="log_alpha"):
-        sk.sinkhorn_forward(np.zeros((3, 4)), 2)
+        balancing.sinkhorn_forward(np.zeros((3, 4)), 2)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -26,7 +26,12 @@ Equations (paper's symbols; R is the random rotation of one round):
 With the duplicate correction the combination is *exactly* softmax attention
 over the union of the rounds' windows, each key counted once: given the hashes
 this kernel is exact, and :func:`reference` checks it against dense attention
-masked by a pattern built independently, with Python loops.
+masked by a pattern built independently, with Python loops; :func:`loop` is the
+readable chunk-by-chunk form of one round.
+
+The hash, the sort into slots and the chunk windows are :mod:`effattn.nn.lsh`
+(:func:`draw_rotations`, :func:`~effattn.nn.lsh.hash_buckets`,
+:func:`~effattn.nn.lsh.lsh_layout`); this module masks, biases and attends.
 
 Design of the arguments (the kernel contract has q, k, v):
 
@@ -94,12 +99,16 @@ normalisation k_hat = k r / sqrt(d), r = (mean(k^2) + eps)^-1/2:
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
 from ..backend import asarray, get_namespace, to_numpy
-from ..validate import check_bool, check_choice, check_float_array, check_int, check_positive_float, check_qkv
-from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask, pad_axis, round_up
+from ..validate import (check_bool, check_choice, check_float_array, check_int, check_positive_float, check_qkv,
+                        check_scale)
+from ..nn.lsh import (chunk_windows, chunk_windows_backward, draw_rotations, hash_buckets, lsh_layout, put_slot_rows,
+                      put_slots, take_slot_rows)
+from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask
 from ..registry import Mechanism, register
 
 SELF_PENALTY = 1e5   # the paper's m_ii = 10^5 (HF: self_mask_value_float32 = -1e5)
@@ -130,152 +139,26 @@ class ReformerCache(NamedTuple):
     self_rule: bool      # the self penalty is on (i sees itself only when nothing else is visible)
 
 
-# --------------------------------------------------------------------------- random draws
-def draw_rotations(rng, d, n_buckets, n_rounds=1, heads=None):
-    """Random rotations for angular LSH, drawn on the host: standard normal
-    (n_rounds, d, n_buckets // 2), or (heads, n_rounds, d, n_buckets // 2) for one per head.
-    (A Gaussian matrix is what the paper, HF and trax use for "random rotation".)"""
-    d = check_int("d", d)
-    n_buckets = check_int("n_buckets", n_buckets, minimum=2)
-    if n_buckets % 2:
-        raise ValueError(f"n_buckets must be even (h(x) = argmax([xR; -xR])), got {n_buckets}")
-    n_rounds = check_int("n_rounds", n_rounds)
-    shape = (n_rounds, d, n_buckets // 2)
-    if heads is not None:
-        shape = (check_int("heads", heads),) + shape
-    return rng.standard_normal(shape)
+class _Options(NamedTuple):
+    causal: bool
+    shared_qk: bool
+    dedupe: bool
+    chunk: int           # c
+    before: int          # chunks before a query's own chunk in its window
+    after: int           # chunks after it
+    combine: str
+    chunking: str
+    scale: float
+    penalty: object      # the self penalty m_ii, or None
 
 
-# --------------------------------------------------------------------------- hashing
-def hash_buckets(x, rotations, block=None):
-    """h(x) = argmax([x R ; -x R]) for every round.
-
-    x (..., N, d); rotations (R, d, b/2) or (H, R, d, b/2) with x (..., H, N, d).
-    Returns int buckets (..., R, N) in [0, b). Invariant to positive scaling of x.
-    Computed ``block`` rows at a time so the (N, b) projections never exist at once.
-    """
-    xp = get_namespace(x)
-    n = x.shape[-2]
-    rounds, half = rotations.shape[-3], rotations.shape[-1]
-    rot = rotations.astype(x.dtype, copy=False)
-    block = block or max(64, (1 << 21) // max(1, rounds * half))
-    parts = []
-    for s in range(0, n, block):
-        xr = x[..., None, s:s + block, :] @ rot                 # (..., 1, n_b, d) @ (R, d, b/2) -> (..., R, n_b, b/2)
-        # argmax([xR; -xR]) without building it: the largest projection, or the most negative one
-        # (+ b/2); a tie between the two halves goes to the first half, as argmax would
-        hi, lo = xr.argmax(axis=-1), xr.argmin(axis=-1)         # (..., R, n_b)
-        top = xp.take_along_axis(xr, hi[..., None], axis=-1)[..., 0]
-        bottom = xp.take_along_axis(xr, lo[..., None], axis=-1)[..., 0]
-        parts.append(xp.where(top >= -bottom, hi, lo + half))
-    return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=-1)
-
-
-# --------------------------------------------------------------------------- layout
-def _flat_put(shape, idx, values, fill, xp):
-    """out (..., P) filled with ``fill``; out[..., idx[..., t]] = values[..., t] (idx unique per row)."""
-    out = xp.full(shape, fill, dtype=values.dtype)
-    rows = 1
-    for s in shape[:-1]:
-        rows *= s
-    flat = idx.reshape(rows, -1) + (xp.arange(rows) * shape[-1])[:, None]
-    out.reshape(-1)[flat.reshape(-1)] = xp.broadcast_to(values, idx.shape).reshape(-1)
-    return out
-
-
-def lsh_layout(buckets, n_buckets, chunk, chunking="sorted"):
-    """Where every token goes after the sort.
-
-    buckets (..., R, N) ints in [0, n_buckets] (n_buckets = the padding bucket).
-    Returns slot_token (..., R, P) (the token at each slot; N marks an empty slot)
-    and token_slot (..., R, N). "sorted": slot = rank in the stable sort by
-    (bucket, position), P = N rounded up to c. "bucket": every bucket starts a
-    new chunk (its run of slots padded to a multiple of c).
-    """
-    xp = get_namespace(buckets)
-    n = buckets.shape[-1]
-    lead = buckets.shape[:-1]
-    if chunking == "sorted":
-        p = round_up(n, chunk)
-        padded = xp.concatenate([buckets, xp.full(lead + (p - n,), n_buckets, dtype=buckets.dtype)], axis=-1)
-        order = xp.argsort(padded, axis=-1, kind="stable")               # (..., R, P): token at each slot
-        token_slot = xp.argsort(order, axis=-1, kind="stable")[..., :n]  # inverse permutation
-        return xp.minimum(order, n), token_slot
-    order = xp.argsort(buckets, axis=-1, kind="stable")                  # (..., R, N)
-    sb = xp.take_along_axis(buckets, order, axis=-1)                     # sorted buckets
-    s = xp.arange(n)
-    rows = 1
-    for t in lead:
-        rows *= t
-    key = (sb + (xp.arange(rows) * (n_buckets + 1)).reshape(lead + (1,)))  # row-unique, sorted
-    first = xp.searchsorted(key.reshape(-1), key.reshape(-1), side="left").reshape(lead + (n,))
-    first = first - (xp.arange(rows) * n).reshape(lead + (1,))
-    rank = s - first                                                     # rank inside the bucket
-    is_end = xp.ones(lead + (n,), dtype=bool)
-    is_end[..., :-1] = sb[..., 1:] != sb[..., :-1]
-    gap = xp.where(is_end, (-(rank + 1)) % chunk, 0)                     # padding after each bucket
-    slot_sorted = s + xp.cumsum(gap, axis=-1) - gap
-    p = int((n + gap.sum(axis=-1)).max())
-    token_slot = xp.take_along_axis(slot_sorted, xp.argsort(order, axis=-1, kind="stable"), axis=-1)
-    slot_token = _flat_put(lead + (p,), slot_sorted, order, n, xp)
-    return slot_token, token_slot
-
-
-def _shift_chunks(x, o, fill, xp):
-    """y[..., g, :, ...] = x[..., g + o, :, ...] along the chunk axis (-3 for rows, -2 for ids); fill outside."""
-    axis = -3 if x.ndim >= 3 and fill is None else -2
-    if fill is None:  # row arrays (..., G, c, d): fill with zeros
-        y = xp.zeros_like(x)
-    else:
-        y = xp.full(x.shape, fill, dtype=x.dtype)
-    g = x.shape[axis]
-    if abs(o) >= g:
-        return y
-    src = [slice(None)] * x.ndim
-    dst = [slice(None)] * x.ndim
-    ax = axis % x.ndim
-    if o >= 0:
-        src[ax], dst[ax] = slice(o, g), slice(0, g - o)
-    else:
-        src[ax], dst[ax] = slice(0, g + o), slice(-o, g)
-    y[tuple(dst)] = x[tuple(src)]
-    return y
-
-
-def _windows(chunks, before, after, fill, xp):
-    """Concatenate chunk g - before .. g + after of (..., G, c[, d]) along the chunk-length axis."""
-    axis = -2 if fill is None else -1
-    return xp.concatenate([_shift_chunks(chunks, o, fill, xp) for o in range(-before, after + 1)], axis=axis)
-
-
-def _unwindow(dwin, before, after, xp):
-    """Backward of :func:`_windows` for row arrays: (..., G, w, d) -> (..., G, c, d)."""
-    c = dwin.shape[-2] // (before + after + 1)
-    out = xp.zeros(dwin.shape[:-2] + (c, dwin.shape[-1]), dtype=dwin.dtype)
-    g = out.shape[-3]
-    for t, o in enumerate(range(-before, after + 1)):
-        part = dwin[..., t * c:(t + 1) * c, :]          # came from chunk g + o
-        if abs(o) >= g:
-            continue
-        if o >= 0:
-            out[..., o:, :, :] += part[..., :g - o, :, :]
-        else:
-            out[..., :g + o, :, :] += part[..., -o:, :, :]
-    return out
-
-
-def _take_tokens(x, idx):
-    """x (..., L) values per token, idx (..., R, A, B) -> (..., R, A, B) (x broadcast over R)."""
-    xp = get_namespace(x)
-    flat = idx.reshape(idx.shape[:-2] + (-1,))
-    xx = xp.broadcast_to(x[..., None, :] if x.ndim == flat.ndim - 1 else x, flat.shape[:-1] + x.shape[-1:])
-    return xp.take_along_axis(xx, flat, axis=-1).reshape(idx.shape)
-
-
-# --------------------------------------------------------------------------- kernel
+# --------------------------------------------------------------------------- options and keys
 def _defaults(shared_qk, scale, self_penalty, d, causal, chunking):
-    if scale is None:
-        scale = 1.0 if shared_qk else d ** -0.5
+    """The defaults that depend on other options: scale 1 for the unit keys of shared QK (else d^-0.5),
+    the self penalty with shared QK only, "bucket" chunking when causal."""
+    if scale is None and shared_qk:
+        scale = 1.0
+    scale = check_scale(scale, d)
     if isinstance(self_penalty, str) and self_penalty == "default":
         self_penalty = SELF_PENALTY if shared_qk else None
     if chunking is None:
@@ -283,12 +166,23 @@ def _defaults(shared_qk, scale, self_penalty, d, causal, chunking):
     return scale, self_penalty, chunking
 
 
-def _normalise_keys(k, eps):
-    """k_hat = k * rsqrt(mean(k^2) + eps) / sqrt(d)  (HF's _len_and_dim_norm: a unit vector)."""
-    xp = get_namespace(k)
-    d = k.shape[-1]
-    r = 1.0 / xp.sqrt((k * k).mean(axis=-1, keepdims=True) + eps)       # (..., N, 1)
-    return k * (r * d ** -0.5), r
+def _check_options(d, *, causal, shared_qk, dedupe, chunk_size, chunks_before, chunks_after, combine, chunking,
+                   scale, self_penalty):
+    causal = check_bool("causal", causal)
+    shared_qk = check_bool("shared_qk", shared_qk)
+    dedupe = check_bool("dedupe", dedupe)
+    c = check_int("chunk_size", chunk_size)
+    before = check_int("chunks_before", chunks_before, minimum=0)
+    after = check_int("chunks_after", chunks_after, minimum=0)
+    if causal and after:
+        raise ValueError("chunks_after must be 0 with causal=True (later chunks hold only later tokens in 'bucket' "
+                         "chunking, and are masked anyway)")
+    check_choice("combine", combine, ("logsumexp", "mean"))
+    check_choice("chunking", chunking, (None, "sorted", "bucket"))
+    scale, penalty, chunking = _defaults(shared_qk, scale, self_penalty, d, causal, chunking)
+    if penalty is not None:
+        penalty = check_positive_float("self_penalty", penalty)
+    return _Options(causal, shared_qk, dedupe, c, before, after, combine, chunking, scale, penalty)
 
 
 def _check_rotations(rotations, q):
@@ -305,176 +199,201 @@ def _check_rotations(rotations, q):
     return get_namespace(q).asarray(rotations)
 
 
-def forward(q, k, v, *, causal=False, key_mask=None, rotations=None, chunk_size=64, shared_qk=True,
-            scale=None, self_penalty="default", combine="logsumexp", dedupe=True, chunking=None,
-            chunks_before=1, chunks_after=0, norm_eps=1e-6):
-    """LSH attention. Returns out (..., N, dv) and a :class:`ReformerCache` (see the module docstring)."""
-    n, m, d, _ = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
-    causal = check_bool("causal", causal)
-    shared_qk = check_bool("shared_qk", shared_qk)
-    dedupe = check_bool("dedupe", dedupe)
-    c = check_int("chunk_size", chunk_size)
-    before = check_int("chunks_before", chunks_before, minimum=0)
-    after = check_int("chunks_after", chunks_after, minimum=0)
-    if causal and after:
-        raise ValueError("chunks_after must be 0 with causal=True (later chunks hold only later tokens in 'bucket' "
-                         "chunking, and are masked anyway)")
-    check_choice("combine", combine, ("logsumexp", "mean"))
-    check_choice("chunking", chunking, (None, "sorted", "bucket"))
-    scale, penalty, chunking = _defaults(shared_qk, scale, self_penalty, d, causal, chunking)
-    scale = check_positive_float("scale", scale)
-    if penalty is not None:
-        penalty = check_positive_float("self_penalty", penalty)
-    rot = _check_rotations(rotations, q)
-    xp = get_namespace(q, k, v)
-    n_rounds, n_buckets = rot.shape[-3], 2 * rot.shape[-1]
+def _normalise_keys(k, eps):
+    """k_hat = k * rsqrt(mean(k^2) + eps) / sqrt(d)  (HF's _len_and_dim_norm: a unit vector)."""
+    xp = get_namespace(k)
+    d = k.shape[-1]
+    r = 1.0 / xp.sqrt((k * k).mean(axis=-1, keepdims=True) + eps)       # (..., N, 1)
+    return k * (r * d ** -0.5), r
 
-    # keys: k_hat = k / ||k|| for shared QK
-    if shared_qk:
-        keys, rnorm = _normalise_keys(k, check_positive_float("norm_eps", norm_eps))
-    else:
-        keys, rnorm = k, None
-    # hash: h(k_j) for every round; masked tokens -> the padding bucket n_buckets
+
+def _normalise_keys_backward(dkey, k, r):
+    """dk = r / sqrt(d) * (dk_hat - k r^2 (k . dk_hat) / d)."""
+    d = k.shape[-1]
+    return (r * d ** -0.5) * (dkey - k * (r * r) * (k * dkey).sum(axis=-1, keepdims=True) / d)
+
+
+# --------------------------------------------------------------------------- the steps of forward
+def _hash(k, rot, key_mask, lead):
+    """h(k_j) for every round, (..., R, N); masked tokens go to the padding bucket n_buckets."""
+    xp = get_namespace(k)
+    n_rounds, n_buckets = rot.shape[-3], 2 * rot.shape[-1]
     buckets = hash_buckets(k, rot)                                        # (..., R, N)
     if key_mask is not None:
         buckets = xp.where(key_mask[..., None, :], buckets, n_buckets)
-    buckets = xp.broadcast_to(buckets, q.shape[:-2] + (n_rounds, n))
-    slot_token, token_slot = lsh_layout(buckets, n_buckets, c, chunking)  # (..., R, P), (..., R, N)
-    p = slot_token.shape[-1]
-    g = p // c
-    lead = q.shape[:-2]
+    return xp.broadcast_to(buckets, lead + (n_rounds, k.shape[-2]))
 
-    # sort: rows of q, k_hat, v in slot order, cut into chunks; keys see the adjacent chunks
-    def sorted_chunks(x):
-        xpad = pad_axis(x, n + 1)                                         # row N = zeros (the dummy token)
-        xs = xp.take_along_axis(xpad[..., None, :, :], slot_token[..., None], axis=-2)  # (..., R, P, d)
-        return xs.reshape(lead + (n_rounds, g, c, x.shape[-1]))           # (..., R, G, c, d)
 
-    ids = slot_token.reshape(lead + (n_rounds, g, c))                     # (..., R, G, c) token ids
-    k_ids = _windows(ids, before, after, n, xp)                           # (..., R, G, w)
-    qb = sorted_chunks(q)
-    kb = _windows(sorted_chunks(keys), before, after, None, xp)           # (..., R, G, w, d)
-    vb = _windows(sorted_chunks(v), before, after, None, xp)              # (..., R, G, w, dv)
+def _sorted_chunks(x, slot_token, c):
+    """Rows of x (..., N, d) in slot order, cut into chunks: (..., R, G, c, d)."""
+    xs = take_slot_rows(x, slot_token)                                    # (..., R, P, d)
+    return xs.reshape(xs.shape[:-2] + (xs.shape[-2] // c, c, x.shape[-1]))
+
+
+def _with_dummy(x, value):
+    """Per-token values (..., R, N) with the dummy token N appended: (..., R, N + 1)."""
+    xp = get_namespace(x)
+    return xp.concatenate([x, xp.full(x.shape[:-1] + (1,), value, dtype=x.dtype)], axis=-1)
+
+
+def _at_tokens(x, ids):
+    """Per-token values x (..., [R,] N + 1) read at token ids (..., R, A, B) -> (..., R, A, B)
+    (x without the round axis is the same for every round)."""
+    xp = get_namespace(x)
+    flat = ids.reshape(ids.shape[:-2] + (-1,))
+    xx = xp.broadcast_to(x[..., None, :] if x.ndim == flat.ndim - 1 else x, flat.shape[:-1] + x.shape[-1:])
+    return xp.take_along_axis(xx, flat, axis=-1).reshape(ids.shape)
+
+
+def _window_mask(q_pos, k_pos, ids, k_ids, bucket_pad, n, o, key_mask):
+    """allowed (..., R*G, c, w): j in P~_i (real, causal, key mask; "bucket" chunking: same bucket)."""
+    allowed = group_mask(q_pos, k_pos, n, n, causal=o.causal, key_mask=key_mask)
+    if o.chunking == "bucket":  # adjacent chunks of another bucket are not part of P~_i
+        same = _at_tokens(bucket_pad, ids)[..., :, None] == _at_tokens(bucket_pad, k_ids)[..., None, :]
+        allowed = allowed & same.reshape(q_pos.shape + k_pos.shape[-1:])
+    return allowed
+
+
+def _duplicate_correction(ids, k_ids, chunk_pad, bucket_pad, o, dtype):
+    """-log N_ij (..., R*G, c, w), N_ij = the number of rounds r' with j in P~_i^(r') (one (c, w)
+    buffer per chunk, built in place)."""
+    xp = get_namespace(ids)
+    n_rounds, g, c = ids.shape[-3:]
     w = k_ids.shape[-1]
+    bias = xp.zeros(ids.shape[:-3] + (n_rounds, g, c, w), dtype=dtype)
+    for r in range(n_rounds):
+        ci = _at_tokens(chunk_pad[..., r, :], ids)[..., :, None]           # (..., R, G, c, 1)
+        cj = _at_tokens(chunk_pad[..., r, :], k_ids)[..., None, :]         # (..., R, G, 1, w)
+        seen = (cj >= ci - o.before) & (cj <= ci + o.after)
+        if o.chunking == "bucket":
+            seen &= (_at_tokens(bucket_pad[..., r, :], ids)[..., :, None]
+                     == _at_tokens(bucket_pad[..., r, :], k_ids)[..., None, :])
+        bias += seen
+    bias = bias.reshape(ids.shape[:-3] + (n_rounds * g, c, w))
+    xp.maximum(bias, 1.0, out=bias)
+    xp.log(bias, out=bias)
+    bias *= -1.0
+    return bias
 
-    # chunk index of every token per round (FAR for the dummy): defines P~_i
-    chunk_of = token_slot // c                                            # (..., R, N)
-    chunk_pad = xp.concatenate([chunk_of, xp.full(lead + (n_rounds, 1), FAR, dtype=chunk_of.dtype)], axis=-1)
-    bucket_pad = xp.concatenate([buckets, xp.full(lead + (n_rounds, 1), -1, dtype=buckets.dtype)], axis=-1)
 
+def _self_penalty(q_pos, k_pos, penalty, bias, dtype):
+    """bias - m_ii: a token's logit on itself lowered by the penalty."""
+    xp = get_namespace(q_pos)
+    is_self = q_pos[..., :, None] == k_pos[..., None, :]                  # (..., R*G, c, w)
+    if bias is None:
+        bias = xp.zeros(is_self.shape, dtype=dtype)
+    bias[is_self] -= penalty
+    return bias
+
+
+def _unsort_rows(xs, token_slot):
+    """Rows in slot order (..., R, P, d) -> per token (..., R, N, d)."""
+    return get_namespace(xs).take_along_axis(xs, token_slot[..., None], axis=-2)
+
+
+def _round_weights(lse_r, combine, dtype):
+    """w_r = exp(lse_r - logsumexp_r lse_r) (0 for a round where the query sees nothing), or 1/R."""
+    xp = get_namespace(lse_r)
+    if combine == "mean":
+        return xp.full(lse_r.shape, 1.0 / lse_r.shape[-2], dtype=dtype)
+    mx = lse_r.max(axis=-2, keepdims=True)
+    mx = xp.where(xp.isfinite(mx), mx, 0.0)
+    e = xp.exp(lse_r - mx)                                                # exp(-inf) = 0 for empty rounds
+    z = e.sum(axis=-2, keepdims=True)
+    return (e / xp.where(z > 0, z, 1.0)).astype(dtype)
+
+
+# --------------------------------------------------------------------------- kernel
+def forward(q, k, v, *, causal=False, key_mask=None, rotations=None, chunk_size=64, shared_qk=True,
+            scale=None, self_penalty="default", combine="logsumexp", dedupe=True, chunking=None,
+            chunks_before=1, chunks_after=0, norm_eps=1e-6):
+    """LSH attention. Returns out (..., N, dv) and a :class:`ReformerCache` (see the module docstring).
+
+    Hash, sort into chunks, mask and bias each chunk's window, attend, un-sort, combine the rounds."""
+    n, _, d, _ = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
+    o = _check_options(d, causal=causal, shared_qk=shared_qk, dedupe=dedupe, chunk_size=chunk_size,
+                       chunks_before=chunks_before, chunks_after=chunks_after, combine=combine, chunking=chunking,
+                       scale=scale, self_penalty=self_penalty)
+    rot = _check_rotations(rotations, q)
+    lead, c = q.shape[:-2], o.chunk
+    n_rounds, n_buckets = rot.shape[-3], 2 * rot.shape[-1]
+
+    # keys: k_hat = k / ||k|| for shared QK
+    keys, rnorm = _normalise_keys(k, check_positive_float("norm_eps", norm_eps)) if o.shared_qk else (k, None)
+    # hash and sort: the slot of every token in every round
+    buckets = _hash(k, rot, key_mask, lead)                               # (..., R, N)
+    slot_token, token_slot = lsh_layout(buckets, n_buckets, c, o.chunking)  # (..., R, P), (..., R, N)
+    g = slot_token.shape[-1] // c
+    # chunks of the sorted q, k_hat, v; every chunk's keys are its window of neighbouring chunks
+    ids = slot_token.reshape(lead + (n_rounds, g, c))                     # (..., R, G, c) token ids
+    k_ids = chunk_windows(ids, o.before, o.after, fill=n)                 # (..., R, G, w)
+    qb = _sorted_chunks(q, slot_token, c)                                 # (..., R, G, c, d)
+    kb = chunk_windows(_sorted_chunks(keys, slot_token, c), o.before, o.after)   # (..., R, G, w, d)
+    vb = chunk_windows(_sorted_chunks(v, slot_token, c), o.before, o.after)      # (..., R, G, w, dv)
+    w = k_ids.shape[-1]
     flat = lead + (n_rounds * g,)
     q_pos = ids.reshape(flat + (c,))                                      # (..., R*G, c)
     k_pos = k_ids.reshape(flat + (w,))                                    # (..., R*G, w)
-    allowed = group_mask(q_pos, k_pos, n, n, causal=causal, key_mask=key_mask)   # (..., R*G, c, w)
-    if chunking == "bucket":  # adjacent chunks of another bucket are not part of P~_i
-        same = _take_rounds(bucket_pad, ids)[..., :, None] == _take_rounds(bucket_pad, k_ids)[..., None, :]
-        allowed = allowed & same.reshape(flat + (c, w))
 
-    # additive logits: duplicate correction log N_ij and self penalty m_ii (built in place: one (c, w) buffer per chunk)
+    # P~_i: the mask of every window, and the additive logits (duplicate correction, self penalty)
+    chunk_of = token_slot // c                                            # (..., R, N) chunk of every token
+    bucket_pad = _with_dummy(buckets, -1)                                 # the dummy token has no bucket
+    allowed = _window_mask(q_pos, k_pos, ids, k_ids, bucket_pad, n, o, key_mask)   # (..., R*G, c, w)
     bias = None
-    if dedupe and combine == "logsumexp" and n_rounds > 1:
-        bias = xp.zeros(lead + (n_rounds, g, c, w), dtype=q.dtype)
-        for r in range(n_rounds):   # N_ij = number of rounds r' with j in P~_i^(r')
-            ci = _take_tokens(chunk_pad[..., r, :], ids)[..., :, None]       # (..., R, G, c, 1)
-            cj = _take_tokens(chunk_pad[..., r, :], k_ids)[..., None, :]     # (..., R, G, 1, w)
-            seen = (cj >= ci - before) & (cj <= ci + after)
-            if chunking == "bucket":
-                seen &= (_take_tokens(bucket_pad[..., r, :], ids)[..., :, None]
-                         == _take_tokens(bucket_pad[..., r, :], k_ids)[..., None, :])
-            bias += seen
-        bias = bias.reshape(flat + (c, w))
-        xp.maximum(bias, 1.0, out=bias)
-        xp.log(bias, out=bias)
-        bias *= -1.0                                                     # - log N_ij
-    if penalty is not None:
-        is_self = q_pos[..., :, None] == k_pos[..., None, :]             # (..., R*G, c, w)
-        if bias is None:
-            bias = xp.zeros(is_self.shape, dtype=q.dtype)
-        bias[is_self] -= penalty                                          # - m_ii
+    if o.dedupe and o.combine == "logsumexp" and n_rounds > 1:
+        bias = _duplicate_correction(ids, k_ids, _with_dummy(chunk_of, FAR), bucket_pad, o, q.dtype)  # - log N_ij
+    if o.penalty is not None:
+        bias = _self_penalty(q_pos, k_pos, o.penalty, bias, q.dtype)                                   # - m_ii
 
-    shape = lambda x: x.reshape(flat + x.shape[-2:])  # noqa: E731  (..., R, G, a, b) -> (..., R*G, a, b)
-    ob, lse, acache = attend_forward(shape(qb), shape(kb), shape(vb), allowed, scale, bias)
-    # un-sort: every token has exactly one slot per round
-    ob = ob.reshape(lead + (n_rounds, p, ob.shape[-1]))
-    lse = lse.reshape(lead + (n_rounds, p))
-    out_r = xp.take_along_axis(ob, token_slot[..., None], axis=-2)       # (..., R, N, dv)
-    lse_r = xp.take_along_axis(lse, token_slot, axis=-1)                 # (..., R, N)
-    if combine == "logsumexp":
-        mx = lse_r.max(axis=-2, keepdims=True)
-        mx = xp.where(xp.isfinite(mx), mx, 0.0)
-        e = xp.exp(lse_r - mx)                                            # exp(-inf) = 0 for empty rounds
-        z = e.sum(axis=-2, keepdims=True)
-        wr = (e / xp.where(z > 0, z, 1.0)).astype(q.dtype)               # w_r = exp(lse_r - L)
-    else:
-        wr = xp.full(lse_r.shape, 1.0 / n_rounds, dtype=q.dtype)
+    # attend inside every chunk; un-sort (every token has exactly one slot per round); combine the rounds
+    rows = lambda x: x.reshape(flat + x.shape[-2:])  # noqa: E731  (..., R, G, a, b) -> (..., R*G, a, b)
+    ob, lse, acache = attend_forward(rows(qb), rows(kb), rows(vb), allowed, o.scale, bias)
+    xp, p = get_namespace(q, k, v), slot_token.shape[-1]
+    out_r = _unsort_rows(ob.reshape(lead + (n_rounds, p, ob.shape[-1])), token_slot)   # (..., R, N, dv)
+    lse_r = xp.take_along_axis(lse.reshape(lead + (n_rounds, p)), token_slot, axis=-1)  # (..., R, N)
+    wr = _round_weights(lse_r, o.combine, q.dtype)
     out = (wr[..., None] * out_r).sum(axis=-3)                            # o = sum_r w_r o_r
     cache = ReformerCache(acache, slot_token, token_slot, chunk_of, buckets, q_pos, k_pos, wr, out_r, out,
-                          k, rnorm, n, c, before, after, chunking, combine, causal, key_mask, penalty is not None)
+                          k, rnorm, n, c, o.before, o.after, o.chunking, o.combine, o.causal, key_mask,
+                          o.penalty is not None)
     return out, cache
-
-
-def _take_rounds(x_pad, ids):
-    """x_pad (..., R, N+1) per-round token values, ids (..., R, G, a) -> (..., R, G, a)."""
-    xp = get_namespace(x_pad)
-    flat = ids.reshape(ids.shape[:-2] + (-1,))
-    return xp.take_along_axis(x_pad, flat, axis=-1).reshape(ids.shape)
 
 
 def backward(dout, cache):
     """Gradients {"q", "k", "v"}; buckets and the sort are constants (see the module docstring)."""
-    xp = get_namespace(dout)
-    a = cache.attend
     lead = dout.shape[:-2]
-    n, c, before, after = cache.n, cache.chunk, cache.before, cache.after
+    c, before, after = cache.chunk, cache.before, cache.after
     n_rounds, p = cache.slot_token.shape[-2:]
     g = p // c
     wr = cache.weights_r
     dout_r = wr[..., None] * dout[..., None, :, :]                        # d o_r = w_r d o
     dlse = None
-    if cache.combine == "logsumexp":
+    if cache.combine == "logsumexp":                                      # d lse_r = w_r (o_r - o) . d o
         dlse_r = wr * ((cache.out_r - cache.out[..., None, :, :]) * dout[..., None, :, :]).sum(axis=-1)
-        dlse = _flat_put(lead + (n_rounds, p), cache.token_slot, dlse_r, 0.0, xp).reshape(lead + (n_rounds * g, c))
-    dv_dim = dout.shape[-1]
-    dob = _sort_rows(dout_r, cache.token_slot, p, xp).reshape(lead + (n_rounds * g, c, dv_dim))
-    gr = attend_backward(dob, a, dlse)
+        dlse = put_slots(dlse_r, cache.token_slot, p, fill=0.0).reshape(lead + (n_rounds * g, c))
+    dob = put_slot_rows(dout_r, cache.token_slot, p).reshape(lead + (n_rounds * g, c, dout.shape[-1]))
+    gr = attend_backward(dob, cache.attend, dlse)
 
     def to_tokens(x_chunks):   # (..., R, G, c, d) in slot order -> (..., N, d) summed over rounds
-        xs = x_chunks.reshape(lead + (n_rounds, p, x_chunks.shape[-1]))
-        return xp.take_along_axis(xs, cache.token_slot[..., None], axis=-2).sum(axis=-3)
+        return _unsort_rows(x_chunks.reshape(lead + (n_rounds, p, x_chunks.shape[-1])), cache.token_slot).sum(axis=-3)
 
-    rg = lead + (n_rounds, g)
-    dq = to_tokens(gr["q"].reshape(rg + gr["q"].shape[-2:]))
-    dkey = to_tokens(_unwindow(gr["k"].reshape(rg + gr["k"].shape[-2:]), before, after, xp))
-    dv = to_tokens(_unwindow(gr["v"].reshape(rg + gr["v"].shape[-2:]), before, after, xp))
-    if cache.rnorm is not None:   # k_hat = k r / sqrt(d)
-        k, r = cache.k, cache.rnorm
-        d = k.shape[-1]
-        dk = (r * d ** -0.5) * (dkey - k * (r * r) * (k * dkey).sum(axis=-1, keepdims=True) / d)
-    else:
-        dk = dkey
+    def chunks(x):             # (..., R*G, a, d) -> (..., R, G, a, d)
+        return x.reshape(lead + (n_rounds, g) + x.shape[-2:])
+
+    dq = to_tokens(chunks(gr["q"]))
+    dkey = to_tokens(chunk_windows_backward(chunks(gr["k"]), before, after))
+    dv = to_tokens(chunk_windows_backward(chunks(gr["v"]), before, after))
+    dk = dkey if cache.rnorm is None else _normalise_keys_backward(dkey, cache.k, cache.rnorm)   # k_hat = k r / sqrt(d)
     return {"q": dq, "k": dk, "v": dv}
-
-
-def _sort_rows(x, token_slot, p, xp):
-    """x (..., R, N, d) per token -> (..., R, P, d) in slot order (empty slots zero)."""
-    lead = x.shape[:-2]
-    out = xp.zeros(lead + (p, x.shape[-1]), dtype=x.dtype)
-    rows = 1
-    for s in lead:
-        rows *= s
-    flat = token_slot.reshape(rows, -1) + (xp.arange(rows) * p)[:, None]
-    out.reshape(-1, x.shape[-1])[flat.reshape(-1)] = x.reshape(-1, x.shape[-1])
-    return out
 
 
 def weights(cache):
     """W (..., N, N) with out == W @ v: sum over rounds of w_r(i) times that round's chunk softmax."""
     xp = get_namespace(cache.out)
-    lead = cache.out.shape[:-2]
-    n, c = cache.n, cache.chunk
-    n_rounds, p = cache.slot_token.shape[-2:]
+    n = cache.n
+    p = cache.slot_token.shape[-1]
     pb = cache.attend.p                                                    # (..., R*G, c, w)
-    w_slots = _flat_put(lead + (n_rounds, p), cache.token_slot, cache.weights_r, 0.0, xp)
+    w_slots = put_slots(cache.weights_r, cache.token_slot, p, fill=0.0)
     pw = pb * w_slots.reshape(pb.shape[:-1])[..., None]
     W = dense_from_groups(pw, xp.minimum(cache.q_pos, n), xp.minimum(cache.k_pos, n), n + 1, n + 1)
     return W[..., :n, :n]
@@ -505,6 +424,7 @@ def pattern(cache):
     return other | (vis & eye & lonely)
 
 
+# --------------------------------------------------------------------------- oracles
 def reference(q, k, v, *, causal=False, key_mask=None, rotations=None, chunk_size=64, shared_qk=True,
               scale=None, self_penalty="default", combine="logsumexp", dedupe=True, chunking=None,
               chunks_before=1, chunks_after=0, norm_eps=1e-6):
@@ -513,8 +433,6 @@ def reference(q, k, v, *, causal=False, key_mask=None, rotations=None, chunk_siz
 
     Valid where the kernel is exact: ``combine="logsumexp"`` with ``dedupe=True`` (or one round).
     """
-    from .full import forward as full_forward
-
     d = q.shape[-1]
     scale, penalty, chunking = _defaults(shared_qk, scale, self_penalty, d, causal, chunking)
     rot = _check_rotations(rotations, q)
@@ -527,9 +445,8 @@ def reference(q, k, v, *, causal=False, key_mask=None, rotations=None, chunk_siz
     proj = to_numpy(k[..., None, :, :] @ rot.astype(k.dtype))              # (..., R, N, b/2)
     km = None if key_mask is None else to_numpy(xp.broadcast_to(key_mask, q.shape[:-1]))
     lead = q.shape[:-2]
-    vis = [[False] * (n * n) for _ in range(_size(lead))]
-    for idx in range(_size(lead)):
-        li = _unravel(idx, lead)
+    vis = [[False] * (n * n) for _ in range(math.prod(lead))]
+    for idx, li in enumerate(itertools.product(*map(range, lead))):
         for r in range(n_rounds):
             bucket = {}
             for t in range(n):
@@ -561,26 +478,11 @@ def reference(q, k, v, *, causal=False, key_mask=None, rotations=None, chunk_siz
                 if others:
                     vis[idx][i * n + i] = False
     mask = xp.asarray(vis, dtype=bool).reshape(lead + (n, n))
-    out, _ = full_forward(q, keys, v, mask=mask, scale=scale)
+    out, _, _ = attend_forward(q, keys, v, mask, scale)                    # dense softmax attention, masked
     return out
 
 
-def _size(shape):
-    s = 1
-    for t in shape:
-        s *= t
-    return s
-
-
-def _unravel(idx, shape):
-    out = []
-    for s in reversed(shape):
-        out.append(idx % s)
-        idx //= s
-    return tuple(reversed(out))
-
-
-def loop_forward(q, k, v, *, rotations, chunk_size, causal=False, scale=1.0, n_buckets=None):
+def loop(q, k, v, *, rotations, chunk_size, causal=False, scale=1.0):
     """A readable loop form of one round, chunk by chunk (2-D inputs q, k, v (N, d); shared QK,
     self penalty, "sorted" chunking, one hash round): hash, sort, for each chunk attend to itself
     and the previous chunk, un-sort. Tested equal to :func:`forward`."""
@@ -624,42 +526,6 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64", n_rounds=2):
     return {}, {"rotations": rot, "chunk_size": c}
 
 
-def _figures(out_dir, rng):
-    import os
-
-    from .. import viz
-
-    n, d, c = 48, 8, 6
-    # clustered tokens so that buckets mean something
-    centres = rng.standard_normal((4, d)) * 2
-    x = centres[rng.integers(0, 4, n)] + 0.5 * rng.standard_normal((n, d))
-    q = asarray(x[None])
-    v = asarray(rng.standard_normal((1, n, d)))
-    rot = asarray(draw_rotations(rng, d, 8, 3))
-    out, cache = forward(q, q, v, rotations=rot, chunk_size=c)
-    paths = []
-    b = to_numpy(cache.buckets)[0]                                        # (R, N)
-    fig, ax = viz.plt.subplots(figsize=(8, 2.2))
-    im = ax.imshow(b, aspect="auto", cmap="tab10", interpolation="nearest")
-    ax.set_xlabel("token position")
-    ax.set_ylabel("hash round")
-    ax.set_title("Reformer: every token's bucket in each of 3 rounds (8 buckets)")
-    fig.colorbar(im, ax=ax, fraction=0.03)
-    paths.append(viz.save(fig, os.path.join(out_dir, "reformer_buckets.png")))
-    out1, c1 = forward(q, q, v, rotations=rot[:1], chunk_size=c)
-    W = to_numpy(weights(c1))[0]
-    order = to_numpy(c1.slot_token)[0, 0]
-    order = order[order < n]
-    fig = viz.plot_patterns([W[order][:, order] > 0, W > 0],
-                            ["sorted by bucket: chunk + previous chunk", "un-sorted (original positions)"],
-                            suptitle="Reformer, one round: the same attention before and after un-sorting",
-                            grid=None)
-    fig.axes[0].set_xlabel("sorted key slot")
-    fig.axes[0].set_ylabel("sorted query slot")
-    paths.append(viz.save(fig, os.path.join(out_dir, "reformer_sorted.png")))
-    return paths
-
-
 MECHANISM = register(Mechanism(
     name="reformer",
     title="Reformer (LSH attention)",
@@ -678,7 +544,6 @@ MECHANISM = register(Mechanism(
     pattern=pattern,
     reference=reference,
     sizes=("chunk_size",),
-    figures=_figures,
     summary="Shared-QK angular LSH: sort by bucket, attend within a chunk and the previous one; "
             "rounds combined by log-sum-exp with the duplicate correction (exact given the hashes).",
 ))

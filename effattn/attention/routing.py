@@ -27,6 +27,8 @@ Conventions (ours, with the references'):
   (top-w of the similarity to the centroid, ties to the earlier position) — a
   token may be in several clusters or in none. Its output is the *mean* of its
   cluster outputs (lucidrains' ``scatter_mean``), zero when in no cluster.
+* centroids: :func:`draw_centroids` (random unit vectors) or :func:`draw_centroids_from_data`
+  (c data rows, k-means' Forgy start) — random draws, not learned parameters.
 * ``update_centroids`` is the explicit online k-means step (state, no gradient):
   assignment by the nearest centroid (argmax of the similarity), lambda = 0.999,
   and the members' *mean* (the paper writes the sum; ``reduce="sum"`` gives it).
@@ -53,13 +55,16 @@ Backward (memberships held fixed):
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
 from ..backend import asarray, get_namespace, to_numpy
-from ..validate import check_bool, check_choice, check_float_array, check_int, check_positive_float, check_qkv
-from ..nn.functional import layer_norm_backward, layer_norm_forward
-from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, gather_rows, group_mask, scatter_rows
+from ..validate import (check_bool, check_choice, check_float_array, check_int, check_positive_float, check_qkv,
+                        check_scale)
+from ..nn.functional import NEG_INF, layer_norm_backward, layer_norm_forward
+from ..nn.sparse import (attend_backward, attend_forward, combine_masks, dense_from_groups, gather_rows, group_mask,
+                         scatter_rows)
 from ..registry import Mechanism, register
 
 
@@ -84,10 +89,15 @@ def draw_centroids(rng, c, d, heads=None):
     return mu / (mu * mu).sum(axis=-1, keepdims=True) ** 0.5
 
 
-def init_centroids(rng, x_normed, c):
-    """Centroids initialised from the data: c distinct rows of ``x_normed`` (..., N, d), drawn by
-    ``rng`` (a numpy Generator) — random unit vectors (:func:`draw_centroids`) can start far from
-    every token and never win a member ("dead" clusters). Returns (c, d)."""
+def draw_centroids_from_data(rng, x_normed, c):
+    """k-means' "Forgy" start: c distinct rows of ``x_normed`` (..., N, d) (every batch entry and head
+    pooled), drawn uniformly without replacement by ``rng`` (a numpy Generator). Returns (c, d).
+
+    A random draw, not a learned parameter (the centroids are k-means state, moved by
+    :func:`update_centroids`). lucidrains' ``routing_transformer`` draws its first means the same
+    way (one set per head), then runs 10 k-means iterations before training.
+    Random unit vectors (:func:`draw_centroids`) can start far from every token and never win a
+    member ("dead" clusters); centroids drawn from the data start on it."""
     c = check_int("c", c)
     rows = x_normed.reshape(-1, x_normed.shape[-1])
     if c > rows.shape[0]:
@@ -101,14 +111,9 @@ def normalise(x, eps=1e-5):
 
 
 def assign(x_normed, centroids):
-    """Nearest centroid of every row: argmax_c x . mu_c.  (..., N, d) -> (..., N) ints."""
-    return (x_normed @ _mu(centroids, x_normed).swapaxes(-1, -2)).argmax(axis=-1)
-
-
-def _mu(centroids, x):
-    """Centroids broadcast for x (..., H, N, d): (c, d) or (H, c, d) -> (H, c, d)-compatible."""
-    mu = centroids.astype(x.dtype, copy=False)
-    return mu
+    """Nearest centroid of every row: argmax_c x . mu_c.  (..., N, d), centroids (c, d) or (H, c, d)
+    (one set per head, for x (..., H, N, d)) -> (..., N) ints."""
+    return (x_normed @ centroids.astype(x_normed.dtype, copy=False).swapaxes(-1, -2)).argmax(axis=-1)
 
 
 def update_centroids(centroids, q_normed, k_normed, decay=0.999, reduce="mean", key_mask=None):
@@ -153,7 +158,7 @@ def _topk_members(x_normed, mu, w, exclude=None):
     xp = get_namespace(x_normed)
     sim = mu @ x_normed.swapaxes(-1, -2)                                     # (..., c, d) @ (..., d, N) -> (..., c, N)
     if exclude is not None:
-        sim = xp.where(exclude[..., None, :], -xp.inf, sim)
+        sim = xp.where(exclude[..., None, :], NEG_INF, sim)
     # top-w per cluster in O(N): the w-th largest similarity by a partition, then everything above
     # it and, among exact ties with it, the earliest positions (= a stable sort's first w)
     neg = -sim
@@ -176,9 +181,7 @@ def _recent_members(qn, kn, mu, w, key_mask):
     if key_mask is not None:
         ak = xp.where(key_mask, ak, c)                                       # masked keys: cluster c (none)
     lead = aq.shape[:-1]
-    rows = 1
-    for s in lead:
-        rows *= s
+    rows = math.prod(lead)
     base = (xp.arange(rows) * ((c + 1) * (n + 1))).reshape(lead + (1,))
     kkey = base + ak * (n + 1) + xp.arange(n)                                # keys by (cluster, position)
     order = xp.argsort(kkey, axis=-1, kind="stable")                         # (..., N)
@@ -223,13 +226,11 @@ def forward(q, k, v, *, causal=False, key_mask=None, centroids=None, window=None
     c = mu.shape[-2]
     w = default_window(n, c) if window is None else check_int("window", window)
     w = min(w, n)
-    scale = d ** -0.5 if scale is None else check_positive_float("scale", scale)
+    scale = check_scale(scale, d)
     selection = check_choice("selection", selection, (None, "topk", "recent"))
     selection = selection or ("recent" if causal else "topk")
     eps = check_positive_float("eps", eps)
     xp = get_namespace(q, k, v)
-    if mu.ndim == 3:
-        mu = mu  # (H, c, d) broadcasts against (..., H, N, d)
 
     qn, lnq = layer_norm_forward(q, None, None, eps)                          # Q <- LayerNorm(Q)
     kn, lnk = layer_norm_forward(k, None, None, eps)                          # K <- LayerNorm(K)
@@ -292,8 +293,6 @@ def reference(q, k, v, *, causal=False, key_mask=None, centroids=None, window=No
     """Dense oracle, built independently: memberships by Python sorting / loops; for every
     cluster C, full attention masked to C x C; each query takes the mean over its clusters
     ("topk"), or full attention masked to its w most recent same-cluster keys ("recent")."""
-    from .full import forward as full_forward
-
     xp = get_namespace(q, k, v)
     n, d = q.shape[-2:]
     mu = _check_centroids(centroids, q)
@@ -305,14 +304,16 @@ def reference(q, k, v, *, causal=False, key_mask=None, centroids=None, window=No
     sk = to_numpy(kn @ mu.swapaxes(-1, -2))
     lead = q.shape[:-2]
     km = None if key_mask is None else to_numpy(xp.broadcast_to(key_mask, lead + (n,)))
-    size = 1
-    for s in lead:
-        size *= s
+    every = list(itertools.product(*map(range, lead)))                        # every batch / head index
     real = lambda li, j: km is None or bool(km[li + (j,)])  # noqa: E731
+
+    def dense(mask, causal=False):                                            # full attention of qn, kn, masked
+        allowed = combine_masks(n, n, xp, causal=causal, key_mask=key_mask, mask=mask, lead=lead)
+        return attend_forward(qn, kn, v, allowed, check_scale(scale, d))[0]
+
     if selection == "recent":
         masks = []
-        for flat in range(size):
-            li = _unravel(flat, lead)
+        for li in every:
             best = lambda s, t: max(range(c), key=lambda a: (float(s[li + (t, a)]), -a))  # noqa: E731  first argmax
             cq = [best(sq, t) for t in range(n)]
             ck = [best(sk, t) if real(li, t) else -1 for t in range(n)]
@@ -321,15 +322,12 @@ def reference(q, k, v, *, causal=False, key_mask=None, centroids=None, window=No
                 mine = [j for j in range(i + 1) if ck[j] == cq[i]][-w:]
                 rows.append([j in mine for j in range(n)])
             masks.append(rows)
-        mask = xp.asarray(masks, dtype=bool).reshape(lead + (n, n))
-        out, _ = full_forward(qn, kn, v, mask=mask, key_mask=key_mask, scale=scale)
-        return out
+        return dense(xp.asarray(masks, dtype=bool).reshape(lead + (n, n)))
     total = xp.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
     count = xp.zeros(q.shape[:-1] + (1,), dtype=q.dtype)
     for a in range(c):
         qm, km_rows = [], []
-        for flat in range(size):
-            li = _unravel(flat, lead)
+        for li in every:
             top_q = sorted(range(n), key=lambda t: (-float(sq[li + (t, a)]), t))[:w]
             top_k = sorted(range(n), key=lambda t: (not real(li, t), -float(sk[li + (t, a)]), t))[:w]
             qm.append([t in top_q for t in range(n)])
@@ -337,18 +335,10 @@ def reference(q, k, v, *, causal=False, key_mask=None, centroids=None, window=No
         in_q = xp.asarray(qm, dtype=bool).reshape(lead + (n,))
         in_k = xp.asarray(km_rows, dtype=bool).reshape(lead + (n,))
         in_cluster = in_q[..., :, None] & in_k[..., None, :]                # (..., N, N): cluster a's block
-        out_a, _ = full_forward(qn, kn, v, causal=causal, key_mask=key_mask, mask=in_cluster, scale=scale)
+        out_a = dense(in_cluster, causal=causal)
         total += out_a * in_q[..., None]
         count += in_q[..., None]
     return total / xp.maximum(count, 1.0)
-
-
-def _unravel(idx, shape):
-    out = []
-    for s in reversed(shape):
-        out.append(idx % s)
-        idx //= s
-    return tuple(reversed(out))
 
 
 # --------------------------------------------------------------------------- registry
@@ -363,40 +353,6 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     c = default_clusters(n)
     mu = asarray(draw_centroids(rng, c, d, heads=heads), dtype=dtype)
     return {}, {"centroids": mu, "window": default_window(n, c)}
-
-
-def _figures(out_dir, rng):
-    import os
-
-    from .. import viz
-
-    n, d, c = 64, 8, 4
-    centres = rng.standard_normal((c, d)) * 3
-    lab = rng.integers(0, c, n)
-    x = centres[lab] + rng.standard_normal((n, d))
-    q = asarray(x[None])
-    k = asarray((x + 0.3 * rng.standard_normal((n, d)))[None])
-    v = asarray(rng.standard_normal((1, n, d)))
-    mu = asarray(draw_centroids(rng, c, d))
-    for _ in range(30):   # a few online k-means steps with a fast decay, for the picture
-        mu = update_centroids(mu, normalise(q), normalise(k), decay=0.5)
-    _, cache = forward(q, k, v, centroids=mu)
-    qn, kn = to_numpy(normalise(q))[0], to_numpy(normalise(k))[0]
-    pts = qn.tolist() + kn.tolist()
-    mean = [sum(col) / len(pts) for col in zip(*pts)]
-    xs = asarray([[a - b for a, b in zip(p, mean)] for p in pts])
-    xp = get_namespace(xs)
-    _, _, vt = xp.linalg.svd(xs, full_matrices=False)
-    proj = to_numpy(xs @ vt[:2].T)
-    cl = to_numpy(assign(asarray(pts), mu))
-    fig, axes = viz.plt.subplots(1, 2, figsize=(9, 4))
-    axes[0].scatter(proj[:n, 0], proj[:n, 1], c=cl[:n], cmap="tab10", marker="o", s=18, label="queries")
-    axes[0].scatter(proj[n:, 0], proj[n:, 1], c=cl[n:], cmap="tab10", marker="x", s=18, label="keys")
-    axes[0].set_title("k-means clusters of LayerNorm(q), LayerNorm(k) (PCA)")
-    axes[0].legend(fontsize=8)
-    viz.plot_pattern(pattern(cache), ax=axes[1], title="induced pattern (shared cluster)")
-    fig.tight_layout()
-    return [viz.save(fig, os.path.join(out_dir, "routing_clusters.png"))]
 
 
 MECHANISM = register(Mechanism(
@@ -417,7 +373,6 @@ MECHANISM = register(Mechanism(
     pattern=pattern,
     reference=reference,
     sizes=("window",),
-    figures=_figures,
     summary="Online k-means shared by queries and keys; each balanced cluster of w = N / c nearest "
             "tokens attends within itself (exact given the memberships).",
 ))

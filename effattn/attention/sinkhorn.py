@@ -66,6 +66,7 @@ block gets no sorted part (its keys would otherwise appear twice; not with
 SortCut, which has no local part). Then the
 result equals ``full`` masked by :func:`induced_pattern`. Hard choices are
 constants for the backward (SortNet gets zero gradient).
+:func:`sorted_keys` gives the sorted key sequence P K_blocks, for pictures.
 
 Padding and key_mask: masked or padded keys and values are zeroed before the
 mixing and excluded from the summaries. Sorted slot s of block i has the
@@ -78,7 +79,8 @@ dmu = sum_r dS[r, s] / mu, dP += dmu m^T.
 Backward (all by hand). Local attention: :func:`effattn.nn.sparse.attend_backward`.
 Mixing: dP = dK_s K_blocks^T + dV_s V_blocks^T, dK_blocks += P^T dK_s (same for V).
 Through P = exp(S): dS = P * dP. Through the Sinkhorn iterations, in reverse
-(:func:`sinkhorn_backward`), each normalisation Y = X - lse(X) has
+(:func:`effattn.nn.sinkhorn.sinkhorn_backward`; the balancing itself is in
+:mod:`effattn.nn.sinkhorn`), each normalisation Y = X - lse(X) has
 
     dX = dY - softmax(X) * sum(dY)        (sum and softmax along the normalised axis)
 
@@ -114,133 +116,17 @@ import math
 from typing import NamedTuple
 
 from ..backend import asarray, get_namespace
-from ..validate import (check_bool, check_float_array, check_int, check_mlp_params, check_positive_float,
-                      check_qkv)
-from ..nn.functional import mlp_backward, mlp_forward
+from ..validate import (check_bool, check_float_array, check_int, check_mlp_params, check_positive_float, check_qkv,
+                        check_scale)
+from ..nn.functional import NEG_INF, init_mlp, mlp_backward, mlp_forward
+from ..nn.sinkhorn import sinkhorn_backward, sinkhorn_forward
 from ..nn.sparse import attend_backward, attend_forward, group_mask, pad_axis
 from ..registry import Mechanism, register
 
-NEG_INF = float("-inf")
 
-
-# --------------------------------------------------------------------------- random draws
-def draw_gumbel(rng, shape):
-    """Standard Gumbel noise epsilon = -log(-log U), drawn on the host from a numpy Generator.
-
-    shape (..., N_B, N_B); the same draws give the same result on any backend."""
-    return rng.gumbel(0.0, 1.0, size=tuple(shape))
-
-
-def default_block(n):
-    """The default block size for length n: b = round(sqrt(n / 2)), at least 2.
-
-    Forward + backward cost ~ 6 N d (2 b + N_B): six (N x 2b x d) matmuls of the
-    block-local attention and six (N x N_B x d) of the mixing P K_blocks, P V_blocks.
-    With N_B = N / b this is minimal at b = sqrt(N / 2), where the total is
-    O(N^1.5 d): the mixing makes sub-N^1.5 growth impossible at the optimum (a
-    fixed b gives O(N^2 d / b); b ~ N^0.3 gives a measured ~N^1.3 only by being
-    slower at every N up to 16K). Smaller than n for n >= 5 (padding is exercised)."""
-    n = check_int("n", n)
-    return max(2, int(round(math.sqrt(n / 2))))
-
-
-# --------------------------------------------------------------------------- Sinkhorn
 class SinkhornCache(NamedTuple):
-    steps: list      # per half-step: ("row", Y) or ("col", Y) or ("ccol", X, C)
-    causal: bool
-    support: object  # bool, finite entries of log_alpha
-
-
-def _lse(x, axis):
-    """Log-sum-exp along axis (kept), -inf for an all -inf slice, no warnings."""
-    xp = get_namespace(x)
-    m = x.max(axis=axis, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0.0).astype(x.dtype, copy=False)
-    s = xp.exp(x - m).sum(axis=axis, keepdims=True)
-    pos = s > 0
-    return xp.where(pos, xp.log(xp.where(pos, s, 1.0)) + m, NEG_INF).astype(x.dtype, copy=False)
-
-
-def _subtract(x, lse):
-    """x - lse with empty slices (lse = -inf, x = -inf) staying -inf instead of NaN."""
-    xp = get_namespace(x)
-    return x - xp.where(xp.isfinite(lse), lse, 0.0).astype(x.dtype, copy=False)
-
-
-def _cumulative_col_lse(x):
-    """C[i, j] = log sum_{i' <= i} exp x[i', j] via an (..., N_B, N_B, N_B) masked tensor.
-
-    Exact prefix computation (the max is taken over i' <= i only), so row i never
-    depends on rows below it, bit for bit."""
-    xp = get_namespace(x)
-    nb = x.shape[-2]
-    tri = xp.arange(nb)[None, :] <= xp.arange(nb)[:, None]            # (i, i'): i' <= i
-    t = xp.where(tri[:, :, None], x[..., None, :, :], NEG_INF)         # (..., i, i', j)
-    return _lse(t, axis=-2)[..., 0, :], tri                            # (..., i, j)
-
-
-def sinkhorn_forward(log_alpha, n_iters, causal=False):
-    """Log-space Sinkhorn balancing: n_iters x (row normalisation, then column normalisation).
-
-    log_alpha (..., N_B, N_B); -inf entries are forbidden (they stay -inf, weight 0).
-    causal=True uses the cumulative column normalisation (module docstring).
-    Returns log P (..., N_B, N_B) and a :class:`SinkhornCache`. Rows (and, for a
-    square full support, columns) of exp(log P) sum to 1 as n_iters grows.
-    """
-    check_float_array("log_alpha", log_alpha, min_ndim=2, finite=False)
-    if log_alpha.shape[-1] != log_alpha.shape[-2]:
-        raise ValueError(f"log_alpha must be square in its last two axes, got {tuple(log_alpha.shape)}")
-    xp = get_namespace(log_alpha)
-    if bool(xp.isnan(log_alpha).any()) or bool(xp.isposinf(log_alpha).any()):
-        raise ValueError("log_alpha contains NaN or +inf (only -inf marks a forbidden entry)")
-    n_iters = check_int("n_iters", n_iters)
-    causal = check_bool("causal", causal)
-    x = log_alpha
-    steps = []
-    for _ in range(n_iters):
-        x = _subtract(x, _lse(x, axis=-1))                  # F_r: rows sum to one
-        steps.append(("row", x))
-        if causal:
-            c, _ = _cumulative_col_lse(x)                   # (..., N_B, N_B)
-            steps.append(("ccol", x, c))
-            x = _subtract(x, c)                             # F_c, causal: over rows i' <= i
-        else:
-            x = _subtract(x, _lse(x, axis=-2))              # F_c: columns sum to one
-            steps.append(("col", x))
-    return x, SinkhornCache(steps, causal, xp.isfinite(log_alpha))
-
-
-def sinkhorn_backward(dlog_p, cache):
-    """Gradient of log_alpha given dL/d(log P), through every iteration in reverse.
-
-    Y = X - lse(X) along an axis:  dX = dY - exp(Y) * sum(dY)   (exp(Y) = softmax(X)).
-    Causal column step Y = X - C:  dX[i',j] = dY[i',j] - sum_{i>=i'} dY[i,j] exp(X[i',j] - C[i,j]).
-    Forbidden (-inf) entries get zero gradient.
-    """
-    xp = get_namespace(dlog_p)
-    g = dlog_p
-    for step in reversed(cache.steps):
-        if step[0] == "row":
-            w = xp.exp(step[1])                                              # softmax over j
-            g = g - w * g.sum(axis=-1, keepdims=True)
-        elif step[0] == "col":
-            w = xp.exp(step[1])                                              # softmax over i
-            g = g - w * g.sum(axis=-2, keepdims=True)
-        else:
-            x, c = step[1], step[2]
-            nb = x.shape[-2]
-            tri = xp.arange(nb)[None, :] <= xp.arange(nb)[:, None]           # (i, i')
-            cc = xp.where(xp.isfinite(c), c, 0.0)
-            e = x[..., None, :, :] - cc[..., :, None, :]                      # (..., i, i', j)
-            w = xp.where(tri[:, :, None], xp.exp(xp.where(tri[:, :, None], e, NEG_INF)), 0.0)
-            g = g - (g[..., :, None, :] * w).sum(axis=-3)                    # sum over i >= i'
-    return xp.where(cache.support, g, 0.0).astype(dlog_p.dtype, copy=False)
-
-
-# --------------------------------------------------------------------------- attention
-class SinkhornCache2(NamedTuple):
     attend: object       # AttendCache of the block attention
-    sink: object         # SinkhornCache or None (hard / perm)
+    balancing: object    # nn.sinkhorn.BalancingCache of the soft P, or None (hard / perm)
     p: object            # (..., N_B, N_B) the mixing matrix used (soft P or one-hot)
     kz: object           # (..., N_B, b*d) masked key blocks (flattened)
     vz: object           # (..., N_B, b*dv)
@@ -259,7 +145,46 @@ class SinkhornCache2(NamedTuple):
     lead: tuple
 
 
-def _check_gumbel(gumbel, nb, dtype, xp):
+# --------------------------------------------------------------------------- draws, parameters, sizes
+def draw_gumbel(rng, shape):
+    """Standard Gumbel noise epsilon = -log(-log U), drawn on the host from a numpy Generator.
+
+    shape (..., N_B, N_B); the same draws give the same result on any backend."""
+    return rng.gumbel(0.0, 1.0, size=tuple(shape))
+
+
+def init_sortnet(rng, *, d, width, hidden=None, dtype="float64"):
+    """SortNet parameters, drawn on the host: W1 (d, d_h), b1, W2 (d_h, width), b2 of
+    :func:`effattn.nn.functional.init_mlp` (d_h = ``hidden``, default max(d, 2)).
+    ``width`` >= N_B of the longest input (shorter ones use the first N_B columns)."""
+    return init_mlp(rng, d=d, width=width, hidden=hidden, dtype=dtype)
+
+
+def default_block(n):
+    """The default block size for length n: b = round(sqrt(n / 2)), at least 2.
+
+    Forward + backward cost ~ 6 N d (2 b + N_B): six (N x 2b x d) matmuls of the
+    block-local attention and six (N x N_B x d) of the mixing P K_blocks, P V_blocks.
+    With N_B = N / b this is minimal at b = sqrt(N / 2), where the total is
+    O(N^1.5 d): the mixing makes sub-N^1.5 growth impossible at the optimum (a
+    fixed b gives O(N^2 d / b); b ~ N^0.3 gives a measured ~N^1.3 only by being
+    slower at every N up to 16K). Smaller than n for n >= 5 (padding is exercised)."""
+    n = check_int("n", n)
+    return max(2, int(round(math.sqrt(n / 2))))
+
+
+# --------------------------------------------------------------------------- checks
+def _check_sortcut(sortcut, nb, causal):
+    if sortcut is None:
+        return None
+    sortcut = min(check_int("sortcut", sortcut), nb)
+    if causal:
+        raise ValueError("causal=True is not supported with sortcut: SortCut lets every query see the "
+                         "first sorted blocks, which mix the whole sequence (the paper uses it for encoding)")
+    return sortcut
+
+
+def _check_gumbel(gumbel, nb, dtype):
     if gumbel is None:
         return None
     check_float_array("gumbel", gumbel, min_ndim=2)
@@ -268,86 +193,133 @@ def _check_gumbel(gumbel, nb, dtype, xp):
     return gumbel[..., :nb, :nb].astype(dtype, copy=False)
 
 
+def _check_perm(perm, nb, causal):
+    xp = get_namespace(perm)
+    if getattr(perm, "dtype", None) is None or perm.dtype.kind not in "iu":
+        raise ValueError(f"perm must be an integer array (..., N_B={nb}), got {getattr(perm, 'dtype', type(perm).__name__)}")
+    if perm.shape[-1] != nb or bool(((perm < -1) | (perm >= nb)).any()):
+        raise ValueError(f"perm must have shape (..., {nb}) with entries in [-1, {nb}), got shape {tuple(perm.shape)}")
+    if causal and bool(((perm >= xp.arange(nb)) & (perm >= 0)).any()):
+        raise ValueError("perm: with causal=True block i may only draw from a block j < i")
+    return perm
+
+
+# --------------------------------------------------------------------------- the steps of forward
+def _blocks(q, k, v, key_mask, nb, b):
+    """q, k, v cut into N_B blocks of b (padded): (..., N_B, b, .), the original position of every
+    slot (N_B, b), and which keys are real and unmasked (..., N_B, b)."""
+    xp = get_namespace(q, k, v)
+    n, lead = q.shape[-2], q.shape[:-2]
+    npad = nb * b
+    pos = xp.arange(npad).reshape(nb, b)                                 # (N_B, b) original positions
+    qb = pad_axis(q, npad).reshape(lead + (nb, b, q.shape[-1]))          # (..., N_B, b, d)
+    kb = pad_axis(k, npad).reshape(lead + (nb, b, k.shape[-1]))
+    vb = pad_axis(v, npad).reshape(lead + (nb, b, v.shape[-1]))
+    real = pos < n                                                      # (N_B, b)
+    if key_mask is not None:
+        real = real & pad_axis(key_mask[..., None], npad, value=False)[..., 0].reshape(key_mask.shape[:-1] + (nb, b))
+    return pos, qb, kb, vb, xp.broadcast_to(real, lead + (nb, b))
+
+
+def _sortnet(kz, W1, b1, W2, b2, causal):
+    """R = W2^T ReLU(W1^T psi(X) + b1) + b2 on the sum-pooled key blocks psi (causal: row i from
+    the previous, complete block i - 1; row 0 from zeros). Returns R (..., N_B, N_B) and the MLP cache."""
+    xp = get_namespace(kz)
+    summ = kz.sum(axis=-2)                                               # psi: sum pooling (..., N_B, d)
+    if causal:                                                           # row i from block i-1 (complete)
+        summ = xp.concatenate([xp.zeros_like(summ[..., :1, :]), summ[..., :-1, :]], axis=-2)
+    return mlp_forward(summ, W1, b1, W2, b2, width=kz.shape[-3])         # (..., N_B, d) -> (..., N_B, N_B)
+
+
+def _mixing(r, *, gumbel, tau, n_iters, causal, hard, perm, sortcut, dtype):
+    """The mixing matrix P (..., N_B, N_B) and its BalancingCache (None unless soft).
+
+    Soft: P = exp(Sinkhorn((R + epsilon) / tau)) on the support (causal: j < i). Hard: the
+    one-hot matrix of the block choices, ``perm`` or the row-wise argmax of the balanced P
+    (without SortCut a block that chooses itself gets no sorted part)."""
+    xp = get_namespace(r)
+    lead, nb = r.shape[:-2], r.shape[-1]
+    if causal:
+        support = xp.arange(nb)[None, :] < xp.arange(nb)[:, None]        # block i draws from j < i
+    else:
+        support = xp.ones((nb, nb), dtype=bool)
+    if perm is None:
+        la = r if gumbel is None else r + gumbel                         # R + epsilon
+        la = xp.where(support, la * (1.0 / tau), NEG_INF).astype(dtype, copy=False)
+        logp, balancing = sinkhorn_forward(la, n_iters, causal=causal)   # (..., N_B, N_B)
+        if not hard:
+            return xp.exp(logp), balancing
+        choice = xp.where(support.any(axis=-1), xp.argmax(logp, axis=-1), -1)   # hard: argmax of balanced P
+    else:
+        choice = _check_perm(perm, nb, causal)
+    choice = xp.broadcast_to(choice, lead + (nb,))
+    onehot = choice[..., :, None] == xp.arange(nb)                       # (..., N_B, N_B)
+    if sortcut is None:                                                  # own block excluded (no duplicate)
+        onehot = onehot & (choice[..., :, None] != xp.arange(nb)[:, None])
+    return onehot.astype(dtype), None
+
+
+def _attend_sorted_and_own(qb, ks, vs, kb, vb, slot_ok, slot_bias, pos, n, causal, key_mask, scale):
+    """Every query block: ONE softmax over its sorted block and its own block (2b keys)."""
+    xp = get_namespace(qb)
+    lead, (nb, b) = qb.shape[:-3], pos.shape
+    local = group_mask(pos, pos, n, n, causal=causal, key_mask=key_mask)       # (.., N_B, b, b)
+    sorted_ok = (pos < n)[:, :, None] & slot_ok[..., :, None, :]               # (..., N_B, b, b)
+    allowed = xp.concatenate([sorted_ok, xp.broadcast_to(local, lead + (nb, b, b))], axis=-1)
+    kcat = xp.concatenate([ks, kb], axis=-2)                             # (..., N_B, 2b, d)
+    vcat = xp.concatenate([vs, vb], axis=-2)
+    bias = xp.concatenate([slot_bias, xp.zeros_like(slot_bias)], axis=-1)[..., :, None, :]   # (..., N_B, 1, 2b)
+    out, _, acache = attend_forward(qb, kcat, vcat, allowed, scale, bias=bias)
+    return out, acache
+
+
+def _attend_sortcut(qb, ks, vs, slot_ok, slot_bias, pos, n, nk, scale):
+    """SortCut: every query attends to the same n_k * b keys of the first n_k sorted blocks."""
+    lead, (nb, b) = qb.shape[:-3], pos.shape
+    d, dv = ks.shape[-1], vs.shape[-1]
+    npad = nb * b
+    kc = ks[..., :nk, :, :].reshape(lead + (1, nk * b, d))               # first n_k sorted blocks
+    vc = vs[..., :nk, :, :].reshape(lead + (1, nk * b, dv))
+    allowed = (pos < n).reshape(npad)[:, None] & slot_ok[..., :nk, :].reshape(lead + (1, 1, nk * b))
+    bias = slot_bias[..., :nk, :].reshape(lead + (1, 1, nk * b))
+    out, _, acache = attend_forward(qb.reshape(lead + (1, npad, d)), kc, vc, allowed, scale, bias=bias)
+    return out, acache
+
+
+# --------------------------------------------------------------------------- kernel
 def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_iters=8, tau=0.75,
             gumbel=None, sortcut=None, hard=False, perm=None, scale=None):
     """Sparse Sinkhorn attention (self-attention: M == N).
 
     q, k (..., N, d), v (..., N, dv); params W1 (d, d_h), b1 (d_h,), W2 (d_h, L>=N_B),
-    b2 (L,), shared across batch and heads. Returns out (..., N, dv) and a cache.
+    b2 (L,), shared across batch and heads. Returns out (..., N, dv) and a :class:`SinkhornCache`.
+
+    Cut into blocks; SortNet logits R from the block summaries; the mixing matrix P; the sorted
+    blocks P K, P V; attention over each block's sorted and own block (SortCut: the first n_k sorted).
     """
-    n, m, d, dv = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
+    n, _, d, dv = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
     causal = check_bool("causal", causal)
     b = check_int("block", block)
     n_iters = check_int("n_iters", n_iters)
     tau = check_positive_float("tau", tau)
     hard = check_bool("hard", hard)
-    scale = d ** -0.5 if scale is None else check_positive_float("scale", scale)
+    scale = check_scale(scale, d)
     xp = get_namespace(q, k, v)
     nb = -(-n // b)
-    if sortcut is not None:
-        sortcut = min(check_int("sortcut", sortcut), nb)
-        if causal:
-            raise ValueError("causal=True is not supported with sortcut: SortCut lets every query see the "
-                             "first sorted blocks, which mix the whole sequence (the paper uses it for encoding)")
+    sortcut = _check_sortcut(sortcut, nb, causal)
     check_mlp_params(W1, b1, W2, b2, d, nb, q.dtype, "N_B (one per block)")
-    gumbel = _check_gumbel(gumbel, nb, q.dtype, xp)
+    gumbel = _check_gumbel(gumbel, nb, q.dtype)
     lead = tuple(q.shape[:-2])
-    npad = nb * b
 
-    # ---- blocks ------------------------------------------------------------------
-    pos = xp.arange(npad).reshape(nb, b)                                 # (N_B, b) original positions
-    qb = pad_axis(q, npad).reshape(lead + (nb, b, d))                   # (..., N_B, b, d)
-    kb = pad_axis(k, npad).reshape(lead + (nb, b, d))
-    vb = pad_axis(v, npad).reshape(lead + (nb, b, dv))
-    real = pos < n                                                      # (N_B, b)
-    if key_mask is not None:
-        real = real & pad_axis(key_mask[..., None], npad, value=False)[..., 0].reshape(key_mask.shape[:-1] + (nb, b))
-    real = xp.broadcast_to(real, lead + (nb, b))                         # (..., N_B, b)
+    pos, qb, kb, vb, real = _blocks(q, k, v, key_mask, nb, b)
     mk = real[..., None].astype(q.dtype)                                 # (..., N_B, b, 1)
     kz = kb * mk                                                         # masked keys -> 0
     vz = vb * mk
+    r, mlp = _sortnet(kz, W1, b1, W2, b2, causal)                        # R (..., N_B, N_B)
+    p, balancing = _mixing(r, gumbel=gumbel, tau=tau, n_iters=n_iters, causal=causal, hard=hard, perm=perm,
+                           sortcut=sortcut, dtype=q.dtype)
 
-    # ---- SortNet: R = W2^T ReLU(W1^T psi(X) + b1) + b2 -----------------------------
-    summ = kz.sum(axis=-2)                                               # psi: sum pooling (..., N_B, d)
-    if causal:                                                           # row i from block i-1 (complete)
-        s_in = xp.concatenate([xp.zeros_like(summ[..., :1, :]), summ[..., :-1, :]], axis=-2)
-    else:
-        s_in = summ
-    r, mlp = mlp_forward(s_in, W1, b1, W2, b2, width=nb)                 # (..., N_B, d) -> (..., N_B, N_B)
-    if causal:
-        support = xp.arange(nb)[None, :] < xp.arange(nb)[:, None]        # block i draws from j < i
-    else:
-        support = xp.ones((nb, nb), dtype=bool)
-
-    # ---- soft permutation -------------------------------------------------------
-    sink = None
-    if perm is None and not hard:
-        la = r if gumbel is None else r + gumbel                         # R + epsilon
-        la = xp.where(support, la * (1.0 / tau), NEG_INF).astype(q.dtype, copy=False)
-        logp, sink = sinkhorn_forward(la, n_iters, causal=causal)        # (..., N_B, N_B)
-        p = xp.exp(logp)
-    else:
-        if perm is None:                                                 # hard: argmax of balanced P
-            la = r if gumbel is None else r + gumbel
-            la = xp.where(support, la * (1.0 / tau), NEG_INF).astype(q.dtype, copy=False)
-            logp, _ = sinkhorn_forward(la, n_iters, causal=causal)
-            choice = xp.argmax(logp, axis=-1)                            # (..., N_B)
-            choice = xp.where(support.any(axis=-1), choice, -1)
-        else:
-            if getattr(perm, "dtype", None) is None or perm.dtype.kind not in "iu":
-                raise ValueError(f"perm must be an integer array (..., N_B={nb}), got {getattr(perm, 'dtype', type(perm).__name__)}")
-            if perm.shape[-1] != nb or bool(((perm < -1) | (perm >= nb)).any()):
-                raise ValueError(f"perm must have shape (..., {nb}) with entries in [-1, {nb}), got shape {tuple(perm.shape)}")
-            choice = perm
-            if causal and bool(((choice >= xp.arange(nb)) & (choice >= 0)).any()):
-                raise ValueError("perm: with causal=True block i may only draw from a block j < i")
-        choice = xp.broadcast_to(choice, lead + (nb,))
-        onehot = choice[..., :, None] == xp.arange(nb)                   # (..., N_B, N_B)
-        if sortcut is None:                                              # own block excluded (no duplicate)
-            onehot = onehot & (choice[..., :, None] != xp.arange(nb)[:, None])
-        p = onehot.astype(q.dtype)
-
-    # ---- sorted blocks: K_s = P K_blocks ----------------------------------------
+    # sorted blocks K_s = P K_blocks, V_s = P V_blocks, and the real-token mass of every sorted slot
     kzf = kz.reshape(lead + (nb, b * d))
     vzf = vz.reshape(lead + (nb, b * dv))
     ks = (p @ kzf).reshape(lead + (nb, b, d))                            # (..., N_B, N_B) @ (..., N_B, b d)
@@ -356,27 +328,55 @@ def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_it
     mass = p @ realf                                                     # (..., N_B, b): real-token mass of a sorted slot
     slot_ok = mass > 0
     slot_bias = xp.log(xp.where(slot_ok, mass, 1.0))                     # log mass: padding drawn softly is down-weighted
-    q_real = pos < n                                                     # (N_B, b)
 
     if sortcut is None:
-        local = group_mask(pos, pos, n, n, causal=causal, key_mask=key_mask)       # (.., N_B, b, b)
-        sorted_ok = q_real[:, :, None] & slot_ok[..., :, None, :]                  # (..., N_B, b, b)
-        allowed = xp.concatenate([sorted_ok, xp.broadcast_to(local, lead + (nb, b, b))], axis=-1)
-        kcat = xp.concatenate([ks, kb], axis=-2)                         # (..., N_B, 2b, d)
-        vcat = xp.concatenate([vs, vb], axis=-2)
-        bias = xp.concatenate([slot_bias, xp.zeros_like(slot_bias)], axis=-1)[..., :, None, :]   # (..., N_B, 1, 2b)
-        out, _, acache = attend_forward(qb, kcat, vcat, allowed, scale, bias=bias)  # one softmax over 2b keys
+        out, acache = _attend_sorted_and_own(qb, ks, vs, kb, vb, slot_ok, slot_bias, pos, n, causal, key_mask, scale)
     else:
-        nk = sortcut
-        kc = ks[..., :nk, :, :].reshape(lead + (1, nk * b, d))           # first n_k sorted blocks
-        vc = vs[..., :nk, :, :].reshape(lead + (1, nk * b, dv))
-        allowed = q_real.reshape(npad)[:, None] & slot_ok[..., :nk, :].reshape(lead + (1, 1, nk * b))
-        bias = slot_bias[..., :nk, :].reshape(lead + (1, 1, nk * b))
-        out, _, acache = attend_forward(qb.reshape(lead + (1, npad, d)), kc, vc, allowed, scale, bias=bias)
-    out = out.reshape(lead + (npad, dv))[..., :n, :]
-    cache = SinkhornCache2(acache, sink, p, kzf, vzf, mk, realf, mass, mlp, (W1, b1, W2, b2), n, b, nb, tau,
-                           causal, sink is not None, sortcut, lead)
+        out, acache = _attend_sortcut(qb, ks, vs, slot_ok, slot_bias, pos, n, sortcut, scale)
+    out = out.reshape(lead + (nb * b, dv))[..., :n, :]
+    cache = SinkhornCache(acache, balancing, p, kzf, vzf, mk, realf, mass, mlp, (W1, b1, W2, b2), n, b, nb, tau,
+                          causal, balancing is not None, sortcut, lead)
     return out, cache
+
+
+def _attention_backward(dout_p, c):
+    """Through the block attention: dq blocks, d sorted blocks (K_s, V_s), d own blocks and d log-mass."""
+    xp = get_namespace(dout_p)
+    lead, b, nb = c.lead, c.b, c.nb
+    d, dv = c.attend.q.shape[-1], dout_p.shape[-1]
+    if c.sortcut is None:
+        g = attend_backward(dout_p.reshape(lead + (nb, b, dv)), c.attend)
+        dks, dkb = g["k"][..., :b, :], g["k"][..., b:, :]
+        dvs, dvb = g["v"][..., :b, :], g["v"][..., b:, :]
+        dbias = g["bias"][..., :b].sum(axis=-2)                          # (..., N_B, b) sorted-slot log-mass
+        return g["q"], dks, dvs, dkb, dvb, dbias
+    nk = c.sortcut
+    g = attend_backward(dout_p.reshape(lead + (1, nb * b, dv)), c.attend)
+    dks = xp.zeros(lead + (nb, b, d), dtype=dout_p.dtype)
+    dvs = xp.zeros(lead + (nb, b, dv), dtype=dout_p.dtype)
+    dks[..., :nk, :, :] = g["k"].reshape(lead + (nk, b, d))
+    dvs[..., :nk, :, :] = g["v"].reshape(lead + (nk, b, dv))
+    dbias = xp.zeros(lead + (nb, b), dtype=dout_p.dtype)
+    dbias[..., :nk, :] = g["bias"].sum(axis=-2).reshape(lead + (nk, b))
+    return g["q"], dks, dvs, 0.0, 0.0, dbias
+
+
+def _soft_mixing_backward(dksf, dvsf, dbias, c):
+    """Through P = Sinkhorn((SortNet(psi(K)) + epsilon) / tau): the SortNet gradients and d psi,
+    the gradient of every block summary (..., N_B, d)."""
+    xp = get_namespace(dksf)
+    dp = dksf @ c.kz.swapaxes(-1, -2) + dvsf @ c.vz.swapaxes(-1, -2)      # dP = dK_s K^T + dV_s V^T (..., N_B, N_B)
+    dmass = xp.where(c.mass > 0, dbias / xp.where(c.mass > 0, c.mass, 1.0), 0.0)   # bias = log(mass)
+    dp += dmass @ c.realf.swapaxes(-1, -2)                              # mass = P real: (..., N_B, b) @ (..., b, N_B)
+    dla = sinkhorn_backward(dp * c.p, c.balancing)                      # d log P = P * dP
+    dr = dla * (1.0 / c.tau)                                            # log_alpha = (R + eps) / tau
+    gm = mlp_backward(dr, c.mlp)                                        # SortNet backward
+    ds_in = gm["x"]                                                     # (..., N_B, d)
+    if c.causal:                                                        # s_in[i] = summ[i-1]
+        dsumm = xp.concatenate([ds_in[..., 1:, :], xp.zeros_like(ds_in[..., :1, :])], axis=-2)
+    else:
+        dsumm = ds_in
+    return dsumm, {name: gm[name] for name in ("W1", "b1", "W2", "b2")}
 
 
 def backward(dout, cache):
@@ -385,50 +385,16 @@ def backward(dout, cache):
     c = cache
     lead, n, b, nb = c.lead, c.n, c.b, c.nb
     npad = nb * b
-    d = c.attend.q.shape[-1]
-    dv = dout.shape[-1]
-    W1, b1, W2, b2 = c.params
-    dout_p = pad_axis(dout, npad)
-    if c.sortcut is None:
-        g = attend_backward(dout_p.reshape(lead + (nb, b, dv)), c.attend)
-        dqb = g["q"]                                                     # (..., N_B, b, d)
-        dks, dkb = g["k"][..., :b, :], g["k"][..., b:, :]
-        dvs, dvb = g["v"][..., :b, :], g["v"][..., b:, :]
-        dbias = g["bias"][..., :b].sum(axis=-2)                          # (..., N_B, b) sorted-slot log-mass
-    else:
-        nk = c.sortcut
-        g = attend_backward(dout_p.reshape(lead + (1, npad, dv)), c.attend)
-        dqb = g["q"]
-        dks = xp.zeros(lead + (nb, b, d), dtype=dout.dtype)
-        dvs = xp.zeros(lead + (nb, b, dv), dtype=dout.dtype)
-        dks[..., :nk, :, :] = g["k"].reshape(lead + (nk, b, d))
-        dvs[..., :nk, :, :] = g["v"].reshape(lead + (nk, b, dv))
-        dkb = 0.0
-        dvb = 0.0
-        dbias = xp.zeros(lead + (nb, b), dtype=dout.dtype)
-        dbias[..., :nk, :] = g["bias"].sum(axis=-2).reshape(lead + (nk, b))
+    d, dv = c.attend.q.shape[-1], dout.shape[-1]
+    dqb, dks, dvs, dkb, dvb, dbias = _attention_backward(pad_axis(dout, npad), c)
     dksf = dks.reshape(lead + (nb, b * d))
     dvsf = dvs.reshape(lead + (nb, b * dv))
     pt = c.p.swapaxes(-1, -2)
     dkz = (pt @ dksf).reshape(lead + (nb, b, d))                          # dK_blocks = P^T dK_s
     dvz = (pt @ dvsf).reshape(lead + (nb, b, dv))
-    dW1 = xp.zeros_like(W1)
-    db1 = xp.zeros_like(b1)
-    dW2 = xp.zeros_like(W2)
-    db2 = xp.zeros_like(b2)
+    dparams = {name: xp.zeros_like(a) for name, a in zip(("W1", "b1", "W2", "b2"), c.params)}
     if c.soft:
-        dp = dksf @ c.kz.swapaxes(-1, -2) + dvsf @ c.vz.swapaxes(-1, -2)  # dP = dK_s K^T + dV_s V^T (..., N_B, N_B)
-        dmass = xp.where(c.mass > 0, dbias / xp.where(c.mass > 0, c.mass, 1.0), 0.0)   # bias = log(mass)
-        dp += dmass @ c.realf.swapaxes(-1, -2)                          # mass = P real: (..., N_B, b) @ (..., b, N_B)
-        dla = sinkhorn_backward(dp * c.p, c.sink)                         # d log P = P * dP
-        dr = dla * (1.0 / c.tau)                                          # log_alpha = (R + eps) / tau
-        gm = mlp_backward(dr, c.mlp)                                      # SortNet backward
-        dW1, db1, dW2, db2 = gm["W1"], gm["b1"], gm["W2"], gm["b2"]
-        ds_in = gm["x"]                                                   # (..., N_B, d)
-        if c.causal:                                                      # s_in[i] = summ[i-1]
-            dsumm = xp.concatenate([ds_in[..., 1:, :], xp.zeros_like(ds_in[..., :1, :])], axis=-2)
-        else:
-            dsumm = ds_in
+        dsumm, dparams = _soft_mixing_backward(dksf, dvsf, dbias, c)
         dkz = dkz + dsumm[..., :, None, :]                                # sum pooling: each key of the block
     dk_blocks = dkb + dkz * c.mk
     dv_blocks = dvb + dvz * c.mk
@@ -436,7 +402,7 @@ def backward(dout, cache):
         "q": dqb.reshape(lead + (npad, d))[..., :n, :],
         "k": dk_blocks.reshape(lead + (npad, d))[..., :n, :],
         "v": dv_blocks.reshape(lead + (npad, dv))[..., :n, :],
-        "W1": dW1, "b1": db1, "W2": dW2, "b2": db2,
+        **dparams,
     }
 
 
@@ -478,7 +444,7 @@ def induced_pattern(cache):
     """Hard mode: the boolean (..., N, N) support of W — own block (causal inside) plus the
     chosen block; SortCut: the blocks chosen by the first n_k rows, for every query."""
     xp = get_namespace(cache.p)
-    lead, n, b, nb = cache.lead, cache.n, cache.b, cache.nb
+    n, b, nb = cache.n, cache.b, cache.nb
     npad = nb * b
     blk = xp.arange(npad) // b
     if cache.sortcut is not None:                                         # every query: blocks of rows < n_k
@@ -501,68 +467,9 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     b = default_block(n)
     nb = -(-n // b)
     nb_max = max(-(-m // default_block(m)) for m in range(1, n + 1))   # W2 serves every length <= n
-    dh = max(d, 2)
-    params = {
-        "W1": asarray(rng.standard_normal((d, dh)) * d ** -0.5, dtype=dtype),
-        "b1": asarray(rng.standard_normal(dh) * 0.1, dtype=dtype),
-        "W2": asarray(rng.standard_normal((dh, nb_max)) * dh ** -0.5, dtype=dtype),
-        "b2": asarray(rng.standard_normal(nb_max) * 0.1, dtype=dtype),
-    }
+    params = init_sortnet(rng, d=d, width=nb_max, dtype=dtype)
     config = {"block": b, "n_iters": 8, "tau": 0.75, "gumbel": asarray(draw_gumbel(rng, (heads, nb, nb)), dtype=dtype)}
     return params, config
-
-
-def _figures(out_dir, rng):
-    import os
-
-    from .. import viz
-    from ..backend import to_numpy
-
-    paths = []
-    # 1. the soft permutation across iterations and temperatures
-    nb = 8
-    logits = asarray(rng.standard_normal((nb, nb)) * 2.0)
-    temps = (2.0, 0.75, 0.25)
-    iters = (0, 1, 3, 20)
-    mats, titles = [], []
-    for tau in temps:
-        for it in iters:
-            la = logits * (1.0 / tau)
-            if it == 0:                                   # before balancing: softmax over all entries
-                la = la - _lse(_lse(la, axis=-1), axis=-2)
-                logp = la
-            else:
-                logp = sinkhorn_forward(la, it)[0]
-            mats.append(to_numpy(get_namespace(logp).exp(logp)))
-            titles.append(f"tau={tau}, {it} iter" + ("s" if it != 1 else ""))
-    fig = viz.plot_patterns(mats, titles, suptitle="Sinkhorn balancing: exp(log P) vs iterations and temperature",
-                            ncols=len(iters), weights=True, xlabel="source block j", ylabel="target block i")
-    paths.append(viz.save(fig, os.path.join(out_dir, "sinkhorn_permutation.png")))
-    # 2. block reordering: the soft permutation and the effective attention it implies
-    n, d = 32, 8
-    q, k, v = (asarray(rng.standard_normal((1, 1, n, d))) for _ in range(3))
-    params, config = setup(rng, n=n, d=d, heads=1)
-    _, c_s = forward(q, k, v, **params, **config)
-    _, c_h = forward(q, k, v, **params, **config, hard=True)
-    _, c_c = forward(q, k, v, **params, **config, causal=True)
-    fig = viz.plot_patterns(
-        [to_numpy(c_s.p[0, 0]), to_numpy(weights(c_s)), to_numpy(weights(c_h)), to_numpy(weights(c_c))],
-        ["soft permutation P (blocks)", "W soft (bidirectional)", "W hard (argmax P)", "W soft (causal)"],
-        suptitle=f"Sinkhorn attention, N={n}, b={config['block']}", ncols=4, weights=True)
-    paths.append(viz.save(fig, os.path.join(out_dir, "sinkhorn_blocks.png")))
-    # 3. the reordering itself: keys in their original order, hard-sorted and soft-sorted
-    xp = get_namespace(k)
-    kk = xp.broadcast_to(xp.arange(n, dtype=k.dtype)[:, None] / n, (n, d)) + 0 * k[0, 0]   # key j "is" its position
-    _, c_p = forward(q, kk[None, None], v, **params, **config)
-    _, c_hp = forward(q, kk[None, None], v, **params, **config, hard=True)
-    b = config["block"]
-    fig = viz.plot_patterns(
-        [to_numpy(kk), to_numpy(sorted_keys(c_hp)[0, 0]), to_numpy(sorted_keys(c_p)[0, 0])],
-        ["keys (value = position / N)", "hard-sorted blocks P_hard K", "soft-sorted blocks P K"],
-        suptitle="Block reordering: row block i is what query block i sees besides its own block",
-        ncols=3, weights=True, grid=b, xlabel="feature", ylabel="slot (block i, offset s)")
-    paths.append(viz.save(fig, os.path.join(out_dir, "sinkhorn_reorder.png")))
-    return paths
 
 
 MECHANISM = register(Mechanism(
@@ -581,7 +488,5 @@ MECHANISM = register(Mechanism(
     weights=weights,
     setup=setup,
     sizes=("block", "n_iters", "sortcut"),
-    figures=_figures,
     summary="SortNet + Sinkhorn balancing softly permutes blocks; each block attends to its own and a sorted block.",
-    extra={"induced_pattern": induced_pattern, "sorted_keys": sorted_keys},
 ))

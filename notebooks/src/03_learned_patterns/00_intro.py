@@ -20,14 +20,13 @@
 # **exact**: they equal dense attention masked by the induced pattern, which the cells below check.
 
 # %%
-import time
-
 import matplotlib.pyplot as plt
 import numpy as np
 
 import effattn
 from effattn.attention import reformer as RF
 from effattn.attention import routing as RT
+from effattn.nn import lsh
 from effattn.gradcheck import check_gradients
 from effattn.figures.style import plot_pattern, plot_patterns
 

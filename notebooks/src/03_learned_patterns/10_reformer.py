@@ -8,7 +8,8 @@
 #
 # The hash depends only on the direction of $x$ ($h(2x) = h(x)$), and nearby directions collide with high probability.
 # In two dimensions each bucket is a **sector** of the circle: the $b/2$ projection directions and their opposites cut the
-# circle into $b$ pieces (not of equal size — they are random).
+# circle into $b$ pieces (not of equal size — they are random). The hash and the sorted layout live in
+# `effattn/nn/lsh.py` (`lsh.hash_buckets`, `lsh.lsh_layout`); the attention in `effattn/attention/reformer.py`.
 
 # %%
 rng = np.random.default_rng(0)
@@ -18,8 +19,8 @@ circle = np.stack([np.cos(angles), np.sin(angles)], -1)               # (721, 2)
 pts = rng.standard_normal((30, 2))
 for r, ax in enumerate(axes):
     rot = RF.draw_rotations(rng, 2, 6, 1)                               # (1 round, d=2, b/2=3)
-    hb = RF.hash_buckets(circle, rot)[0]                               # bucket of every angle
-    hp = RF.hash_buckets(pts, rot)[0]
+    hb = lsh.hash_buckets(circle, rot)[0]                               # bucket of every angle
+    hp = lsh.hash_buckets(pts, rot)[0]
     ax.scatter(circle[:, 0], circle[:, 1], c=hb, cmap="tab10", vmin=0, vmax=9, s=6)
     u = pts / np.linalg.norm(pts, axis=-1, keepdims=True)
     ax.scatter(0.75 * u[:, 0], 0.75 * u[:, 1], c=hp, cmap="tab10", vmin=0, vmax=9, s=25, edgecolor="k", lw=0.4)
@@ -29,7 +30,7 @@ for r, ax in enumerate(axes):
     ax.set_aspect("equal"); ax.axis("off"); ax.set_title(f"round {r}: 6 buckets = 6 sectors")
 plt.suptitle("Random rotations in 2-D: buckets are sectors; tokens (inner dots) take their sector's bucket")
 plt.tight_layout(); plt.show()
-assert np.array_equal(RF.hash_buckets(pts, rot), RF.hash_buckets(5 * pts, rot))   # h(5x) == h(x)
+assert np.array_equal(lsh.hash_buckets(pts, rot), lsh.hash_buckets(5 * pts, rot))   # h(5x) == h(x)
 
 # %% [markdown]
 # **Shared QK, sort, chunk.** The paper ties keys to queries, $k_j = q_j/\lVert q_j\rVert$, so a token's query and key

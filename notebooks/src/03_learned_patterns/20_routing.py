@@ -25,7 +25,7 @@ v = rng.standard_normal((1, 1, N, d))
 qn, kn = RT.normalise(q), RT.normalise(k)
 histories = {}
 for init in ("random unit vectors", "data points"):
-    mu = RT.draw_centroids(rng, C, d) if init.startswith("random") else RT.init_centroids(rng, qn, C)
+    mu = RT.draw_centroids(rng, C, d) if init.startswith("random") else RT.draw_centroids_from_data(rng, qn, C)
     history = []
     for step in range(40):                                                # online k-means (fast decay for the demo)
         sizes = np.bincount(RT.assign(qn, mu)[0, 0], minlength=C)
@@ -62,7 +62,7 @@ plt.tight_layout(); plt.show()
 # **Balance over the online updates.** The nearest-centroid assignment is unbalanced — some clusters attract many
 # tokens, some none — which is why the attention uses the balanced top-$w$ rule. Centroids drawn at random can start
 # far from every token and never win a member ("dead" clusters: the smallest size stays 0); initialised from data
-# points (`routing.init_centroids`, as lucidrains' implementation does) they settle on the data. The green line is the
+# points (`routing.draw_centroids_from_data`, as lucidrains' implementation does) they settle on the data. The green line is the
 # share of tokens in at least one top-$w$ cluster (the others get a zero output):
 
 # %%

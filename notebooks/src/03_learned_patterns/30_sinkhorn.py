@@ -3,7 +3,7 @@
 #
 # Tay, Bahri, Yang, Metzler, Juan, 2020, *Sparse Sinkhorn Attention*
 # ([arXiv 2002.11296](https://arxiv.org/abs/2002.11296)). Code: `effattn/attention/sinkhorn.py`, registered as
-# `sinkhorn`.
+# `sinkhorn`; the Sinkhorn balancing itself is in `effattn/nn/sinkhorn.py`.
 #
 # **Intuition.** Block-local attention is cheap but every block is blind to the rest of the sequence. Sinkhorn
 # attention keeps the local blocks and gives each query block *one more block to look at*, chosen by a small learned
@@ -36,6 +36,7 @@ import numpy as np
 
 import effattn
 from effattn.attention import sinkhorn as sk
+from effattn.nn import sinkhorn as balancing
 from effattn.gradcheck import check_gradients, rel_error
 from effattn.figures.style import plot_pattern, plot_patterns
 
@@ -68,14 +69,14 @@ assert np.allclose(out, W @ case.inputs["v"], atol=1e-12)
 # %%
 logits = np.random.default_rng(1).standard_normal((8, 8)) * 2
 for it in (1, 2, 5, 20, 60):
-    p_ = np.exp(sk.sinkhorn_forward(logits, it)[0])
+    p_ = np.exp(balancing.sinkhorn_forward(logits, it)[0])
     print(f"{it:3d} iterations: max |row sum - 1| = {np.abs(p_.sum(1) - 1).max():.1e}, "
           f"max |col sum - 1| = {np.abs(p_.sum(0) - 1).max():.1e}, largest entry per row ≥ {p_.max(1).min():.2f}")
 
 mats, titles = [], []
 for tau in (2.0, 0.75, 0.25):
     for it in (1, 3, 20):
-        mats.append(np.exp(sk.sinkhorn_forward(logits / tau, it)[0]))
+        mats.append(np.exp(balancing.sinkhorn_forward(logits / tau, it)[0]))
         titles.append(f"tau={tau}, {it} iteration{'s' if it > 1 else ''}")
 plot_patterns(mats, titles, suptitle="exp(log P) across iterations (columns) and temperatures (rows)", ncols=3,
               weights=True, xlabel="source block j", ylabel="target block i")
@@ -96,15 +97,15 @@ for causal in (False, True):
     if causal:
         la = np.where(tri, la, -np.inf)
     g = np.random.default_rng(3).standard_normal(la.shape)
-    logp, sc = sk.sinkhorn_forward(la, 4, causal=causal)
+    logp, sc = balancing.sinkhorn_forward(la, 4, causal=causal)
     fin = np.isfinite(logp)
-    analytic = sk.sinkhorn_backward(np.where(fin, g, 0.0), sc)
+    analytic = balancing.sinkhorn_backward(np.where(fin, g, 0.0), sc)
     numeric = np.zeros_like(la)
     for idx in zip(*np.nonzero(np.isfinite(la))):
         for sign in (1, -1):
             la2 = la.copy()
             la2[idx] += sign * 1e-6
-            numeric[idx] += sign * (np.where(fin, sk.sinkhorn_forward(la2, 4, causal=causal)[0], 0) * g).sum() / 2e-6
+            numeric[idx] += sign * (np.where(fin, balancing.sinkhorn_forward(la2, 4, causal=causal)[0], 0) * g).sum() / 2e-6
     print(f"causal={causal}: sinkhorn_backward vs finite differences, relative error {rel_error(analytic, numeric):.1e}")
     assert rel_error(analytic, numeric) < 1e-7
 
@@ -135,7 +136,7 @@ params, config = sinkhorn.setup(np.random.default_rng(8), n=n, d=d, heads=1)
 nb = -(-n // config["block"])
 perm = np.random.default_rng(9).permutation(nb)
 out_h, cache_h = sinkhorn.forward(q, k, v, **params, **config, perm=perm)
-pattern = sinkhorn.extra["induced_pattern"](cache_h)
+pattern = sk.induced_pattern(cache_h)
 ref, _ = full.forward(q, k, v, mask=pattern)
 print("block choice:", perm, " max |sinkhorn(hard) - full[pattern]| =", f"{np.abs(out_h - ref).max():.1e}")
 assert np.abs(out_h - ref).max() < 1e-12
@@ -165,8 +166,8 @@ plt.show()
 ramp = np.broadcast_to((np.arange(n) / n)[:, None], (n, d))[None, None].copy()
 _, c_soft = sinkhorn.forward(q, ramp, v, **params, **config)
 _, c_hard = sinkhorn.forward(q, ramp, v, **params, **config, perm=perm)
-ks_hard = sinkhorn.extra["sorted_keys"](c_hard)[0, 0, :, 0]
-ks_soft = sinkhorn.extra["sorted_keys"](c_soft)[0, 0, :, 0]
+ks_hard = sk.sorted_keys(c_hard)[0, 0, :, 0]
+ks_soft = sk.sorted_keys(c_soft)[0, 0, :, 0]
 plt.figure(figsize=(8, 2.6))
 plt.plot(ramp[0, 0, :, 0], "k.-", label="original keys (position / N)")
 plt.plot(ks_hard, "o-", ms=3, label=f"hard-sorted, perm = {perm.tolist()}")

@@ -2,8 +2,9 @@
 # ## Synthesizer: attention without token–token interaction
 #
 # Tay, Bahri, Metzler, Juan, Zhao, Zheng, 2020, *Synthesizer: Rethinking Self-Attention in Transformer Models*
-# ([arXiv 2005.00743](https://arxiv.org/abs/2005.00743)). Code: `effattn/attention/synthesizer.py`, registered as
-# `synthesizer_dense` and `synthesizer_random`.
+# ([arXiv 2005.00743](https://arxiv.org/abs/2005.00743)). Code: `effattn/attention/synthesizer_dense.py` and
+# `effattn/attention/synthesizer_random.py`, registered as `synthesizer_dense` and `synthesizer_random`; the softmax core they
+# share is `effattn/nn/synthetic.py`.
 #
 # **Intuition.** Is the dot product $q_i \cdot k_j$ essential? The Synthesizer *synthesizes* the attention logits
 # without comparing tokens: the **Dense** Synthesizer predicts the whole row of logits of token $i$ from token $i$ alone;
@@ -27,9 +28,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import effattn
-from effattn.attention import synthesizer as syn
+from effattn.attention import synthesizer_dense as SD
+from effattn.attention import synthesizer_random as SR
 from effattn.gradcheck import check_gradients
 from effattn.nn.functional import sinusoidal_positions
+from effattn.nn.optim import Adam
 from effattn.figures.style import plot_patterns
 
 dense = effattn.get("synthesizer_dense")
@@ -45,8 +48,8 @@ for spec in (dense, random_):
 rng = np.random.default_rng(0)
 B, H, N, d = 2, 4, 24, 16
 q, k, v = (rng.standard_normal((B, H, N, d)) for _ in range(3))
-pd = syn.init_dense(rng, n_max=32, d=d)                 # N_max = 32 > N = 24: the first 24 columns are used
-pr = syn.init_random(rng, n_max=32, heads=H)
+pd = SD.init_params(rng, n_max=32, d=d)                 # N_max = 32 > N = 24: the first 24 columns are used
+pr = SR.init_params(rng, n_max=32, heads=H)
 print("dense params:", {n_: a.shape for n_, a in pd.items()}, " random params:", {n_: a.shape for n_, a in pr.items()})
 out_d, cache_d = dense.forward(q, k, v, **pd)
 out_r, cache_r = random_.forward(q, k, v, **pr)
@@ -69,10 +72,10 @@ print("dense ignores k; random ignores q and k")
 g_rng = np.random.default_rng(1)
 qs, ks, vs = (g_rng.standard_normal((1, 2, 7, 3)) for _ in range(3))
 km = np.array([[[True, True, False, True, True, True, False]]])
-variants = [(dense, syn.init_dense(g_rng, n_max=9, d=3), None),
-            (dense, syn.init_dense(g_rng, n_max=9, d=3, factorized=3), 3),
-            (random_, syn.init_random(g_rng, n_max=8, heads=2), None),
-            (random_, syn.init_random(g_rng, n_max=8, heads=2, factorized=2), 2)]
+variants = [(dense, SD.init_params(g_rng, n_max=9, d=3), None),
+            (dense, SD.init_params(g_rng, n_max=9, d=3, factorized=3), 3),
+            (random_, SR.init_params(g_rng, n_max=8, heads=2), None),
+            (random_, SR.init_params(g_rng, n_max=8, heads=2, factorized=2), 2)]
 for spec, params, f in variants:
     for causal in (False, True):
         errors = check_gradients(spec.forward, spec.backward, {"q": qs, "k": ks, "v": vs, **params},
@@ -87,7 +90,7 @@ for spec, params, f in variants:
 # $a \times c$ grid, is an outer product (rank 1). The singular values show it:
 
 # %%
-pf = syn.init_random(g_rng, n_max=N, heads=1, factorized=3)
+pf = SR.init_params(g_rng, n_max=N, heads=1, factorized=3)
 _, cf = random_.forward(q[:, :1], k[:, :1], v[:, :1], **pf, factorized=3)
 logw = np.log(cf.p[0, 0])
 logw = logw - logw[:, :1]                                 # remove each row's log-sum-exp: R - R[:, :1]
@@ -105,26 +108,29 @@ assert np.linalg.matrix_rank(logw, tol=1e-8) <= 4
 # %%
 n_, d_ = 16, 16
 x = sinusoidal_positions(n_, d_, np)[None, None]                 # (1, 1, N, d): positions play X
-p_dense = syn.init_dense(np.random.default_rng(2), n_max=n_, d=d_)
-p_rand = syn.init_random(np.random.default_rng(3), n_max=n_, heads=1)
-maps_init = [syn.forward_pair("dense", x, p_dense, None)[1].p, syn.forward_pair("random", x, p_rand, None)[1].p]
+p_dense = SD.init_params(np.random.default_rng(2), n_max=n_, d=d_)
+p_rand = SR.init_params(np.random.default_rng(3), n_max=n_, heads=1)
+models = {"dense": (SD, p_dense), "random": (SR, p_rand)}
+
+
+def maps():                                                       # both maps, with q = k = v = X
+    return [mod.weights(mod.forward(x, x, x, **params)[1]) for mod, params in models.values()]
+
+
+maps_init = maps()
 losses = {}
-for kind, params in (("dense", p_dense), ("random", p_rand)):
-    m_, s_ = {k_: 0 * a for k_, a in params.items()}, {k_: 0 * a for k_, a in params.items()}
+for kind, (mod, params) in models.items():
+    opt = Adam(params, lr=0.1)                                    # updates the arrays of `params` in place
     data = np.random.default_rng(4)
     losses[kind] = []
-    for t in range(1, 151):
+    for _ in range(150):
         vals = data.standard_normal((1, 1, n_, d_))
         target = np.concatenate([np.zeros_like(vals[..., :1, :]), vals[..., :-1, :]], axis=-2)
-        out, c_ = syn.forward_pair(kind, x, params, None, v=vals)
+        out, c_ = mod.forward(x, x, vals, **params)
         losses[kind].append(float(((out - target) ** 2).mean()))
-        grads = syn.backward(2 * (out - target) / out.size, c_)
-        for k_ in params:                                         # Adam
-            m_[k_] = 0.9 * m_[k_] + 0.1 * grads[k_]
-            s_[k_] = 0.999 * s_[k_] + 0.001 * grads[k_] ** 2
-            params[k_] = params[k_] - 0.1 * (m_[k_] / (1 - 0.9 ** t)) / (np.sqrt(s_[k_] / (1 - 0.999 ** t)) + 1e-8)
+        opt.step(mod.backward(2 * (out - target) / out.size, c_))
     print(f"{kind:6s} synthesizer: shift-task MSE {losses[kind][0]:.3f} -> {losses[kind][-1]:.3f}")
-maps_learned = [syn.forward_pair("dense", x, p_dense, None)[1].p, syn.forward_pair("random", x, p_rand, None)[1].p]
+maps_learned = maps()
 qv, kv = (np.random.default_rng(s).standard_normal((1, 1, n_, d_)) for s in (5, 6))
 vanilla = full.forward(qv, kv, qv)[1].attend.p
 plot_patterns(maps_init + [vanilla] + maps_learned,

@@ -27,7 +27,7 @@ for name in names:
     config = dict(case.config)
     if name == "routing":   # k-means centroids from the data, a few online steps (random ones leave dead clusters)
         qn_ = RT.normalise(q)
-        mu_ = RT.init_centroids(np.random.default_rng(1), qn_, config["centroids"].shape[-2])
+        mu_ = RT.draw_centroids_from_data(np.random.default_rng(1), qn_, config["centroids"].shape[-2])
         for _ in range(10):
             mu_ = RT.update_centroids(mu_, qn_, qn_, decay=0.5)
         config["centroids"] = mu_
