@@ -36,7 +36,8 @@ import numpy as np
 
 import effattn
 from effattn.gradcheck import check_gradients, rel_error
-from effattn.layers import set_transformer as st
+from effattn.layers import isab, pma
+from effattn.nn import mab
 from effattn.figures.style import plot_pattern, plot_patterns
 
 full = effattn.get("full")

@@ -30,41 +30,42 @@
 # is `ln=False` (no LayerNorms at all); the paper's equations have them. The official key projection's bias is dropped
 # here: it adds the same q·b to every logit of a row, which the softmax cancels (its gradient is exactly zero).
 #
-# The code — `effattn/layers/set_transformer.py` — is one `mab_forward` / `mab_backward` pair composed of the functional
-# pairs (`linear`, `layer_norm`, `relu`) and the shared attention kernel `attend_forward` / `attend_backward`; ISAB and
-# PMA nest its caches:
+# The code: the block lives once in `effattn/nn/mab.py`, one `mab_forward` / `mab_backward` pair composed of the
+# functional pairs (`linear`, `layer_norm`, `relu`, the two-layer `mlp` for the rFF, `split_heads` / `merge_heads`) and
+# the shared attention kernel `attend_forward` / `attend_backward`. The two registered layers, `effattn/layers/isab.py`
+# and `effattn/layers/pma.py`, each a `forward` / `backward` / `weights` like every mechanism, nest its caches:
 
 # %%
 import inspect
 
-print(inspect.getsource(st.mab_forward))
-print(inspect.getsource(st.isab_forward).split('"""')[2])
+print(inspect.getsource(mab.mab_forward))
+print(inspect.getsource(isab.forward).split('"""')[2])
 
 # %% [markdown]
 # Parameters are explicit keyword arrays (one flat dict, so the registry's `case.inputs` holds them and `backward`
 # returns a gradient for each); their names depend on the form and on `ln`:
 
 # %%
-print("ISAB:", st.isab_param_names())
-print("PMA: ", st.pma_param_names())
-print("PMA, official form without LayerNorm:", st.pma_param_names("official", ln=False))
+print("ISAB:", isab.param_names())
+print("PMA: ", pma.param_names())
+print("PMA, official form without LayerNorm:", pma.param_names("official", ln=False))
 
 # %% [markdown]
 # ### Shape check
 # x is (..., N, D) with any leading batch axes; ISAB returns (..., N, D), PMA (..., k, D); the inducing points'
-# attention (`isab_weights`) is (..., h, m, N) — never N x N.
+# attention (`isab.weights`) is (..., h, m, N) — never N x N.
 
 # %%
 rng = np.random.default_rng(0)
 B, N, D, heads, m, k = 3, 50, 16, 4, 6, 2
 x = rng.standard_normal((B, N, D))
-p_isab = st.init_isab(rng, D, D, m)
-p_pma = st.init_pma(rng, D, D, k)
-h, cache_i = st.isab_forward(x, heads=heads, **p_isab)
-z, cache_p = st.pma_forward(h, heads=heads, **p_pma)
+p_isab = isab.init_params(rng, D, D, m)
+p_pma = pma.init_params(rng, D, D, k)
+h, cache_i = isab.forward(x, heads=heads, **p_isab)
+z, cache_p = pma.forward(h, heads=heads, **p_pma)
 print("x", x.shape, "-> ISAB", h.shape, "-> PMA", z.shape)
-print("inducing points' attention", st.isab_weights(cache_i).shape, "| seeds' attention", st.pma_weights(cache_p).shape)
-assert h.shape == (B, N, D) and z.shape == (B, k, D) and st.isab_weights(cache_i).shape == (B, heads, m, N)
+print("inducing points' attention", isab.weights(cache_i).shape, "| seeds' attention", pma.weights(cache_p).shape)
+assert h.shape == (B, N, D) and z.shape == (B, k, D) and isab.weights(cache_i).shape == (B, heads, m, N)
 
 # %% [markdown]
 # ### Gradient check
@@ -81,7 +82,7 @@ km[1, 4:] = False                                                       # the se
 worst = {}
 for form in ("paper", "official"):
     for ln in (True, False):
-        for name, init in (("isab", st.init_isab), ("pma", st.init_pma)):
+        for name, init in (("isab", isab.init_params), ("pma", pma.init_params)):
             spec = effattn.get(name)
             inputs = {"x": xs.copy(), **init(rng, 6, 6, 3, form=form, ln=ln)}
             errors = check_gradients(spec.forward, spec.backward, inputs,
@@ -99,11 +100,11 @@ for key, err in worst.items():
 rng = np.random.default_rng(2)
 x = rng.standard_normal((1, 40, D))
 perm = rng.permutation(40)
-a, _ = st.isab_forward(x, heads=heads, **p_isab)
-b, _ = st.isab_forward(x[:, perm], heads=heads, **p_isab)
+a, _ = isab.forward(x, heads=heads, **p_isab)
+b, _ = isab.forward(x[:, perm], heads=heads, **p_isab)
 print("ISAB: max |ISAB(πX) - π ISAB(X)| =", np.abs(b - a[:, perm]).max())
-a, _ = st.pma_forward(x, heads=heads, **p_pma)
-b, _ = st.pma_forward(x[:, perm], heads=heads, **p_pma)
+a, _ = pma.forward(x, heads=heads, **p_pma)
+b, _ = pma.forward(x[:, perm], heads=heads, **p_pma)
 print("PMA:  max |PMA(πX) - PMA(X)|     =", np.abs(b - a).max())
 assert np.abs(b - a).max() < 1e-12
 
@@ -117,16 +118,16 @@ assert np.abs(b - a).max() < 1e-12
 small = x[:, :25]
 padded = np.concatenate([small, 100 * rng.standard_normal((1, 15, D))], axis=1)
 mask = np.arange(40)[None] < 25
-print("ISAB real rows:", np.abs(st.isab_forward(padded, key_mask=mask, heads=heads, **p_isab)[0][:, :25]
-                                - st.isab_forward(small, heads=heads, **p_isab)[0]).max())
-print("PMA:           ", np.abs(st.pma_forward(padded, key_mask=mask, heads=heads, **p_pma)[0]
-                                - st.pma_forward(small, heads=heads, **p_pma)[0]).max())
+print("ISAB real rows:", np.abs(isab.forward(padded, key_mask=mask, heads=heads, **p_isab)[0][:, :25]
+                                - isab.forward(small, heads=heads, **p_isab)[0]).max())
+print("PMA:           ", np.abs(pma.forward(padded, key_mask=mask, heads=heads, **p_pma)[0]
+                                - pma.forward(small, heads=heads, **p_pma)[0]).max())
 
 # %% [markdown]
 # `causal=True` is refused with the reason (the survey marks Set Transformer as unable to decode):
 
 # %%
 try:
-    st.isab_forward(x, causal=True, heads=heads, **p_isab)
+    isab.forward(x, causal=True, heads=heads, **p_isab)
 except ValueError as err:
     print("ValueError:", err)

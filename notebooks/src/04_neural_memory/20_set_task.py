@@ -27,8 +27,8 @@ def make_sets(rng, batch, n_min=5, n_max=n_max):
 
 rng = np.random.default_rng(0)
 model = {"emb": {"W": rng.standard_normal((1, D)), "b": np.zeros(D)},
-         "isab": st.init_isab(rng, D, D, m_ind, hidden=2 * D),
-         "pma": st.init_pma(rng, D, D, 1, hidden=2 * D),
+         "isab": isab.init_params(rng, D, D, m_ind, hidden=2 * D),
+         "pma": pma.init_params(rng, D, D, 1, hidden=2 * D),
          "out": {"W": rng.standard_normal((D, 1)) / D ** 0.5, "b": np.zeros(1)}}
 params = {f"{part}.{name}": a for part, group in model.items() for name, a in group.items()}   # same arrays
 print(f"{len(params)} parameter arrays, {sum(a.size for a in params.values())} numbers")
@@ -36,8 +36,8 @@ print(f"{len(params)} parameter arrays, {sum(a.size for a in params.values())} n
 
 def forward(x, mask):
     e, c_emb = linear_forward(x[..., None], model["emb"]["W"], model["emb"]["b"])      # (B, N, D)
-    h, c_isab = st.isab_forward(e, key_mask=mask, heads=heads, **model["isab"])         # (B, N, D)
-    z, c_pma = st.pma_forward(h, key_mask=mask, heads=heads, **model["pma"])            # (B, 1, D)
+    h, c_isab = isab.forward(e, key_mask=mask, heads=heads, **model["isab"])         # (B, N, D)
+    z, c_pma = pma.forward(h, key_mask=mask, heads=heads, **model["pma"])            # (B, 1, D)
     y, c_out = linear_forward(z[:, 0], model["out"]["W"], model["out"]["b"])            # (B, 1)
     return y[:, 0], (c_emb, c_isab, c_pma, c_out)
 
@@ -46,8 +46,8 @@ def backward(dy, caches):
     """The chain rule, in reverse order of forward; returns {"part.name": gradient}."""
     c_emb, c_isab, c_pma, c_out = caches
     g_out = linear_backward(dy[:, None], c_out)
-    g_pma = st.pma_backward(g_out.pop("x")[:, None], c_pma)
-    g_isab = st.isab_backward(g_pma.pop("x"), c_isab)
+    g_pma = pma.backward(g_out.pop("x")[:, None], c_pma)
+    g_isab = isab.backward(g_pma.pop("x"), c_isab)
     g_emb = linear_backward(g_isab.pop("x"), c_emb)
     g_emb.pop("x")
     parts = {"emb": g_emb, "isab": g_isab, "pma": g_pma, "out": g_out}
@@ -107,8 +107,8 @@ plt.show()
 # %%
 x_one = np.sort(np.random.default_rng(4).random((1, n_max)), axis=1)
 pred_one, (_, c_isab, c_pma, _) = forward(x_one, np.ones((1, n_max), bool))
-w_ind = st.isab_weights(c_isab)[0]                                            # (h, m, N)
-w_seed = st.pma_weights(c_pma)[0, :, 0]                                       # (h, N)
+w_ind = isab.weights(c_isab)[0]                                            # (h, m, N)
+w_seed = pma.weights(c_pma)[0, :, 0]                                       # (h, N)
 print(f"set max {x_one.max():.3f}, predicted {pred_one[0]:.3f}")
 fig, axes = plt.subplots(2, heads, figsize=(4.2 * heads, 5.5))
 for j in range(heads):

@@ -40,9 +40,9 @@ def as32(p):
 D_c, m_c = 64, 16
 rng = np.random.default_rng(0)
 layers = {
-    "SAB (O(N²))": (st.sab_forward, st.sab_backward, as32(st.init_mab(rng, "mab_", D_c, D_c, D_c))),
-    "ISAB (O(N·m))": (st.isab_forward, st.isab_backward, as32(st.init_isab(rng, D_c, D_c, m_c))),
-    "PMA (O(N·k))": (st.pma_forward, st.pma_backward, as32(st.init_pma(rng, D_c, D_c, 1))),
+    "SAB (O(N²))": (mab.sab_forward, mab.sab_backward, as32(mab.init_mab(rng, "mab_", D_c, D_c, D_c))),
+    "ISAB (O(N·m))": (isab.forward, isab.backward, as32(isab.init_params(rng, D_c, D_c, m_c))),
+    "PMA (O(N·k))": (pma.forward, pma.backward, as32(pma.init_params(rng, D_c, D_c, 1))),
 }
 ns = [256, 512, 1024, 2048, 4096]
 results = {}
@@ -97,7 +97,7 @@ assert isab_mem < 1.2 and sab_last > 1.5
 #    Why does a mean struggle where the attention pooling succeeds (look at the seed's weights above)?
 # 3. Switch the layers to `form="official", ln=False` (the official default). Does the max task still train with the
 #    same learning rate? What changes when you add `ln=True`?
-# 4. Show that the key bias of the official code has no effect: add `b_k` to K in `official_mab` of the tests and prove
+# 4. Show that the key bias of the official code has no effect: add `b_k` to K in `official_mab` of `tests/test_mab.py` and prove
 #    that every row of the score matrix shifts by the same constant.
 # 5. Build the global-memory mask of section 1 with a local window added (each token also sees its w neighbours) and
 #    count the allowed entries: it is Longformer's pattern, O(N(w + g)).
