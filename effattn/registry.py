@@ -92,11 +92,9 @@ class Mechanism:
     pattern: Callable | None = None        # exact kernels: cache -> bool (..., N, M) built from the paper's rule
     reference: Callable | None = None      # optional dense O(N^2) oracle: (**inputs, **config) -> out
     sizes: tuple = ()                      # config entries that must be positive integers (bad-input test)
-    figures: Callable | None = None        # (out_dir, rng) -> list of written paths (extra figures)
     tol32: float = 1e-4                    # float32 vs float64 tolerance (max abs err / max abs value)
     subquadratic: bool = True              # efficient path must not allocate N x N
     summary: str = ""
-    extra: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-import effattn
 from effattn import backend
 
 def test_default_backend_and_namespace():

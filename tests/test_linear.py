@@ -53,9 +53,9 @@ def test_causal_chunked_equals_step_loop_and_recurrent_api():
     q, k, v = (rng.standard_normal((2, 3, 17, 4)) for _ in range(3))
     out, _ = linear.forward(q, k, v, causal=True, chunk=5)
     np.testing.assert_allclose(linear.loop(q, k, v, causal=True), out, atol=1e-12)
-    state = linear.initial_state((2, 3), 4, 4)
+    state = linear.init_state((2, 3), 4, 4)
     for t in range(17):
-        o, state = linear.recurrent_step(q[..., t, :], k[..., t, :], v[..., t, :], state)
+        o, state = linear.step(q[..., t, :], k[..., t, :], v[..., t, :], state)
         np.testing.assert_allclose(o, out[..., t, :], atol=1e-12)
     assert state[0].shape == (2, 3, 4, 4) and state[1].shape == (2, 3, 4)
 

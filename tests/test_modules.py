@@ -10,7 +10,6 @@ import effattn
 from effattn import registry
 from effattn.validate import check_causal, check_qkv
 from effattn.gradcheck import numerical_gradient, rel_error
-from effattn.nn import functional as F
 from effattn.models.attention import MultiHeadAttention
 from effattn.nn.modules import Embedding, FeedForward, LayerNorm, Linear
 

@@ -65,7 +65,7 @@ def test_matches_equations(n, m, masked):
     q, k, v = (rng.standard_normal((2, 2, n, 4)) for _ in range(3))
     conv_w = rng.standard_normal((2, 3)) / 3
     km = rng.random((2, 1, n)) > 0.3 if masked else None
-    out, cache = ny.forward(q, k, v, conv_w, landmarks=m, iterations=6, conv_kernel=3, key_mask=km)
+    out, cache = ny.forward(q, k, v, conv_w=conv_w, landmarks=m, iterations=6, conv_kernel=3, key_mask=km)
     np.testing.assert_allclose(out, explicit(q, k, v, m, 6, conv_w, km), atol=1e-10)
     np.testing.assert_allclose(ny.weights(cache) @ v, out, atol=1e-10)
 
@@ -74,7 +74,7 @@ def test_even_conv_kernel_and_cross_lengths():
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((1, 2, 10, 3)) for _ in range(3))
     w = rng.standard_normal((2, 4))
-    out, cache = ny.forward(q, k, v, w, landmarks=3, conv_kernel=4)
+    out, cache = ny.forward(q, k, v, conv_w=w, landmarks=3, conv_kernel=4)
     np.testing.assert_allclose(out, explicit(q, k, v, 3, 6, w), atol=1e-10)
     q2 = rng.standard_normal((1, 2, 6, 3))
     out, _ = ny.forward(q2, k, v, landmarks=3)                # N = 6 queries, M = 10 keys
@@ -84,7 +84,7 @@ def test_even_conv_kernel_and_cross_lengths():
 def test_iterative_pinv_converges_to_pseudo_inverse():
     rng = np.random.default_rng(2)
     a = softmax(rng.standard_normal((3, 6, 6)))
-    z, _ = ny._pinv_forward(a, 30)
+    z, _ = ny.pinv_forward(a, 30)
     np.testing.assert_allclose(z, np.linalg.pinv(a), atol=1e-8)
 
 
@@ -116,9 +116,9 @@ def test_errors():
     with pytest.raises(ValueError, match="landmarks"):
         ny.forward(q, k, v, landmarks=7)
     with pytest.raises(ValueError, match="conv"):
-        ny.forward(q, k, v, rng.standard_normal((2, 3)), landmarks=2)
+        ny.forward(q, k, v, conv_w=rng.standard_normal((2, 3)), landmarks=2)
     with pytest.raises(ValueError, match="conv_w"):
-        ny.forward(q, k, v, rng.standard_normal((3, 3)), landmarks=2, conv_kernel=3)
+        ny.forward(q, k, v, conv_w=rng.standard_normal((3, 3)), landmarks=2, conv_kernel=3)
 
 
 def test_dense_reference_with_mask_conv_and_ragged_segments():
@@ -126,6 +126,20 @@ def test_dense_reference_with_mask_conv_and_ragged_segments():
     q, k, v = (rng.standard_normal((2, 2, 13, 4)) for _ in range(3))
     w = rng.standard_normal((2, 5)) / 5
     km = rng.random((2, 1, 13)) > 0.3
-    out, _ = ny.forward(q, k, v, w, landmarks=5, conv_kernel=5, key_mask=km, iterations=4)
-    ref = ny.reference(q, k, v, w, landmarks=5, conv_kernel=5, key_mask=km, iterations=4)
+    out, _ = ny.forward(q, k, v, conv_w=w, landmarks=5, conv_kernel=5, key_mask=km, iterations=4)
+    ref = ny.reference(q, k, v, conv_w=w, landmarks=5, conv_kernel=5, key_mask=km, iterations=4)
     np.testing.assert_allclose(ref, out, atol=1e-10)
+
+
+def test_scale_is_checked_and_explicit_default_scale_is_the_same():
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((1, 2, 8, 4)) for _ in range(3))
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            ny.forward(q, k, v, landmarks=2, scale=bad)
+        with pytest.raises(ValueError, match="scale"):
+            ny.reference(q, k, v, landmarks=2, scale=bad)
+    out, _ = ny.forward(q, k, v, landmarks=2)
+    np.testing.assert_array_equal(ny.forward(q, k, v, landmarks=2, scale=0.5)[0], out)
+    np.testing.assert_allclose(ny.forward(q, k, v, landmarks=2, scale=0.3)[0],
+                               ny.reference(q, k, v, landmarks=2, scale=0.3), atol=1e-10)

@@ -18,9 +18,9 @@ Equations (paper eq. 4-6, 8-9 and 16-20), phi(x) = elu(x) + 1 (> 0 elementwise):
                 V'_i = phi(Q_i)^T S_i / (phi(Q_i)^T Z_i + eps)
 
 The causal form is an RNN with state (S, Z) of size (d, dv) + (d,): a decoder
-calls :func:`initial_state` once and :func:`recurrent_step` per token at
-O(d dv) cost each, whatever the position. The parallel form uses chunked
-prefix sums (:mod:`effattn.nn.kernel_attention`): O(N C d + N d dv).
+calls :func:`init_state` once and :func:`step` per token at O(d dv) cost
+each, whatever the position. The parallel form uses chunked prefix sums
+(:mod:`effattn.nn.kernel_attention`): O(N C d + N d dv).
 
 No 1/sqrt(d) scaling is used (as in the paper and fast-transformers).
 
@@ -44,12 +44,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..backend import xp as _active_xp
-from ..validate import check_bool, check_causal, check_float_array, check_int, check_qkv
+from ..validate import check_causal, check_float_array, check_int, check_qkv
 from ..nn.functional import elu_backward, elu_forward
-from ..nn.kernel_attention import (kernel_attention_backward, kernel_attention_forward,
-                                   kernel_attention_loop, kernel_attention_weights,
-                                   recurrent_state, recurrent_update)
+from ..nn.kernel_attention import (kernel_attention_backward, kernel_attention_forward, kernel_attention_init_state,
+                                   kernel_attention_loop, kernel_attention_step, kernel_attention_weights)
 from ..registry import Mechanism, register
 
 EPS = 1e-6
@@ -108,7 +106,8 @@ def weights(cache):
 
 
 def reference(q, k, v, *, causal=False, key_mask=None, eps=EPS, chunk=128):
-    """The explicit O(N^2) formula, as a readable oracle."""
+    """The explicit O(N^2) formula, as a readable oracle. ``chunk`` is accepted so that the
+    configuration of :func:`forward` applies unchanged; the dense formula has no chunks."""
     xp = get_namespace(q, k, v)
     phi_q, phi_k = feature_map(q)[0], feature_map(k)[0]
     a = phi_q @ phi_k.swapaxes(-1, -2)                                   # (..., N, M)
@@ -128,15 +127,15 @@ def loop(q, k, v, *, causal=False, key_mask=None, eps=EPS):
     return kernel_attention_loop(phi_q, phi_k, v, causal=causal, eps=eps)
 
 
-def initial_state(lead, d, dv, *, dtype="float64"):
+def init_state(lead, d, dv, *, dtype="float64"):
     """The empty decoder state (S, Z): zeros (*lead, d, dv) and (*lead, d) on the active backend.
     ``lead`` is the (batch, heads) shape."""
     lead = tuple(check_int("lead", int(x), minimum=1) for x in lead)
-    return recurrent_state(lead, check_int("d", d), check_int("dv", dv), _active_xp(), dtype)
+    return kernel_attention_init_state(lead, check_int("d", d), check_int("dv", dv), dtype=dtype)
 
 
-def recurrent_step(q_t, k_t, v_t, state, *, eps=EPS):
-    """One causal decoding step: q_t, k_t (..., d), v_t (..., dv), state from :func:`initial_state`
+def step(q_t, k_t, v_t, state, *, eps=EPS):
+    """One causal decoding step: q_t, k_t (..., d), v_t (..., dv), state from :func:`init_state`
     (or a previous step). Returns (out_t (..., dv), new_state); equals row t of the causal
     parallel :func:`forward`."""
     check_float_array("q_t", q_t)
@@ -148,7 +147,7 @@ def recurrent_step(q_t, k_t, v_t, state, *, eps=EPS):
     if tuple(s.shape) != tuple(q_t.shape) + (v_t.shape[-1],) or tuple(z.shape) != tuple(q_t.shape):
         raise ValueError(f"state must be (S {tuple(q_t.shape) + (v_t.shape[-1],)}, Z {tuple(q_t.shape)}), "
                          f"got S {tuple(s.shape)}, Z {tuple(z.shape)}")
-    return recurrent_update(feature_map(q_t)[0], feature_map(k_t)[0], v_t, state, _check_eps(eps))
+    return kernel_attention_step(feature_map(q_t)[0], feature_map(k_t)[0], v_t, state, _check_eps(eps))
 
 
 def setup(rng, *, n, d, heads, causal=False, dtype="float64"):

@@ -59,15 +59,15 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..backend import get_namespace
-from ..validate import check_causal, check_choice, check_float_array, check_qkv
+from ..backend import asarray
+from ..validate import check_causal, check_choice, check_float_array, check_qkv, check_scale
 from ..nn.functional import softmax_forward
 from ..nn.sparse import attend_backward, attend_forward, pad_axis
 from ..registry import Mechanism, register
 
 SHARING = ("none", "headwise", "key_value", "layerwise")
-CAUSAL_WHY = ("Linformer projects the whole sequence (E K mixes every position, future ones included), "
-              "so a query cannot be kept from seeing later keys")
+WHY_NOT_CAUSAL = ("Linformer projects the whole sequence (E K mixes every position, future ones included), "
+                  "so a query cannot be kept from seeing later keys")
 
 
 class LinformerCache(NamedTuple):
@@ -98,17 +98,17 @@ def _check_projection(name, a, sharing, heads, m, dtype):
     return a[..., :m]                                          # first M columns
 
 
-def forward(q, k, v, E, F=None, *, causal=False, key_mask=None, sharing="headwise", scale=None):
+def forward(q, k, v, *, E, F=None, causal=False, key_mask=None, sharing="headwise", scale=None):
     """Linformer attention. q (..., N, d), k (..., M, d), v (..., M, dv).
 
     E, F: (H, k, N_max) for sharing="none", (k, N_max) for "headwise"; only E (k, N_max)
     for "key_value" / "layerwise" (F must be None). Returns out (..., N, dv), a LinformerCache.
     """
     n, m, d, _ = check_qkv(q, k, v, key_mask=key_mask)
-    check_causal(causal, False, CAUSAL_WHY)
+    check_causal(causal, False, WHY_NOT_CAUSAL)
     check_choice("sharing", sharing, SHARING)
     heads = q.shape[-3] if q.ndim >= 3 else 1
-    scale = d ** -0.5 if scale is None else float(scale)
+    scale = check_scale(scale, d)
     e = _check_projection("E", E, sharing, heads, m, q.dtype)
     if sharing in ("key_value", "layerwise"):
         if F is not None:
@@ -175,12 +175,12 @@ def weights(cache):
     return w
 
 
-def reference(q, k, v, E, F=None, *, causal=False, key_mask=None, sharing="headwise", scale=None):
+def reference(q, k, v, *, E, F=None, causal=False, key_mask=None, sharing="headwise", scale=None):
     """The paper's equation as one dense O(N M) formula: out = (P_bar F_M diag(mask)) V, with
     P_bar = softmax(Q (E_M (K * mask))^T / sqrt(d)) — an oracle built without the kernel's cache."""
-    check_causal(causal, False, CAUSAL_WHY)
+    check_causal(causal, False, WHY_NOT_CAUSAL)
     m = k.shape[-2]
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = check_scale(scale, q.shape[-1])
     e = E[..., :m]
     f = e if F is None else F[..., :m]
     keep = 1.0 if key_mask is None else key_mask[..., :, None]
@@ -192,7 +192,7 @@ def reference(q, k, v, E, F=None, *, causal=False, key_mask=None, sharing="headw
     return w @ v
 
 
-def draw_projection(rng, k, n_max, *, heads=None):
+def init_projection(rng, k, n_max, *, heads=None):
     """Initial E or F: N(0, 1/n_max) entries, (k, n_max) or (heads, k, n_max), a host NumPy array.
 
     The scale matters: E K sums n_max rows, so entries of size 1/sqrt(n_max) keep the projected
@@ -211,14 +211,12 @@ def default_k(n):
 
 
 def setup(rng, *, n, d, heads, causal=False, dtype="float64", sharing="headwise"):
-    """Headwise-shared E, F (k, N_max = n), k = min(128, n // 2)."""
-    from ..backend import asarray
-
+    """Headwise-shared E, F (k, N_max = n), k = min(128, n // 2) (:func:`init_projection`)."""
     kk = default_k(n)
     heads_arg = heads if sharing == "none" else None
-    params = {"E": asarray(draw_projection(rng, kk, n, heads=heads_arg), dtype=dtype)}
+    params = {"E": asarray(init_projection(rng, kk, n, heads=heads_arg), dtype=dtype)}
     if sharing in ("none", "headwise"):
-        params["F"] = asarray(draw_projection(rng, kk, n, heads=heads_arg), dtype=dtype)
+        params["F"] = asarray(init_projection(rng, kk, n, heads=heads_arg), dtype=dtype)
     return params, {"sharing": sharing}
 
 

@@ -74,14 +74,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..backend import get_namespace
-from ..validate import check_causal, check_float_array, check_int, check_qkv
+from ..backend import asarray, get_namespace
+from ..validate import check_causal, check_float_array, check_int, check_qkv, check_scale
 from ..nn.functional import softmax_backward, softmax_forward
 from ..nn.sparse import attend_backward, attend_forward
 from ..registry import Mechanism, register
 
-CAUSAL_WHY = ("Nystromformer's landmarks are means over segments that include future positions, "
-              "so a query cannot be kept from seeing later keys")
+WHY_NOT_CAUSAL = ("Nystromformer's landmarks are means over segments that include future positions, "
+                  "so a query cannot be kept from seeing later keys")
 
 
 class NystromCache(NamedTuple):
@@ -111,7 +111,13 @@ def segment_averages(n, m, xp, dtype, mask=None):
     return onehot / xp.maximum(counts, 1.0)
 
 
-def _pinv_forward(a, iterations):
+def pinv_forward(a, iterations):
+    """Iterative Moore-Penrose pseudo-inverse of a (..., m, m) (Razavi et al. 2014; paper eq. 15):
+    Z_0 = A^T / (||A||_1 ||A||_inf), then ``iterations`` steps
+    Z_{j+1} = 1/4 Z_j (13 I - A Z_j (15 I - A Z_j (7 I - A Z_j))); norms per (batch, head).
+
+    Returns Z (..., m, m) and the cache of :func:`pinv_backward`
+    (Z_0..Z_T, alpha = 1 / (c r), one-hot argmax column / row, c = ||A||_1, r = ||A||_inf)."""
     xp = get_namespace(a)
     m = a.shape[-1]
     colsum = a.sum(axis=-2)                                        # (..., m)
@@ -131,7 +137,9 @@ def _pinv_forward(a, iterations):
     return z, (zs, alpha, ic, ir, c, r)
 
 
-def _pinv_backward(dz, a, pcache):
+def pinv_backward(dz, a, pcache):
+    """dA from dZ through every iteration of :func:`pinv_forward` and its start Z_0 = alpha A^T
+    (the norms' max differentiated at its argmax; derivation in the module docstring)."""
     zs, alpha, ic, ir, c, r = pcache
     xp = get_namespace(a)
     eye = xp.eye(a.shape[-1], dtype=a.dtype)
@@ -187,13 +195,13 @@ def _conv_backward(dout, conv):
     return dvp[..., p:p + n, :], dw
 
 
-def forward(q, k, v, conv_w=None, *, causal=False, key_mask=None, landmarks=64, iterations=6,
+def forward(q, k, v, *, conv_w=None, causal=False, key_mask=None, landmarks=64, iterations=6,
             conv_kernel=None, scale=None):
     """Nyström attention. q (..., N, d), k (..., M, d), v (..., M, dv); landmarks m <= min(N, M);
     conv_w (H, conv_kernel) optional depthwise skip on V (needs N == M).
     Returns out (..., N, dv) and a :class:`NystromCache`."""
     n, mlen, d, _ = check_qkv(q, k, v, key_mask=key_mask)
-    check_causal(causal, False, CAUSAL_WHY)
+    check_causal(causal, False, WHY_NOT_CAUSAL)
     m = check_int("landmarks", landmarks)
     iterations = check_int("iterations", iterations)
     if m > min(n, mlen):
@@ -210,15 +218,15 @@ def forward(q, k, v, conv_w=None, *, causal=False, key_mask=None, landmarks=64, 
                              f"got {tuple(conv_w.shape)} {conv_w.dtype}")
         if n != mlen:
             raise ValueError(f"conv_w (skip convolution on V) needs N == M, got N={n}, M={mlen}")
-    scale = d ** -0.5 if scale is None else float(scale)
+    scale = check_scale(scale, d)
     xp = get_namespace(q, k, v)
     avg_q = segment_averages(n, m, xp, q.dtype)                    # (m, N)
     avg_k = segment_averages(mlen, m, xp, q.dtype, key_mask)       # (m, M) or (..., m, M)
     qt = avg_q @ q                                                 # (m, N) @ (..., N, d) -> (..., m, d): Q~
     kt = avg_k @ k                                                 # (..., m, d): K~
     s_a = (qt * scale) @ kt.swapaxes(-1, -2)                       # (..., m, m)
-    a, a_cache, _ = softmax_forward(s_a, inplace=True)             # A = softmax(Q~ K~^T / sqrt(d))
-    z, pcache = _pinv_forward(a, iterations)                       # Z ~ A^+
+    a, _, _ = softmax_forward(s_a, inplace=True)                   # A = softmax(Q~ K~^T / sqrt(d))
+    z, pcache = pinv_forward(a, iterations)                        # Z ~ A^+
     allowed = None if key_mask is None else key_mask[..., None, :]
     bv, _, b_cache = attend_forward(qt, k, v, allowed, scale)      # B V = softmax(Q~ K^T / sqrt(d)) V  (..., m, dv)
     zbv = z @ bv                                                   # (..., m, m) @ (..., m, dv) -> (..., m, dv)
@@ -242,7 +250,7 @@ def backward(dout, cache):
     dz = dzbv @ bv.swapaxes(-1, -2)                                # (..., m, m)
     dbv = z.swapaxes(-1, -2) @ dzbv                                # (..., m, dv)
     gb = attend_backward(dbv, b_cache)                             # dQ~, dK, dV
-    da = _pinv_backward(dz, a, (zs, alpha, ic, ir, c, r))
+    da = pinv_backward(dz, a, (zs, alpha, ic, ir, c, r))
     ds_a = softmax_backward(da, (a, -1))                           # (..., m, m)
     qt, kt = b_cache.q, f_cache.k
     dqt = gb["q"] + (ds_a @ kt) * scale                            # (..., m, d)
@@ -279,15 +287,15 @@ def weights(cache):
     return w
 
 
-def reference(q, k, v, conv_w=None, *, causal=False, key_mask=None, landmarks=64, iterations=6,
+def reference(q, k, v, *, conv_w=None, causal=False, key_mask=None, landmarks=64, iterations=6,
               conv_kernel=None, scale=None):
     """The paper's formula as a dense oracle: out = (F Z B + C) V with the landmarks built
     segment by segment, the N x M matrix formed explicitly and C the dense banded conv matrix."""
-    check_causal(causal, False, CAUSAL_WHY)
+    check_causal(causal, False, WHY_NOT_CAUSAL)
     xp = get_namespace(q, k, v)
     n, mlen, d = q.shape[-2], k.shape[-2], q.shape[-1]
     m = landmarks
-    scale = d ** -0.5 if scale is None else float(scale)
+    scale = check_scale(scale, d)
 
     def means(x, length, mask):
         rows = []
@@ -326,39 +334,21 @@ def default_landmarks(n):
     return max(1, min(64, n // 2))
 
 
-def setup(rng, *, n, d, heads, causal=False, dtype="float64", conv_kernel=3):
-    """m = min(64, n // 2) landmarks, 6 iterations, a 3-tap skip convolution conv_w (H, 3) per head."""
-    from ..backend import asarray
+def init_conv(rng, heads, conv_kernel):
+    """Initial skip-convolution filters conv_w (heads, conv_kernel): standard normal / conv_kernel,
+    a host NumPy array."""
+    return rng.standard_normal((heads, conv_kernel)) / conv_kernel
 
+
+def setup(rng, *, n, d, heads, causal=False, dtype="float64", conv_kernel=3):
+    """m = min(64, n // 2) landmarks, 6 iterations, a 3-tap skip convolution conv_w (H, 3) per head
+    (:func:`init_conv`)."""
     config = {"landmarks": default_landmarks(n), "iterations": 6}
     params = {}
     if conv_kernel:
-        params["conv_w"] = asarray(rng.standard_normal((heads, conv_kernel)) / conv_kernel, dtype=dtype)
+        params["conv_w"] = asarray(init_conv(rng, heads, conv_kernel), dtype=dtype)
         config["conv_kernel"] = conv_kernel
     return params, config
-
-
-def _figures(out_dir, rng):
-    """Implied matrices F Z B next to softmax for a growing number of landmarks."""
-    import math
-
-    from .. import viz
-    from ..backend import asarray, to_numpy
-    from .full import forward as full_forward
-
-    n, d = 64, 16
-    x = rng.standard_normal((n, d)).cumsum(axis=0) / math.sqrt(n / 8)   # smooth sequence: low-rank-ish attention
-    q = asarray((x + 0.3 * rng.standard_normal((n, d)))[None, None])
-    k = asarray((x + 0.3 * rng.standard_normal((n, d)))[None, None])
-    v = asarray(rng.standard_normal((1, 1, n, d)))
-    mats = [to_numpy(full_forward(q, k, v)[1].attend.p)[0, 0]]
-    titles = ["softmax"]
-    for m, it in ((4, 6), (16, 6), (64, 30)):
-        _, c = forward(q, k, v, landmarks=m, iterations=it)
-        mats.append(to_numpy(weights(c))[0, 0])
-        titles.append(f"Nystromformer m={m} ({it} iter.)")
-    fig = viz.plot_patterns(mats, titles, suptitle="Nystromformer: implied F Z B vs softmax", weights=True)
-    return [viz.save(fig, f"{out_dir}/nystromformer_implied.png")]
 
 
 MECHANISM = register(Mechanism(
@@ -378,6 +368,5 @@ MECHANISM = register(Mechanism(
     setup=setup,
     reference=reference,
     sizes=("landmarks", "iterations", "conv_kernel"),
-    figures=_figures,
     summary="Landmark means and an iterative pseudo-inverse: softmax ~ F A^+ B, O(N m).",
 ))

@@ -85,7 +85,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from ..backend import get_namespace
+from ..backend import asarray, get_namespace
 from ..validate import check_bool, check_causal, check_choice, check_float_array, check_int, check_qkv
 from ..nn.kernel_attention import (kernel_attention_backward, kernel_attention_forward,
                                    kernel_attention_loop, kernel_attention_weights)
@@ -249,22 +249,30 @@ def _check_features(features, d, heads_shape, dtype):
     return features     # (m, d) or (H, m, d): both broadcast against (B, H, N, d) in x @ w^T
 
 
-def forward(q, k, v, *, features, causal=False, key_mask=None, kernel="positive", chunk=128):
-    """FAVOR attention. q (..., N, d), k (..., M, d), v (..., M, dv), features (m, d) or (H, m, d).
-
-    kernel: "positive" (FAVOR+), "hyperbolic" or "trig"; chunk: block length of the
-    causal prefix sums. Returns out (..., N, dv) and a :class:`PerformerCache`.
-    """
-    n, m_len, d, _ = check_qkv(q, k, v, key_mask=key_mask, self_attention=bool(causal is True))
-    causal = check_causal(causal, True)
-    check_choice("kernel", kernel, KERNELS)
-    chunk = check_int("chunk", chunk)
+def _phi(q, k, features, kernel, causal, key_mask):
+    """phi(Q), phi(K) (masked keys zero), their feature caches and the input scale d^(-1/4):
+    x = q / d^(1/4), y = k / d^(1/4), so that x . y = q . k / sqrt(d)."""
+    d = q.shape[-1]
     w = _check_features(features, d, q.shape[:-2], q.dtype)
     scale = d ** -0.25
     phi_q, fq = _features_forward(q * scale, w, kernel, is_query=True)
     phi_k, fk = _features_forward(k * scale, w, kernel, is_query=False, key_mask=key_mask, causal=causal)
     if key_mask is not None:
         phi_k = phi_k * key_mask[..., :, None]                  # masked keys: zero features
+    return phi_q, phi_k, fq, fk, scale
+
+
+def forward(q, k, v, *, features, causal=False, key_mask=None, kernel="positive", chunk=128):
+    """FAVOR attention. q (..., N, d), k (..., M, d), v (..., M, dv), features (m, d) or (H, m, d).
+
+    kernel: "positive" (FAVOR+), "hyperbolic" or "trig"; chunk: block length of the
+    causal prefix sums. Returns out (..., N, dv) and a :class:`PerformerCache`.
+    """
+    check_qkv(q, k, v, key_mask=key_mask, self_attention=bool(causal is True))
+    causal = check_causal(causal, True)
+    check_choice("kernel", kernel, KERNELS)
+    chunk = check_int("chunk", chunk)
+    phi_q, phi_k, fq, fk, scale = _phi(q, k, features, kernel, causal, key_mask)
     out, kc = kernel_attention_forward(phi_q, phi_k, v, causal=causal, chunk=chunk)
     return out, PerformerCache(kc, fq, fk, key_mask, scale)
 
@@ -287,18 +295,12 @@ def weights(cache):
 
 def feature_maps(q, k, *, features, kernel="positive", causal=False, key_mask=None):
     """phi(Q), phi(K) exactly as :func:`forward` computes them (stabilised; masked keys zero)."""
-    d = q.shape[-1]
-    w = _check_features(features, d, q.shape[:-2], q.dtype)
-    scale = d ** -0.25
-    phi_q = _features_forward(q * scale, w, kernel, is_query=True)[0]
-    phi_k = _features_forward(k * scale, w, kernel, is_query=False, key_mask=key_mask, causal=causal)[0]
-    if key_mask is not None:
-        phi_k = phi_k * key_mask[..., :, None]
-    return phi_q, phi_k
+    return _phi(q, k, features, kernel, causal, key_mask)[:2]
 
 
 def reference(q, k, v, *, features, causal=False, key_mask=None, kernel="positive", chunk=128):
-    """Explicit O(N^2) construction: W = D^-1 phi(Q) phi(K)^T built densely, out = W V."""
+    """Explicit O(N^2) construction: W = D^-1 phi(Q) phi(K)^T built densely, out = W V.
+    ``chunk`` is accepted so that the configuration of :func:`forward` applies unchanged."""
     xp = get_namespace(q, k, v)
     phi_q, phi_k = feature_maps(q, k, features=features, kernel=kernel, causal=causal, key_mask=key_mask)
     a = phi_q @ phi_k.swapaxes(-1, -2)                          # (..., N, M)
@@ -321,65 +323,11 @@ def default_features(d):
 
 def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     """One orthogonal draw of m = max(2d, 8) features per head ((H, m, d)); causal chunk below small n."""
-    from ..backend import asarray
-
     feats = asarray(draw_features(rng, default_features(d), d, heads=heads), dtype=dtype)
     config = {"features": feats}
     if causal:
         config["chunk"] = max(2, min(128, n // 3))
     return {}, config
-
-
-def _figures(out_dir, rng):
-    from .. import viz
-    from ..backend import asarray, to_numpy
-    from .full import forward as full_forward
-
-    paths = []
-    n, d = 48, 16
-    q = asarray(rng.standard_normal((1, 1, n, d)) * 0.5)          # moderate logits: the 1/sqrt(m) regime
-    k = asarray(rng.standard_normal((1, 1, n, d)) * 0.5)
-    v = asarray(rng.standard_normal((1, 1, n, d)))
-    x = rng.standard_normal((n, d)).cumsum(axis=0) / math.sqrt(3 * n)   # smooth, moderate norms (variance ~ exp|x + y|^2)
-    qs = asarray((x + 0.15 * rng.standard_normal((n, d)))[None, None])
-    ks = asarray((x + 0.15 * rng.standard_normal((n, d)))[None, None])
-    mats, titles = [to_numpy(full_forward(qs, ks, v)[1].attend.p)[0, 0]], ["softmax"]
-    for m in (16, 256):
-        f = asarray(draw_features(rng, m, d))
-        _, c = forward(qs, ks, v, features=f)
-        mats.append(to_numpy(weights(c))[0, 0])
-        titles.append(f"Performer m={m}")
-    from .linear import forward as linear_forward
-    from .linear import weights as linear_weights
-
-    mats.append(to_numpy(linear_weights(linear_forward(qs, ks, v)[1]))[0, 0])
-    titles.append("Linear (elu+1)")
-    fig = viz.plot_patterns(mats, titles, suptitle="Kernel attention: implied matrices vs softmax", weights=True)
-    paths.append(viz.save(fig, f"{out_dir}/performer_implied.png"))
-    _, fc = full_forward(q, k, v)
-    # error against the number of features
-    ms = [8, 16, 32, 64, 128, 256, 512]
-    errs = {"orthogonal": [], "iid": []}
-    p = to_numpy(fc.attend.p)
-    for m in ms:
-        for kind in errs:
-            e = []
-            for _ in range(5):
-                f = asarray(draw_features(rng, m, d, orthogonal=kind == "orthogonal"))
-                _, c = forward(q, k, v, features=f)
-                e.append(float(abs(to_numpy(weights(c)) - p).sum(-1).mean()))
-            errs[kind].append(sum(e) / len(e))
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for kind, e in errs.items():
-        ax.loglog(ms, e, "o-", label=kind)
-    ax.loglog(ms, [errs["iid"][0] * (ms[0] / m) ** 0.5 for m in ms], "k--", label="1/sqrt(m)")
-    ax.set_xlabel("features m")
-    ax.set_ylabel("mean row L1 error vs softmax")
-    ax.legend()
-    paths.append(viz.save(fig, f"{out_dir}/performer_error_vs_m.png"))
-    return paths
 
 
 MECHANISM = register(Mechanism(
@@ -399,6 +347,5 @@ MECHANISM = register(Mechanism(
     setup=setup,
     reference=reference,
     sizes=("chunk",),
-    figures=_figures,
     summary="Positive orthogonal random features estimate the softmax kernel: linear time, unbiased.",
 ))

@@ -28,28 +28,28 @@ from . import (background, combination_of_patterns, fixed_patterns, kernels, lea
 from .style import mechanism_pattern_figure
 
 FIGURES = {
-    "full": getattr(background, "full_figures", None),  # TRANSITIONAL
-    "local": getattr(fixed_patterns, "local_figures", None),  # TRANSITIONAL
-    "memory_compressed": getattr(fixed_patterns, "memory_compressed_figures", None),  # TRANSITIONAL
-    "image_local_1d": getattr(fixed_patterns, "image_local_1d_figures", None),  # TRANSITIONAL
-    "image_local_2d": getattr(fixed_patterns, "image_local_2d_figures", None),  # TRANSITIONAL
-    "sparse_strided": getattr(fixed_patterns, "sparse_strided_figures", None),  # TRANSITIONAL
-    "sparse_fixed": getattr(fixed_patterns, "sparse_fixed_figures", None),  # TRANSITIONAL
-    "axial": getattr(fixed_patterns, "axial_figures", None),  # TRANSITIONAL
-    "longformer": getattr(combination_of_patterns, "longformer_figures", None),  # TRANSITIONAL
-    "etc": getattr(combination_of_patterns, "etc_figures", None),  # TRANSITIONAL
-    "bigbird": getattr(combination_of_patterns, "bigbird_figures", None),  # TRANSITIONAL
-    "reformer": getattr(learned_patterns, "reformer_figures", None),  # TRANSITIONAL
-    "routing": getattr(learned_patterns, "routing_figures", None),  # TRANSITIONAL
-    "sinkhorn": getattr(learned_patterns, "sinkhorn_figures", None),  # TRANSITIONAL
-    "synthesizer_dense": getattr(learned_patterns, "synthesizer_dense_figures", None),  # TRANSITIONAL
-    "synthesizer_random": getattr(learned_patterns, "synthesizer_random_figures", None),  # TRANSITIONAL
-    "isab": getattr(neural_memory, "isab_figures", None),  # TRANSITIONAL
-    "pma": getattr(neural_memory, "pma_figures", None),  # TRANSITIONAL
-    "linformer": getattr(low_rank, "linformer_figures", None),  # TRANSITIONAL
-    "nystromformer": getattr(low_rank, "nystromformer_figures", None),  # TRANSITIONAL
-    "linear": getattr(kernels, "linear_figures", None),  # TRANSITIONAL
-    "performer": getattr(kernels, "performer_figures", None),  # TRANSITIONAL
+    "full": background.full_figures,
+    "local": fixed_patterns.local_figures,
+    "memory_compressed": fixed_patterns.memory_compressed_figures,
+    "image_local_1d": fixed_patterns.image_local_1d_figures,
+    "image_local_2d": fixed_patterns.image_local_2d_figures,
+    "sparse_strided": fixed_patterns.sparse_strided_figures,
+    "sparse_fixed": fixed_patterns.sparse_fixed_figures,
+    "axial": fixed_patterns.axial_figures,
+    "longformer": combination_of_patterns.longformer_figures,
+    "etc": combination_of_patterns.etc_figures,
+    "bigbird": combination_of_patterns.bigbird_figures,
+    "reformer": learned_patterns.reformer_figures,
+    "routing": learned_patterns.routing_figures,
+    "sinkhorn": learned_patterns.sinkhorn_figures,
+    "synthesizer_dense": learned_patterns.synthesizer_dense_figures,
+    "synthesizer_random": learned_patterns.synthesizer_random_figures,
+    "isab": neural_memory.isab_figures,
+    "pma": neural_memory.pma_figures,
+    "linformer": low_rank.linformer_figures,
+    "nystromformer": low_rank.nystromformer_figures,
+    "linear": kernels.linear_figures,
+    "performer": kernels.performer_figures,
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from ..backend import get_namespace
+from ..backend import asarray, get_namespace
 
 NEG_INF = float("-inf")
 IGNORE = -100  # target value ignored by the losses (padding), as in PyTorch
@@ -220,6 +220,17 @@ def elu_backward(dy, cache):
 
 
 # --------------------------------------------------------------------------- two-layer perceptron
+def init_mlp(rng, *, d, width, hidden=None, dtype="float64"):
+    """Parameters of :func:`mlp_forward`, drawn on the host from ``rng`` and moved to the active backend:
+    W1 (d, d_h) ~ N(0, 1/d), b1 (d_h,) ~ N(0, 0.1^2), W2 (d_h, width) ~ N(0, 1/d_h), b2 (width,) ~ N(0, 0.1^2),
+    with d_h = ``hidden`` (default max(d, 2)). Used by Sinkhorn's SortNet and the dense Synthesizer."""
+    dh = hidden or max(d, 2)
+    return {"W1": asarray(rng.standard_normal((d, dh)) * d ** -0.5, dtype=dtype),
+            "b1": asarray(rng.standard_normal(dh) * 0.1, dtype=dtype),
+            "W2": asarray(rng.standard_normal((dh, width)) * dh ** -0.5, dtype=dtype),
+            "b2": asarray(rng.standard_normal(width) * 0.1, dtype=dtype)}
+
+
 def mlp_forward(x, W1, b1, W2, b2, width=None):
     """y = ReLU(x W1 + b1) W2[:, :width] + b2[:width]   (the paper's W2^T ReLU(W1^T x + b1) + b2).
 

@@ -32,7 +32,9 @@ multiple of C adds zero features (padded keys contribute nothing, padded
 queries are cut off).
 
 The readable per-step form (:func:`kernel_attention_loop`, the recurrent view
-of Katharopoulos et al. §3.4: S_i = S_{i-1} + phi(k_i) v_i^T) is tested equal.
+of Katharopoulos et al. §3.4: S_i = S_{i-1} + phi(k_i) v_i^T) is tested equal;
+a decoder starts from :func:`kernel_attention_init_state` and calls
+:func:`kernel_attention_step` once per token, O(m dv) whatever the position.
 
 Denominator: ``eps`` is added to phi(q_i)^T z_i (fast-transformers adds 1e-6;
 the Performer code adds nothing to the denominator but 1e-6 to every feature).
@@ -172,12 +174,14 @@ def kernel_attention_weights(cache):
     return w * inv.reshape(lead + (length, 1))[..., :n, :]
 
 
-def recurrent_state(lead, m, dv, xp, dtype):
-    """The empty state (S, z) = (zeros (..., m, dv), zeros (..., m))."""
+def kernel_attention_init_state(lead, m, dv, *, dtype="float64", xp=None):
+    """The empty decoder state (S, z) = (zeros (*lead, m, dv), zeros (*lead, m)), on ``xp``
+    (default: the active backend)."""
+    xp = get_namespace() if xp is None else xp
     return xp.zeros(tuple(lead) + (m, dv), dtype=dtype), xp.zeros(tuple(lead) + (m,), dtype=dtype)
 
 
-def recurrent_update(phi_q_t, phi_k_t, v_t, state, eps=0.0):
+def kernel_attention_step(phi_q_t, phi_k_t, v_t, state, eps=0.0):
     """One decoding step of causal kernel attention (the RNN view):
 
         S_t = S_{t-1} + phi(k_t) v_t^T,   z_t = z_{t-1} + phi(k_t)
@@ -195,7 +199,7 @@ def recurrent_update(phi_q_t, phi_k_t, v_t, state, eps=0.0):
 
 
 def kernel_attention_loop(phi_q, phi_k, v, *, causal=False, eps=0.0):
-    """Readable reference: causal one step at a time with :func:`recurrent_update`;
+    """Readable reference: causal one step at a time with :func:`kernel_attention_step`;
     non-causal as one explicit sum. Slow (a Python loop over positions): tests only."""
     xp = get_namespace(phi_q, phi_k, v)
     if not causal:
@@ -203,9 +207,9 @@ def kernel_attention_loop(phi_q, phi_k, v, *, causal=False, eps=0.0):
         z = phi_k.sum(axis=-2)
         den = (phi_q * z[..., None, :]).sum(axis=-1, keepdims=True)
         return (phi_q @ s) * _safe_inverse(den, eps)
-    state = recurrent_state(phi_q.shape[:-2], phi_q.shape[-1], v.shape[-1], xp, phi_q.dtype)
+    state = kernel_attention_init_state(phi_q.shape[:-2], phi_q.shape[-1], v.shape[-1], dtype=phi_q.dtype, xp=xp)
     outs = []
     for t in range(phi_q.shape[-2]):
-        o, state = recurrent_update(phi_q[..., t, :], phi_k[..., t, :], v[..., t, :], state, eps)
+        o, state = kernel_attention_step(phi_q[..., t, :], phi_k[..., t, :], v[..., t, :], state, eps)
         outs.append(o)
     return xp.stack(outs, axis=-2)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from .. import backend
 from ..backend import get_namespace
-from ..validate import check_bool, check_float_array, check_int
+from ..validate import check_int
 from . import functional as F
 
 

@@ -17,7 +17,7 @@ the training generator (a resumed run gives the same numbers). Batches are
 dicts of NumPy arrays: encoder ``{"x", "mask", "y"}`` (y: class per
 sequence), decoder ``{"x", "y"}``, encoder-decoder ``{"src", "tgt", "y"}``
 (``tgt`` is ``y`` shifted right behind a BOS token, teacher forcing).
-Targets equal to ``IGNORE`` (-100) are padding and count in no loss or accuracy.
+Targets equal to ``effattn.nn.functional.IGNORE`` (-100) are padding and count in no loss or accuracy.
 
 ListOps follows the generator of Long Range Arena (Tay et al., 2021,
 https://arxiv.org/abs/2011.04006; Nangia & Bowman, 2018): operators
@@ -33,8 +33,6 @@ import inspect
 import math
 
 import numpy as np
-
-from ..nn.functional import IGNORE
 
 TASKS = ("copy", "reverse", "lm", "listops", "image")
 

@@ -28,7 +28,7 @@ assert max(errors.values()) < 1e-6
 # %% [markdown]
 # **E and F are learned.** A random Gaussian E (the Johnson–Lindenstrauss argument of the paper's Theorem 1) only
 # preserves $P V$ approximately and needs a large k; training adapts E and F to the data. Here we fit E and F by
-# gradient descent (Adam, with the hand-written backward) so that Linformer's output matches softmax attention on one
+# gradient descent (`effattn.nn.optim.Adam`, with the hand-written backward) so that Linformer's output matches softmax attention on one
 # fixed input — a toy version of what training does — and compare the implied matrices.
 
 # %%
@@ -36,21 +36,18 @@ n, d, kk = 64, 16, 8
 q, k = smooth_qk(np.random.default_rng(3), n, d)
 v = np.random.default_rng(4).standard_normal((1, 1, n, d))
 target, fcache = full.forward(q, k, v)
-from effattn.attention.linformer import draw_projection
+from effattn.attention.linformer import init_projection
+from effattn.nn.optim import Adam
 
-params = {"E": draw_projection(rng, kk, n), "F": draw_projection(rng, kk, n)}     # N(0, 1/N) entries
+params = {"E": init_projection(rng, kk, n), "F": init_projection(rng, kk, n)}     # N(0, 1/N) entries
 w_random = to_numpy(linformer.weights(linformer.forward(q, k, v, **params)[1]))[0, 0]
-m_, v_ = {p_: 0 * a for p_, a in params.items()}, {p_: 0 * a for p_, a in params.items()}
+opt = Adam(params, lr=0.03)                             # updates the arrays of params in place
 losses = []
-for step in range(1, 301):
+for step in range(300):
     out, c = linformer.forward(q, k, v, **params)
     diff = out - target
     losses.append(float((diff ** 2).mean()))
-    g = linformer.backward(2 * diff / diff.size, c)
-    for p_ in params:                                   # Adam
-        m_[p_] = 0.9 * m_[p_] + 0.1 * g[p_]
-        v_[p_] = 0.999 * v_[p_] + 0.001 * g[p_] ** 2
-        params[p_] -= 0.03 * (m_[p_] / (1 - 0.9 ** step)) / (np.sqrt(v_[p_] / (1 - 0.999 ** step)) + 1e-8)
+    opt.step(linformer.backward(2 * diff / diff.size, c))
 w_fit = to_numpy(linformer.weights(linformer.forward(q, k, v, **params)[1]))[0, 0]
 print(f"output MSE: random E,F {losses[0]:.4f} -> fitted {losses[-1]:.4f}")
 fig = plot_patterns([to_numpy(fcache.attend.p)[0, 0], w_random, w_fit],
@@ -76,7 +73,7 @@ for kk in ks:
     e = []
     for seed in range(5):
         E = np.random.default_rng(seed).standard_normal((kk, n)) / math.sqrt(kk)
-        o, _ = linformer.forward(q, k, v, E, sharing="key_value")
+        o, _ = linformer.forward(q, k, v, E=E, sharing="key_value")
         e.append(np.abs(o[0, 0] - pv).mean())
     err_rand.append(np.mean(e))
     err_svd.append(np.abs(((u[:, :kk] * s[:kk]) @ vt[:kk]) @ v[0, 0] - pv).mean())

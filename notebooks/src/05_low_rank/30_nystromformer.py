@@ -16,7 +16,7 @@
 # as a skip connection; it is linear in V, so `weights()` returns $W = F Z B + C$ with C the banded filter matrix.
 
 # %%
-from effattn.attention.nystromformer import _pinv_forward
+from effattn.attention.nystromformer import pinv_forward
 
 case = nystromformer.example(np.random.default_rng(5), batch=2, heads=2, n=30, d=8)
 print({name: tuple(a.shape) for name, a in case.inputs.items()}, case.config)
@@ -31,7 +31,7 @@ assert max(errors.values()) < 1e-6
 a = to_numpy(cache.a)[0, 0]
 print(f"A is {a.shape}, condition number {np.linalg.cond(a):.1e}")
 for it in (1, 3, 6, 10, 20):
-    z, _ = _pinv_forward(a, it)
+    z, _ = pinv_forward(a, it)
     print(f"{it:2d} iterations: |Z - pinv(A)| = {np.abs(z - np.linalg.pinv(a)).max():.2e}")
 
 # %% [markdown]

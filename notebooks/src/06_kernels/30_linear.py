@@ -8,7 +8,8 @@
 # $$S_i = S_{i-1} + \phi(k_i) v_i^\top,\quad z_i = z_{i-1} + \phi(k_i),\quad \mathrm{out}_i = \frac{\phi(q_i)^\top S_i}{\phi(q_i)^\top z_i + \epsilon}$$
 #
 # The parallel form computes the prefix sums in chunks of C positions (inside a chunk the C x C lower-triangular block,
-# across chunks the carried state); `linear.recurrent_step` is the RNN a decoder calls one token at a time.
+# across chunks the carried state); `step` of `effattn/attention/linear.py`, from the empty state `init_state`, is the
+# RNN a decoder calls one token at a time (the shared core: `kernel_attention_step` in `effattn/nn/kernel_attention.py`).
 
 # %%
 rng = np.random.default_rng(4)
@@ -19,10 +20,10 @@ errors = check_gradients(linear.forward, linear.backward, {"q": q, "k": k, "v": 
 print("gradient relative errors:", {k_: f"{e:.1e}" for k_, e in errors.items()})
 assert max(errors.values()) < 1e-6
 
-state = linear_mod.initial_state((1, 1), d, d)
+state = linear_mod.init_state((1, 1), d, d)
 states, steps = [], []
 for t in range(n):
-    o, state = linear_mod.recurrent_step(q[..., t, :], k[..., t, :], v[..., t, :], state)
+    o, state = linear_mod.step(q[..., t, :], k[..., t, :], v[..., t, :], state)
     steps.append(o); states.append(state[0][0, 0].copy())
 assert np.allclose(np.stack(steps, axis=-2), out)        # the RNN equals the parallel form
 print("recurrent decoding == parallel causal form:", np.abs(np.stack(steps, axis=-2) - out).max())

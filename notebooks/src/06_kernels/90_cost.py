@@ -46,7 +46,7 @@ assert all(e < 1.2 for label, e in exps.items() if label != "full")
 # | feature map | $e^{w^\top x - \|x\|^2/2}/\sqrt m$ (positive), orthogonal $w$ | $\mathrm{elu}(x) + 1$, m = d |
 # | approximates softmax? | yes, unbiased kernel; error $\sim 1/\sqrt m$ | no: a different attention |
 # | cost | $O(N m (d + d_v))$ | $O(N d\, d_v)$ |
-# | causal | prefix sums (chunked) / RNN | prefix sums (chunked) / RNN (`recurrent_step`) |
+# | causal | prefix sums (chunked) / RNN | prefix sums (chunked) / RNN (`step`) |
 #
 # Both replace the N x N matrix by a feature-space state $S = \sum_j \phi(k_j) v_j^\top$; both decode as RNNs with
 # constant memory per step. Positive features matter because attention is mostly small weights, where trigonometric
