@@ -5,6 +5,7 @@
   package imports matplotlib, the figures or the tools;
 - every registry name has its module, its test file, its figure entry and its notebook, and its
   module offers the same names for the same roles, configuration keyword-only;
+- DESIGN.md's table of building blocks names every module of ``effattn/nn/``;
 - every relative link and image in README.md and DESIGN.md points at a file that exists.
 """
 import ast
@@ -190,6 +191,15 @@ def test_figure_table_names_only_registered_mechanisms():
     assert set(figures.FIGURES) == set(effattn.names())
     for name, fn in figures.FIGURES.items():
         assert fn is None or callable(fn), name
+
+
+def test_design_names_every_building_block():
+    """DESIGN.md's table "What nn/ holds" names each module of effattn/nn/, and no other."""
+    text = (ROOT / "DESIGN.md").read_text()
+    section = text.split("### What `nn/` holds", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"^\| `(\w+)\.py` \|", section, flags=re.M))
+    present = {p.stem for p in (PKG / "nn").glob("*.py") if p.stem != "__init__"}
+    assert named == present, f"DESIGN.md misses {sorted(present - named)}, names absent {sorted(named - present)}"
 
 
 # --------------------------------------------------------------------------- links
