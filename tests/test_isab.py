@@ -2,8 +2,9 @@
 
 Oracles: the paper's equations written out per set and per head with a plain dense softmax and
 a NumPy transcription of the official PyTorch ``modules.py`` (both in tests/test_mab.py);
-permutation equivariance; padding + key_mask equal to the unpadded set; central finite
-differences; tracemalloc for the O(N m) memory claim.
+permutation equivariance; padding + key_mask equal to the unpadded set; tracemalloc for the
+O(N m) memory claim. Batch axes, masked weights and the finite-difference gradients of every
+parameter are tested with PMA's in tests/test_mab.py.
 """
 import tracemalloc
 
@@ -11,8 +12,6 @@ import numpy as np
 import pytest
 from test_mab import FORMS, _sub, official_mab, paper_mab
 
-import effattn
-from effattn.gradcheck import check_gradients
 from effattn.layers import isab
 from effattn.nn import mab
 
@@ -74,48 +73,6 @@ def test_padded_masked_set_equals_the_unpadded_set():
     a, _ = isab.forward(x, heads=3, **p)
     b, _ = isab.forward(xpad, heads=3, key_mask=km, **p)
     np.testing.assert_allclose(b[:n], a, rtol=0, atol=1e-12)
-
-
-def test_leading_batch_axes_are_independent_sets():
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((2, 3, 10, 4))
-    p = isab.init_params(rng, 4, 4, 3)
-    out, _ = isab.forward(x, heads=2, **p)
-    for i in range(2):
-        for j in range(3):
-            one, _ = isab.forward(x[i, j], heads=2, **p)
-            np.testing.assert_allclose(out[i, j], one, rtol=0, atol=1e-13)
-
-
-def test_attention_weights_are_zero_on_masked_elements_and_rows_sum_to_one():
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((2, 15, 4))
-    km = rng.random((2, 15)) > 0.4
-    km[:, 0] = True
-    _, c = isab.forward(x, heads=2, key_mask=km, **isab.init_params(rng, 4, 4, 3))
-    w = isab.weights(c)                                                     # (B, h, m, N)
-    assert w.shape == (2, 2, 3, 15)
-    assert np.all(w[~np.broadcast_to(km[:, None, None, :], w.shape)] == 0)
-    np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-12)
-
-
-# --------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("form,ln", FORMS)
-def test_gradients_of_every_parameter(form, ln):
-    rng = np.random.default_rng(6)
-    n, D = 7, 6
-    d_in = D if form == "paper" else 4
-    x = rng.standard_normal((2, n, d_in))
-    km = np.ones((2, n), bool)
-    km[1, 2:5] = False
-    spec = effattn.get("isab")
-    p = isab.init_params(rng, d_in, D, 3, form=form, ln=ln, hidden=5)
-    inputs = {"x": x.copy(), **p}
-    errors = check_gradients(spec.forward, spec.backward, inputs,
-                             {"heads": 2, "form": form, "ln": ln, "key_mask": km}, rng=rng)
-    assert set(errors) == {"x", *isab.param_names(form, ln)}
-    bad = {k: e for k, e in errors.items() if not e < 1e-7}
-    assert not bad, f"isab {form} ln={ln}: {bad}"
 
 
 # --------------------------------------------------------------------------- errors

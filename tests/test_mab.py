@@ -1,6 +1,7 @@
 """The Set Transformer's multihead attention block (effattn.nn.mab), shared by ISAB and PMA.
 
-Oracles (used by tests/test_isab.py and tests/test_pma.py too): the paper's MAB written out per
+What ISAB and PMA share as layers (batch axes, masked weights, every parameter's gradient) is
+tested here on both. Oracles (used by tests/test_isab.py and tests/test_pma.py too): the paper's MAB written out per
 set and per head with a plain dense softmax; a NumPy transcription of the official PyTorch
 ``modules.py`` (juho-lee/set_transformer, including its key bias, which must cancel); central
 finite differences.
@@ -8,10 +9,13 @@ finite differences.
 import numpy as np
 import pytest
 
+import effattn
 from effattn.gradcheck import check_gradients
+from effattn.layers import isab, pma
 from effattn.nn import mab
 
 FORMS = [("paper", True), ("paper", False), ("official", True), ("official", False)]
+LAYERS = {"isab": isab, "pma": pma}   # the third argument of init_params: m inducing points, k seeds
 
 
 # --------------------------------------------------------------------------- independent oracles
@@ -137,3 +141,50 @@ def test_sab_bad_configuration_raises_value_error_naming_it():
         mab.sab_forward(x, **{k: v for k, v in p.items() if k != "mab_W2"})
     with pytest.raises(ValueError, match="mab_Wq must have shape"):
         mab.sab_forward(x[..., :4], **p)
+
+
+# --------------------------------------------------------------------------- ISAB and PMA as layers
+@pytest.mark.parametrize("name", LAYERS)
+def test_leading_batch_axes_are_independent_sets(name):
+    layer = LAYERS[name]
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 10, 4))
+    p = layer.init_params(rng, 4, 4, 3)
+    out, _ = layer.forward(x, heads=2, **p)
+    for i in range(2):
+        for j in range(3):
+            one, _ = layer.forward(x[i, j], heads=2, **p)
+            np.testing.assert_allclose(out[i, j], one, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("name,m", [("isab", 3), ("pma", 2)])
+def test_attention_weights_are_zero_on_masked_elements_and_rows_sum_to_one(name, m):
+    layer = LAYERS[name]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 15, 4))
+    km = rng.random((2, 15)) > 0.4
+    km[:, 0] = True
+    _, c = layer.forward(x, heads=2, key_mask=km, **layer.init_params(rng, 4, 4, m))
+    w = layer.weights(c)                                                    # (B, h, m, N)
+    assert w.shape == (2, 2, m, 15)
+    assert np.all(w[~np.broadcast_to(km[:, None, None, :], w.shape)] == 0)
+    np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("form,ln", FORMS)
+def test_gradients_of_every_parameter(name, form, ln):
+    layer = LAYERS[name]
+    rng = np.random.default_rng(6)
+    n, D = 7, 6
+    d_in = D if form == "paper" else 4
+    x = rng.standard_normal((2, n, d_in))
+    km = np.ones((2, n), bool)
+    km[1, 2:5] = False
+    spec = effattn.get(name)
+    p = layer.init_params(rng, d_in, D, 3, form=form, ln=ln, hidden=5)
+    errors = check_gradients(spec.forward, spec.backward, {"x": x.copy(), **p},
+                             {"heads": 2, "form": form, "ln": ln, "key_mask": km}, rng=rng)
+    assert set(errors) == {"x", *layer.param_names(form, ln)}
+    bad = {k: e for k, e in errors.items() if not e < 1e-7}
+    assert not bad, f"{name} {form} ln={ln}: {bad}"
