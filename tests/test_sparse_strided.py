@@ -2,16 +2,17 @@
 
 Oracles: the sets A(1)_i, A(2)_i written as plain Python loops over queries
 from the paper's definitions (not the vectorised pattern helper), dense
-attention masked by them, central finite differences, and graph reachability
-(:func:`effattn.nn.factorized.receptive_field`).
+attention masked by them, and graph reachability
+(:func:`effattn.nn.factorized.receptive_field`). The combine modes and their gradients are
+tested on both patterns in tests/test_factorized.py.
 """
 import numpy as np
 import pytest
+from test_factorized import combined_mask, qkv, to_mask
 
 import effattn
 from effattn.attention import sparse_strided as ss
 from effattn.figures import FIGURES
-from effattn.gradcheck import check_gradients
 from effattn.nn.factorized import default_stride, receptive_field
 
 FULL = effattn.get("full")
@@ -36,25 +37,8 @@ def strided_sets(n, l, causal, paper_a1=False):
     return a1, a2
 
 
-def to_mask(sets, n):
-    m = np.zeros((n, n), bool)
-    for i, s in enumerate(sets):
-        m[i, sorted(s)] = True
-    return m
-
-
 def oracle_mask(n, l, causal, combine, part, heads):
-    a1, a2 = strided_sets(n, l, causal)
-    m1, m2 = to_mask(a1, n), to_mask(a2, n)
-    if combine == "merged":
-        return m1 | m2
-    if combine == "layers":
-        return m1 if part == 1 else m2
-    return np.stack([m1 if h % 2 == 0 else m2 for h in range(heads)])
-
-
-def qkv(rng, b, h, n, d=4, dv=3):
-    return rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, n, dv))
+    return combined_mask(*strided_sets(n, l, causal), n, combine, part, heads)
 
 
 # --------------------------------------------------------------------------- the rules
@@ -97,43 +81,6 @@ def test_fast_path_equals_dense_masked_by_paper_sets(combine, part, causal):
             np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12, err_msg=f"strided n={n} l={l}")
             assert np.array_equal(np.broadcast_to(STRIDED.pattern(cache), mask.shape), mask)
             np.testing.assert_allclose(STRIDED.weights(cache) @ v, out, rtol=0, atol=1e-12)
-
-
-def test_union_of_the_two_heads_is_the_merged_pattern():
-    rng = np.random.default_rng(1)
-    for causal in (False, True):
-        q, k, v = qkv(rng, 1, 2, 19)
-        _, heads = ss.forward(q, k, v, causal=causal, combine="heads", stride=4)
-        _, merged = ss.forward(q, k, v, causal=causal, combine="merged", stride=4)
-        per_head = ss.pattern(heads)
-        assert per_head.shape == (2, 19, 19)
-        assert np.array_equal(per_head[0] | per_head[1], ss.pattern(merged))
-        assert not np.array_equal(per_head[0], per_head[1])
-
-
-def test_heads_mode_is_layers_mode_per_head():
-    rng = np.random.default_rng(2)
-    q, k, v = qkv(rng, 2, 5, 21)
-    for causal in (False, True):
-        out, _ = ss.forward(q, k, v, causal=causal, stride=4, combine="heads")
-        o1, _ = ss.forward(q, k, v, causal=causal, stride=4, combine="layers", part=1)
-        o2, _ = ss.forward(q, k, v, causal=causal, stride=4, combine="layers", part=2)
-        np.testing.assert_array_equal(out[:, 0::2], o1[:, 0::2])
-        np.testing.assert_array_equal(out[:, 1::2], o2[:, 1::2])
-
-
-# --------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("combine,part", [("merged", 1), ("heads", 1), ("layers", 2)])
-def test_gradients(combine, part):
-    rng = np.random.default_rng(3)
-    for causal in (False, True):
-        q, k, v = qkv(rng, 1, 2, 11, d=3, dv=2)
-        km = rng.random((1, 2, 11)) > 0.3
-        km[..., 0] = True
-        errors = check_gradients(ss.forward, ss.backward, {"q": q, "k": k, "v": v},
-                                 {"causal": causal, "key_mask": km, "combine": combine, "part": part, "stride": 3},
-                                 rng=rng)
-        assert max(errors.values()) < 1e-7, errors
 
 
 # --------------------------------------------------------------------------- receptive field
