@@ -23,13 +23,16 @@ the mechanism documents; they go into ``case.inputs`` and get gradients) and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import inspect
 import pkgutil
 from typing import Callable
 
 import numpy as np
 
 from . import backend
+from .validate import check_float_array
 
 KINDS = ("kernel", "layer")
 
@@ -121,6 +124,100 @@ class Mechanism:
         params, config = self.setup(rng, n=n, d=d, heads=heads, causal=causal, dtype=dtype)
         inputs = {"q": q, "k": k, "v": v, **params}
         return Case(inputs=inputs, config={"causal": causal, **config}, n=n, m=n)
+
+
+# --------------------------------------------------------------------------- the cache a forward returns
+class Cache:
+    """What a mechanism's ``forward`` returns beside ``out``.
+
+    ``saved`` is the mechanism's own record (a NamedTuple of what its backward needs); the
+    envelope adds the mechanism's name and the shape and dtype of ``out``, so that ``backward``
+    can check ``dout`` and refuse a cache from another mechanism by name. The fields of ``saved``
+    read through: ``cache.attend`` is ``cache.saved.attend``, and ``a, b, ... = cache`` unpacks it.
+
+    The cache holds references, not copies: several mechanisms keep ``out`` itself (the softmax
+    backward uses it), so editing ``out`` in place after ``forward`` changes what a later
+    ``backward`` returns. Copy ``out`` before editing it.
+    """
+
+    __slots__ = ("mechanism", "shape", "dtype", "saved")
+
+    def __init__(self, mechanism, shape, dtype, saved):
+        self.mechanism, self.shape, self.dtype, self.saved = mechanism, tuple(shape), dtype, saved
+
+    def __getattr__(self, name):                      # only for names that are not the envelope's own
+        if name in Cache.__slots__:
+            raise AttributeError(name)
+        return getattr(self.saved, name)
+
+    def __iter__(self):
+        return iter(self.saved)
+
+    def __len__(self):
+        return len(self.saved)
+
+    def __getitem__(self, i):
+        return self.saved[i]
+
+    def __repr__(self):
+        return f"Cache({self.mechanism}, out {self.shape} {self.dtype}, {type(self.saved).__name__})"
+
+
+def _saved(name, cache):
+    if not isinstance(cache, Cache):
+        raise TypeError(f"cache must be the cache that {name}.forward returned, got {type(cache).__name__}")
+    if cache.mechanism != name:
+        raise ValueError(f"cache comes from {cache.mechanism}.forward, not {name}.forward")
+    return cache.saved
+
+
+def forward_of(name):
+    """Decorator for the ``forward`` of mechanism ``name``: its ``(out, saved)`` becomes
+    ``(out, Cache(name, out.shape, out.dtype, saved))``."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def forward(*args, **kwargs):
+            out, saved = fn(*args, **kwargs)
+            return out, Cache(name, out.shape, out.dtype, saved)
+        return forward
+    return decorate
+
+
+def backward_of(name):
+    """Decorator for the ``backward(dout, cache)`` of mechanism ``name``: ``cache`` must come
+    from ``name``'s forward and ``dout`` must be finite with the shape and dtype of ``out``; the
+    body receives the mechanism's own ``saved`` record."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def backward(dout, cache):
+            saved = _saved(name, cache)
+            check_float_array("dout", dout, min_ndim=0)
+            if tuple(dout.shape) != cache.shape:
+                raise ValueError(f"dout must have the shape of out {cache.shape}, got {tuple(dout.shape)}")
+            if dout.dtype != cache.dtype:
+                raise ValueError(f"dout must have the dtype of out ({cache.dtype}), got {dout.dtype}")
+            return fn(dout, saved)
+        return backward
+    return decorate
+
+
+def reads_cache(name):
+    """Decorator for a function of mechanism ``name`` whose last argument is a cache
+    (``weights``, ``pattern``, ...): checks it and passes on the ``saved`` record."""
+    def decorate(fn):
+        last = list(inspect.signature(fn).parameters)[-1]
+        if last != "cache":
+            raise TypeError(f"{fn.__qualname__}: reads_cache needs 'cache' as the last parameter")
+
+        @functools.wraps(fn)
+        def reader(*args, **kwargs):
+            if "cache" in kwargs:
+                kwargs["cache"] = _saved(name, kwargs["cache"])
+            else:
+                args = args[:-1] + (_saved(name, args[-1]),)
+            return fn(*args, **kwargs)
+        return reader
+    return decorate
 
 
 _REGISTRY: dict[str, Mechanism] = {}

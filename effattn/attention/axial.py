@@ -71,7 +71,7 @@ from ..backend import get_namespace
 from ..validate import check_bool, check_int, check_qkv, check_scale
 from ..nn.image import default_image_shape, raster_coords
 from ..nn.union import Part, union_backward, union_forward, union_weights
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 
 class AxialCache(NamedTuple):
@@ -147,6 +147,7 @@ def _part(n, shape, axis, *, causal, exclude_self=False, xp=None):
     return Part(lines, lines, ok, f"axis {axis}")
 
 
+@forward_of("axial")
 def forward(q, k, v, *, causal=False, key_mask=None, shape=None, axis="both", scale=None):
     """Axial attention.
 
@@ -165,16 +166,19 @@ def forward(q, k, v, *, causal=False, key_mask=None, shape=None, axis="both", sc
     return out, AxialCache(cache, shape, axes, causal, n)
 
 
+@backward_of("axial")
 def backward(dout, cache):
     """Gradients {"q": dq, "k": dk, "v": dv}."""
     return union_backward(dout, cache.union)
 
 
+@reads_cache("axial")
 def weights(cache):
     """The effective attention matrix (..., N, N): out == W @ v. Teaching sizes only."""
     return union_weights(cache.union)
 
 
+@reads_cache("axial")
 def pattern(cache):
     """The rule (not the fast path) as a bool (N, N) mask."""
     xp = get_namespace(cache.union.out)

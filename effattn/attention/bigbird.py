@@ -68,7 +68,7 @@ from ..validate import check_causal, check_int, check_qkv, check_scale
 from ..nn.blockwise import neighbour_blocks, neighbour_blocks_backward
 from ..nn.global_tokens import global_keys, global_keys_backward, global_rows_forward, index_set, membership
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, gather_rows, group_mask, pad_axis, scatter_rows
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 WHY_NOT_CAUSAL = ("BigBird's global blocks attend to every token and its random blocks point anywhere "
                   "(into the future); the paper's BigBird is an encoder")
@@ -129,6 +129,7 @@ class BigBirdCache(NamedTuple):
     lead: tuple
 
 
+@forward_of("bigbird")
 def forward(q, k, v, *, block, random_blocks, global_blocks=1, causal=False, key_mask=None, scale=None):
     """BigBird block-sparse attention.
 
@@ -185,6 +186,7 @@ def forward(q, k, v, *, block, random_blocks, global_blocks=1, causal=False, key
     return out, BigBirdCache(band_cache, glob_cache, kblk, rand, gbl, n, b, lead)
 
 
+@backward_of("bigbird")
 def backward(dout, cache):
     """Gradients {"q", "k", "v"}."""
     band, glob, kblk, rand, gbl, n, b, lead = cache
@@ -218,6 +220,7 @@ def backward(dout, cache):
     return {"q": dq.reshape(lead + (npad, d))[..., :n, :], "k": dk, "v": dv_}
 
 
+@reads_cache("bigbird")
 def weights(cache):
     """The (..., N, N) attention matrix: out == W @ v."""
     band, glob, kblk, rand, gbl, n, b, lead = cache
@@ -252,6 +255,7 @@ def build_pattern(n, *, block, random_blocks, global_blocks=1, causal=False, xp=
     return full[..., :n, :n]
 
 
+@reads_cache("bigbird")
 def pattern(cache):
     """Support of W from the layout: window, global rows and columns, random blocks."""
     band, glob, kblk, rand, gbl, n, b, lead = cache

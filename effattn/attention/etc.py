@@ -75,7 +75,7 @@ from ..nn.functional import softmax_forward
 from ..nn.blockwise import neighbour_blocks, neighbour_blocks_backward
 from ..nn.global_tokens import global_keys, global_keys_backward, global_rows_forward
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask, pad_axis, round_up
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 WHY_NOT_CAUSAL = ("ETC's global tokens summarise the whole input (g2l attention reads every long token "
                   "and every long token reads the globals), so outputs depend on the future; ETC is an encoder")
@@ -161,6 +161,7 @@ class ETCCache(NamedTuple):
     hard_l2g: bool
 
 
+@forward_of("etc")
 def forward(q, k, v, *, n_global, radius, max_distance, rel_emb, segment_ids=None, hard_l2g=False,
             causal=False, key_mask=None, scale=None):
     """ETC global-local attention on the sequence [n_global global tokens, N_l long tokens].
@@ -224,6 +225,7 @@ def forward(q, k, v, *, n_global, radius, max_distance, rel_emb, segment_ids=Non
                       segment_ids, hard_l2g)
 
 
+@backward_of("etc")
 def backward(dout, cache):
     """Gradients {"q", "k", "v", "rel_emb"}."""
     glob, long, onehot_g, onehot_l, q, rel_emb, qpos, kpos, n, ng, scale, *_ = cache
@@ -256,6 +258,7 @@ def backward(dout, cache):
     return {"q": dq, "k": dk, "v": dvv, "rel_emb": drel}
 
 
+@reads_cache("etc")
 def weights(cache):
     """The (..., N, N) attention matrix: out == W @ v."""
     glob, long, *_ = cache
@@ -288,6 +291,7 @@ def build_pattern(n, *, n_global, radius, segment_ids=None, hard_l2g=False, caus
     return allowed
 
 
+@reads_cache("etc")
 def pattern(cache):
     """Support of W from the rule: g2g, g2l (hard-masked by segment), l2g, long band of radius r."""
     xp = get_namespace(cache.long.p)

@@ -31,7 +31,7 @@ from typing import NamedTuple
 from ..backend import get_namespace
 from ..nn.sparse import attend_backward, attend_forward, combine_masks
 from ..validate import check_bool, check_qkv, check_scale
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 
 class FullCache(NamedTuple):
@@ -39,6 +39,7 @@ class FullCache(NamedTuple):
     allowed: object  # bool (..., N, M) or None: the combined mask
 
 
+@forward_of("full")
 def forward(q, k, v, *, causal=False, key_mask=None, mask=None, scale=None):
     """Dense softmax attention.
 
@@ -55,17 +56,20 @@ def forward(q, k, v, *, causal=False, key_mask=None, mask=None, scale=None):
     return out, FullCache(cache, allowed)
 
 
+@backward_of("full")
 def backward(dout, cache):
     """Returns {"q": dq, "k": dk, "v": dv}."""
     g = attend_backward(dout, cache.attend)
     return {"q": g["q"], "k": g["k"], "v": g["v"]}
 
 
+@reads_cache("full")
 def weights(cache):
     """The attention matrix P (..., N, M): out == P @ v."""
     return cache.attend.p
 
 
+@reads_cache("full")
 def pattern(cache):
     """Full attention's support: everything the masks allow."""
     p = cache.attend.p

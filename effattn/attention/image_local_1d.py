@@ -57,7 +57,7 @@ from ..backend import get_namespace
 from ..validate import check_bool, check_int, check_qkv, check_scale
 from ..nn.blockwise import band_pattern, blockwise_backward, blockwise_forward, blockwise_weights
 from ..nn.loops import masked_loop
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 
 def _check(block_length, memory_length, causal):
@@ -66,6 +66,7 @@ def _check(block_length, memory_length, causal):
     return block_length, memory_length, check_bool("causal", causal)
 
 
+@forward_of("image_local_1d")
 def forward(q, k, v, *, causal=False, key_mask=None, block_length=128, memory_length=128, scale=None):
     """Image Transformer 1-D local attention on a raster-order sequence.
 
@@ -80,11 +81,13 @@ def forward(q, k, v, *, causal=False, key_mask=None, block_length=128, memory_le
                              causal=causal, key_mask=key_mask, scale=scale)
 
 
+@backward_of("image_local_1d")
 def backward(dout, cache):
     """Returns {"q": dq, "k": dk, "v": dv}."""
     return blockwise_backward(dout, cache)
 
 
+@reads_cache("image_local_1d")
 def weights(cache):
     """(..., N, N) matrix of the block softmaxes: out == W @ v."""
     return blockwise_weights(cache)
@@ -98,6 +101,7 @@ def build_pattern(n, *, block_length, memory_length, causal=False, xp=None):
     return band_pattern(n, block_length, memory_length, 0, causal=causal, xp=xp)
 
 
+@reads_cache("image_local_1d")
 def pattern(cache):
     """The support of this call, rebuilt from the rule with the cache's sizes."""
     xp = get_namespace(cache.attend.p)

@@ -72,7 +72,7 @@ from ..nn.image import (default_image_shape, memory_blocks_2d, memory_blocks_2d_
                         query_blocks_2d, query_blocks_2d_backward, raster_coords)
 from ..nn.loops import masked_loop
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 
 def _pair(name, value, minimum):
@@ -108,6 +108,7 @@ class Local2DCache(NamedTuple):
     causal: bool
 
 
+@forward_of("image_local_2d")
 def forward(q, k, v, *, image_shape, causal=False, key_mask=None, query_shape=(8, 8), memory_flange=(4, 4),
             scale=None):
     """Image Transformer 2-D local attention.
@@ -130,6 +131,7 @@ def forward(q, k, v, *, image_shape, causal=False, key_mask=None, query_shape=(8
     return out, Local2DCache(acache, n, image_shape, query_shape, memory_flange, q_pos, k_pos, causal)
 
 
+@backward_of("image_local_2d")
 def backward(dout, cache):
     """Returns {"q": dq, "k": dk, "v": dv}."""
     acache, n, image_shape, query_shape, memory_flange = cache[:5]
@@ -140,6 +142,7 @@ def backward(dout, cache):
             "v": memory_blocks_2d_backward(g["v"], n, image_shape, query_shape, memory_flange)}
 
 
+@reads_cache("image_local_2d")
 def weights(cache):
     """(..., N, N) matrix of the block softmaxes: out == W @ v."""
     xp = get_namespace(cache.attend.p)
@@ -166,6 +169,7 @@ def build_pattern(n, *, image_shape, query_shape, memory_flange, causal=False, x
     return allowed
 
 
+@reads_cache("image_local_2d")
 def pattern(cache):
     """The support of this call, rebuilt from the rule with the cache's sizes."""
     xp = get_namespace(cache.attend.p)

@@ -48,7 +48,7 @@ from ..validate import check_causal, check_float_array, check_int, check_qkv
 from ..nn.functional import elu_backward, elu_forward
 from ..nn.kernel_attention import (kernel_attention_backward, kernel_attention_forward, kernel_attention_init_state,
                                    kernel_attention_loop, kernel_attention_step, kernel_attention_weights)
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 EPS = 1e-6
 
@@ -72,6 +72,7 @@ def _check_eps(eps):
     return float(eps)
 
 
+@forward_of("linear")
 def forward(q, k, v, *, causal=False, key_mask=None, eps=EPS, chunk=128):
     """Linear attention. q (..., N, d), k (..., M, d), v (..., M, dv); causal needs N == M.
 
@@ -91,6 +92,7 @@ def forward(q, k, v, *, causal=False, key_mask=None, eps=EPS, chunk=128):
     return out, LinearCache(kcache, elu_q, elu_k, key_mask)
 
 
+@backward_of("linear")
 def backward(dout, cache):
     """Returns {"q": dq, "k": dk, "v": dv}."""
     g = kernel_attention_backward(dout, cache.kernel)
@@ -100,6 +102,7 @@ def backward(dout, cache):
     return {"q": elu_backward(g["phi_q"], cache.elu_q), "k": elu_backward(dphi_k, cache.elu_k), "v": g["v"]}
 
 
+@reads_cache("linear")
 def weights(cache):
     """W_ij = phi(q_i) . phi(k_j) / (sum_l phi(q_i) . phi(k_l) + eps) (causal: j <= i): out == W @ v."""
     return kernel_attention_weights(cache.kernel)

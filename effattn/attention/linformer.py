@@ -63,7 +63,7 @@ from ..backend import asarray
 from ..validate import check_causal, check_choice, check_float_array, check_qkv, check_scale
 from ..nn.functional import softmax_forward
 from ..nn.sparse import attend_backward, attend_forward, pad_axis
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 SHARING = ("none", "headwise", "key_value", "layerwise")
 WHY_NOT_CAUSAL = ("Linformer projects the whole sequence (E K mixes every position, future ones included), "
@@ -98,6 +98,7 @@ def _check_projection(name, a, sharing, heads, m, dtype):
     return a[..., :m]                                          # first M columns
 
 
+@forward_of("linformer")
 def forward(q, k, v, *, E, F=None, causal=False, key_mask=None, sharing="headwise", scale=None):
     """Linformer attention. q (..., N, d), k (..., M, d), v (..., M, dv).
 
@@ -146,6 +147,7 @@ def _projection_grad(dp, x, ndim):
     return a @ b                                                             # (H, k, M)
 
 
+@backward_of("linformer")
 def backward(dout, cache):
     """Returns {"q", "k", "v", "E"} and "F" unless E = F."""
     ac, k_m, v_m, e, f, km, sharing, n_max, e_shape = cache
@@ -167,6 +169,7 @@ def backward(dout, cache):
     return grads
 
 
+@reads_cache("linformer")
 def weights(cache):
     """The implied matrix W = P_bar F[:, :M] (..., N, M), zero at masked keys: out == W @ v."""
     w = cache.attend.p @ cache.f                               # (..., N, k) @ (.., k, M) -> (..., N, M)

@@ -67,7 +67,7 @@ from ..backend import get_namespace
 from ..validate import check_bool, check_int, check_qkv, check_scale
 from ..nn.blockwise import band_pattern, blockwise_backward, blockwise_forward, blockwise_weights
 from ..nn.loops import masked_loop
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 
 def _check_config(block, look_back, look_ahead, causal):
@@ -80,6 +80,7 @@ def _check_config(block, look_back, look_ahead, causal):
     return block, look_back, look_ahead, causal
 
 
+@forward_of("local")
 def forward(q, k, v, *, causal=False, key_mask=None, block=64, look_back=1, look_ahead=0, scale=None):
     """Blockwise local attention.
 
@@ -95,11 +96,13 @@ def forward(q, k, v, *, causal=False, key_mask=None, block=64, look_back=1, look
                              causal=causal, key_mask=key_mask, scale=scale)
 
 
+@backward_of("local")
 def backward(dout, cache):
     """Returns {"q": dq, "k": dk, "v": dv}."""
     return blockwise_backward(dout, cache)
 
 
+@reads_cache("local")
 def weights(cache):
     """The (..., N, N) matrix of the block softmaxes: out == W @ v."""
     return blockwise_weights(cache)
@@ -113,6 +116,7 @@ def build_pattern(n, *, block, look_back=1, look_ahead=0, causal=False, xp=None)
     return band_pattern(n, block, look_back * block, look_ahead * block, causal=causal, xp=xp)
 
 
+@reads_cache("local")
 def pattern(cache):
     """The support of this call, rebuilt from the rule with the cache's sizes."""
     xp = get_namespace(cache.attend.p)

@@ -83,7 +83,7 @@ from ..nn.functional import softmax_forward
 from ..nn.blockwise import neighbour_blocks, neighbour_blocks_backward
 from ..nn.global_tokens import global_keys, global_keys_backward, global_rows_forward, index_set, membership
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, gather_rows, group_mask, pad_axis, round_up
-from ..registry import Case, Mechanism, register
+from ..registry import Case, Mechanism, backward_of, forward_of, reads_cache, register
 
 
 # --------------------------------------------------------------------------- configuration
@@ -204,6 +204,7 @@ def _check_globals(q, k, v, q_global, k_global, v_global):
     return True
 
 
+@forward_of("longformer")
 def forward(q, k, v, *, w, dilation=1, global_positions=(), q_global=None, k_global=None, v_global=None,
             causal=False, key_mask=None, scale=None):
     """Longformer attention.
@@ -260,6 +261,7 @@ def forward(q, k, v, *, w, dilation=1, global_positions=(), q_global=None, k_glo
     return out, LongformerCache(band_cache, glob_cache, lay, gidx, n, w, causal, separate, lead, (d, dv))
 
 
+@backward_of("longformer")
 def backward(dout, cache):
     """Gradients {"q", "k", "v"} (+ "q_global", "k_global", "v_global" when given)."""
     band, glob, lay, gidx, n, w, causal, separate, lead, (d, dv) = cache
@@ -289,6 +291,7 @@ def backward(dout, cache):
     return grads
 
 
+@reads_cache("longformer")
 def weights(cache):
     """The (..., N, N) matrix W with out == W @ v (rows of global positions are over
     v_global when separate global projections were given)."""
@@ -317,6 +320,7 @@ def build_pattern(n, *, w, dilation=1, global_positions=(), causal=False, xp=Non
     return allowed[0] if len(dils) == 1 else allowed
 
 
+@reads_cache("longformer")
 def pattern(cache):
     """Support of the attention (without key_mask): band | global rows | global columns."""
     lay, gidx = cache.layout, cache.gidx

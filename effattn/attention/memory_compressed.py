@@ -94,7 +94,7 @@ from typing import NamedTuple
 from ..backend import asarray, get_namespace
 from ..validate import broadcast_shapes, check_bool, check_int, check_param, check_qkv, check_scale
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask, pad_axis
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 
 class MemoryCompressedCache(NamedTuple):
@@ -158,6 +158,7 @@ def _compress(k, v, conv_k, conv_v, key_mask):
     return kr, vr, kc, vc, keep
 
 
+@forward_of("memory_compressed")
 def forward(q, k, v, *, conv_k, conv_v, causal=False, key_mask=None, scale=None, local_block=None):
     """Memory-compressed attention.
 
@@ -207,6 +208,7 @@ def forward(q, k, v, *, conv_k, conv_v, causal=False, key_mask=None, scale=None,
     return out, MemoryCompressedCache(acache, kr, vr, conv_k, conv_v, keep, m, allowed, (b, pos, pos))
 
 
+@backward_of("memory_compressed")
 def backward(dout, cache):
     """Returns {"q", "k", "v", "conv_k", "conv_v"} (derivation in the module docstring)."""
     acache, kr, vr, conv_k, conv_v, keep, m, _, local = cache
@@ -241,6 +243,7 @@ def backward(dout, cache):
     return {"q": dq, "k": dk, "v": dv, "conv_k": dconv_k, "conv_v": dconv_v}
 
 
+@reads_cache("memory_compressed")
 def weights(cache):
     """The (..., N, M) matrix W = P C with C_{s, sk+o} = w^V_o (zero at masked keys), plus the
     local block weights when local_block is used: out == W @ v."""

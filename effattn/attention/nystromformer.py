@@ -78,7 +78,7 @@ from ..backend import asarray, get_namespace
 from ..validate import check_causal, check_float_array, check_int, check_qkv, check_scale
 from ..nn.functional import softmax_backward, softmax_forward
 from ..nn.sparse import attend_backward, attend_forward
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 WHY_NOT_CAUSAL = ("Nystromformer's landmarks are means over segments that include future positions, "
                   "so a query cannot be kept from seeing later keys")
@@ -195,6 +195,7 @@ def _conv_backward(dout, conv):
     return dvp[..., p:p + n, :], dw
 
 
+@forward_of("nystromformer")
 def forward(q, k, v, *, conv_w=None, causal=False, key_mask=None, landmarks=64, iterations=6,
             conv_kernel=None, scale=None):
     """Nyström attention. q (..., N, d), k (..., M, d), v (..., M, dv); landmarks m <= min(N, M);
@@ -241,6 +242,7 @@ def forward(q, k, v, *, conv_w=None, causal=False, key_mask=None, landmarks=64, 
                              None if conv is None else (conv, key_mask))
 
 
+@backward_of("nystromformer")
 def backward(dout, cache):
     """Returns {"q", "k", "v"} and "conv_w" when the skip convolution is used."""
     f_cache, b_cache, a, zs, alpha, ic, ir, c, r, bv, avg_q, avg_k, scale, conv = cache
@@ -268,6 +270,7 @@ def backward(dout, cache):
     return grads
 
 
+@reads_cache("nystromformer")
 def weights(cache):
     """The implied matrix W = F Z B + C (C the banded skip-convolution matrix, zero at masked keys):
     out == W @ v. (..., N, M), dense: small sizes only."""

@@ -109,7 +109,7 @@ from ..validate import (check_bool, check_choice, check_float_array, check_int, 
 from ..nn.lsh import (chunk_windows, chunk_windows_backward, draw_rotations, hash_buckets, lsh_layout, put_slot_rows,
                       put_slots, take_slot_rows)
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 SELF_PENALTY = 1e5   # the paper's m_ii = 10^5 (HF: self_mask_value_float32 = -1e5)
 FAR = 1 << 40        # chunk index of the dummy token: never adjacent to anything
@@ -304,6 +304,7 @@ def _round_weights(lse_r, combine, dtype):
 
 
 # --------------------------------------------------------------------------- kernel
+@forward_of("reformer")
 def forward(q, k, v, *, causal=False, key_mask=None, rotations=None, chunk_size=64, shared_qk=True,
             scale=None, self_penalty="default", combine="logsumexp", dedupe=True, chunking=None,
             chunks_before=1, chunks_after=0, norm_eps=1e-6):
@@ -359,6 +360,7 @@ def forward(q, k, v, *, causal=False, key_mask=None, rotations=None, chunk_size=
     return out, cache
 
 
+@backward_of("reformer")
 def backward(dout, cache):
     """Gradients {"q", "k", "v"}; buckets and the sort are constants (see the module docstring)."""
     lead = dout.shape[:-2]
@@ -387,6 +389,7 @@ def backward(dout, cache):
     return {"q": dq, "k": dk, "v": dv}
 
 
+@reads_cache("reformer")
 def weights(cache):
     """W (..., N, N) with out == W @ v: sum over rounds of w_r(i) times that round's chunk softmax."""
     xp = get_namespace(cache.out)
@@ -399,6 +402,7 @@ def weights(cache):
     return W[..., :n, :n]
 
 
+@reads_cache("reformer")
 def pattern(cache):
     """The union over rounds of the windows P~_i (chunk of j within [chunk(i) - before, chunk(i) + after],
     same bucket for "bucket" chunking), causal and key masks, and the self rule

@@ -65,7 +65,7 @@ from ..validate import (check_bool, check_choice, check_float_array, check_int, 
 from ..nn.functional import NEG_INF, layer_norm_backward, layer_norm_forward
 from ..nn.sparse import (attend_backward, attend_forward, combine_masks, dense_from_groups, gather_rows, group_mask,
                          scatter_rows)
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 
 class RoutingCache(NamedTuple):
@@ -217,6 +217,7 @@ def default_window(n, c):
     return max(1, -(-n // c))
 
 
+@forward_of("routing")
 def forward(q, k, v, *, causal=False, key_mask=None, centroids=None, window=None, scale=None,
             selection=None, eps=1e-5):
     """Routing attention. Returns out (..., N, dv) and a :class:`RoutingCache`."""
@@ -256,6 +257,7 @@ def forward(q, k, v, *, causal=False, key_mask=None, centroids=None, window=None
     return out, RoutingCache(acache, q_idx, k_idx, count, lnq, lnk, n, allowed)
 
 
+@backward_of("routing")
 def backward(dout, cache):
     """Gradients {"q", "k", "v"} (memberships fixed; the layer norms are differentiated)."""
     n = cache.n
@@ -269,6 +271,7 @@ def backward(dout, cache):
     return {"q": layer_norm_backward(dqn, cache.lnq)["x"], "k": layer_norm_backward(dkn, cache.lnk)["x"], "v": dv}
 
 
+@reads_cache("routing")
 def weights(cache):
     """W (..., N, N): W[i, j] = mean over i's groups of the group softmax weight of j; out == W @ v."""
     xp = get_namespace(cache.count)
@@ -279,6 +282,7 @@ def weights(cache):
     return dense_from_groups(cache.attend.p * wq[..., None], cache.q_idx, cache.k_idx, cache.n, cache.n)
 
 
+@reads_cache("routing")
 def pattern(cache):
     """The support: j visible to i iff i and j share a group (and the masks allow it)."""
     a = cache.allowed

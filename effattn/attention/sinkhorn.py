@@ -121,7 +121,7 @@ from ..validate import (check_bool, check_float_array, check_int, check_mlp_para
 from ..nn.functional import NEG_INF, init_mlp, mlp_backward, mlp_forward
 from ..nn.sinkhorn import sinkhorn_backward, sinkhorn_forward
 from ..nn.sparse import attend_backward, attend_forward, group_mask, pad_axis
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 
 class SinkhornCache(NamedTuple):
@@ -287,6 +287,7 @@ def _attend_sortcut(qb, ks, vs, slot_ok, slot_bias, pos, n, nk, scale):
 
 
 # --------------------------------------------------------------------------- kernel
+@forward_of("sinkhorn")
 def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_iters=8, tau=0.75,
             gumbel=None, sortcut=None, hard=False, perm=None, scale=None):
     """Sparse Sinkhorn attention (self-attention: M == N).
@@ -379,6 +380,7 @@ def _soft_mixing_backward(dksf, dvsf, dbias, c):
     return dsumm, {name: gm[name] for name in ("W1", "b1", "W2", "b2")}
 
 
+@backward_of("sinkhorn")
 def backward(dout, cache):
     """Returns {"q", "k", "v", "W1", "b1", "W2", "b2"} (module docstring for the derivation)."""
     xp = get_namespace(dout)
@@ -406,6 +408,7 @@ def backward(dout, cache):
     }
 
 
+@reads_cache("sinkhorn")
 def weights(cache):
     """The effective (..., N, N) matrix W with out == W @ v.
 
@@ -432,6 +435,7 @@ def weights(cache):
     return w[..., :n, :n]
 
 
+@reads_cache("sinkhorn")
 def sorted_keys(cache):
     """The sorted key sequence K_s = P K_blocks as (..., N_B * b, d) (padding included), for pictures:
     block i of the result is what query block i sees besides its own block."""
@@ -440,6 +444,7 @@ def sorted_keys(cache):
     return (cache.p @ cache.kz).reshape(lead + (nb * b, d))
 
 
+@reads_cache("sinkhorn")
 def induced_pattern(cache):
     """Hard mode: the boolean (..., N, N) support of W — own block (causal inside) plus the
     chosen block; SortCut: the blocks chosen by the first n_k rows, for every query."""

@@ -77,7 +77,7 @@ from ..validate import check_bool, check_choice, check_int, check_qkv
 from ..nn.factorized import (default_stride, factorized_backward, factorized_forward, factorized_pattern,
                              factorized_weights, position_grid, rule_mask)
 from ..nn.union import Part
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 
 def default_summary(block):
@@ -129,6 +129,7 @@ def _part(n, block, summary, which, *, causal, exclude_overlap=False, xp=None):
     return Part(pos, kpos, ok, "fixed A2 (summary columns)")
 
 
+@forward_of("sparse_fixed")
 def forward(q, k, v, *, causal=False, key_mask=None, block=None, summary=None, combine="merged", part=1,
             scale=None):
     """Sparse Transformer fixed attention.
@@ -151,16 +152,19 @@ def forward(q, k, v, *, causal=False, key_mask=None, block=None, summary=None, c
                               combine=combine, part=part, scale=scale)
 
 
+@backward_of("sparse_fixed")
 def backward(dout, cache):
     """Gradients {"q": dq, "k": dk, "v": dv} (the union backward of each head slice)."""
     return factorized_backward(dout, cache)
 
 
+@reads_cache("sparse_fixed")
 def weights(cache):
     """The effective attention matrix (..., N, N): out == W @ v. Teaching sizes only."""
     return factorized_weights(cache)
 
 
+@reads_cache("sparse_fixed")
 def pattern(cache):
     """The pattern from the paper's rule (not from the fast path): bool (N, N), or (H, N, N)
     for ``combine="heads"`` (even heads A(1), odd heads A(2))."""

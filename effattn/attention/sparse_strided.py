@@ -66,7 +66,7 @@ from ..validate import check_bool, check_choice, check_int, check_qkv
 from ..nn.factorized import (default_stride, factorized_backward, factorized_forward, factorized_pattern,
                              factorized_weights, position_grid, rule_mask)
 from ..nn.union import Part
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 
 def build_pattern(n, *, stride, causal=False, part=None, xp=None):
@@ -116,6 +116,7 @@ def _part(n, stride, which, *, causal, exclude_overlap=False, xp=None):
     return Part(cols, cols, ok, "strided A2 (every l-th)")
 
 
+@forward_of("sparse_strided")
 def forward(q, k, v, *, causal=False, key_mask=None, stride=None, combine="merged", part=1, scale=None):
     """Sparse Transformer strided attention.
 
@@ -135,16 +136,19 @@ def forward(q, k, v, *, causal=False, key_mask=None, stride=None, combine="merge
                               part=part, scale=scale)
 
 
+@backward_of("sparse_strided")
 def backward(dout, cache):
     """Gradients {"q": dq, "k": dk, "v": dv} (the union backward of each head slice)."""
     return factorized_backward(dout, cache)
 
 
+@reads_cache("sparse_strided")
 def weights(cache):
     """The effective attention matrix (..., N, N): out == W @ v. Teaching sizes only."""
     return factorized_weights(cache)
 
 
+@reads_cache("sparse_strided")
 def pattern(cache):
     """The pattern from the paper's rule (not from the fast path): bool (N, N), or (H, N, N)
     for ``combine="heads"`` (even heads A(1), odd heads A(2))."""

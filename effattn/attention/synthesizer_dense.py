@@ -62,9 +62,10 @@ from ..backend import asarray, get_namespace
 from ..validate import check_bool, check_int, check_mlp_params, check_param, check_qkv
 from ..nn.functional import init_mlp, mlp_backward, mlp_forward
 from ..nn.synthetic import SynthesizerCache, attend_logits, attend_logits_backward
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 
+@forward_of("synthesizer_dense")
 def forward(q, k, v, *, causal=False, key_mask=None, W1=None, b1=None, W2=None, b2=None,
             Wa=None, ba=None, Wb=None, bb=None, factorized=None):
     """Dense Synthesizer: logits from each query row alone (q plays X), out = softmax(B) v.
@@ -111,6 +112,7 @@ def _pad_cols(g, width):
     return xp.concatenate([g, z], axis=-1)
 
 
+@backward_of("synthesizer_dense")
 def backward(dout, cache):
     """Gradients of q, k (zero), v and the parameters (module docstring for the derivation)."""
     c = cache
@@ -133,6 +135,7 @@ def backward(dout, cache):
     return grads
 
 
+@reads_cache("synthesizer_dense")
 def weights(cache):
     """softmax(B) with the masks applied: (..., N, M), out == W @ v."""
     return cache.p

@@ -44,9 +44,10 @@ from __future__ import annotations
 from ..backend import asarray, get_namespace
 from ..validate import check_bool, check_int, check_param, check_qkv
 from ..nn.synthetic import SynthesizerCache, attend_logits, attend_logits_backward
-from ..registry import Mechanism, register
+from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 
+@forward_of("synthesizer_random")
 def forward(q, k, v, *, causal=False, key_mask=None, R=None, R1=None, R2=None, factorized=None):
     """Random Synthesizer: a learned, input-independent logit table; out = softmax(R) v.
 
@@ -95,6 +96,7 @@ def _sum_to(g, shape):
     return g
 
 
+@backward_of("synthesizer_random")
 def backward(dout, cache):
     """Gradients of q, k (both zero: never read), v and the table (module docstring for the derivation)."""
     xp = get_namespace(dout)
@@ -120,6 +122,7 @@ def backward(dout, cache):
     return grads
 
 
+@reads_cache("synthesizer_random")
 def weights(cache):
     """softmax(R) with the masks applied: (..., N, M), out == W @ v."""
     return cache.p

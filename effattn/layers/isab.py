@@ -56,7 +56,7 @@ from ..backend import asarray
 from ..nn.mab import (WHY_NOT_CAUSAL, MABCache, broadcast_rows, check_heads, check_mab_params, check_param_names,
                       check_set_layer, example_set, init_mab, mab_backward, mab_forward, mab_param_names, sub_params,
                       sum_lead)
-from ..registry import Case, Mechanism, register
+from ..registry import Case, Mechanism, backward_of, forward_of, reads_cache, register
 from ..validate import check_causal, check_param
 
 
@@ -71,6 +71,7 @@ class ISABCache(NamedTuple):
     I_shape: tuple
 
 
+@forward_of("isab")
 def forward(x, *, I, key_mask=None, causal=False, heads=1, ln=True, form="paper", **params):
     """Induced set attention block ISAB_m(X) = MAB(X, MAB(I, X)).
 
@@ -95,6 +96,7 @@ def forward(x, *, I, key_mask=None, causal=False, heads=1, ln=True, form="paper"
     return out, ISABCache(c0, c1, tuple(I.shape))
 
 
+@backward_of("isab")
 def backward(dout, cache):
     """{"x": dx, "I": dI, "mab0_*": ..., "mab1_*": ...}."""
     g1 = mab_backward(dout, cache.mab1)
@@ -105,6 +107,7 @@ def backward(dout, cache):
     return grads
 
 
+@reads_cache("isab")
 def weights(cache):
     """The inducing points' attention over the set, (..., h, m, N): row i is how inducing
     point i spreads its read over the elements (0 on masked elements)."""

@@ -51,7 +51,7 @@ from ..nn.functional import mlp_backward, mlp_forward
 from ..nn.mab import (WHY_NOT_CAUSAL, MABCache, broadcast_rows, check_heads, check_mab_params, check_param_names,
                       check_set_layer, example_set, init_mab, mab_backward, mab_forward, mab_param_names, sub_params,
                       sum_lead)
-from ..registry import Case, Mechanism, register
+from ..registry import Case, Mechanism, backward_of, forward_of, reads_cache, register
 from ..validate import check_causal, check_param
 
 RFF_NAMES = ["rff_W1", "rff_b1", "rff_W2", "rff_b2"]
@@ -69,6 +69,7 @@ class PMACache(NamedTuple):
     S_shape: tuple
 
 
+@forward_of("pma")
 def forward(x, *, S, key_mask=None, causal=False, heads=1, ln=True, form="paper", **params):
     """Pooling by multihead attention PMA_k(Z) = MAB(S, rFF(Z)) (official: MAB(S, Z)).
 
@@ -96,6 +97,7 @@ def forward(x, *, S, key_mask=None, causal=False, heads=1, ln=True, form="paper"
     return out, PMACache(cr, cm, tuple(S.shape))      # out (..., k, D)
 
 
+@backward_of("pma")
 def backward(dout, cache):
     """{"x": dx, "S": dS, "rff_*" (paper), "mab_*": ...}."""
     g = mab_backward(dout, cache.mab)
@@ -110,6 +112,7 @@ def backward(dout, cache):
     return grads
 
 
+@reads_cache("pma")
 def weights(cache):
     """The seeds' attention over the set, (..., h, k, N)."""
     return cache.mab.attend.p
