@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from . import backend
-from .validate import check_float_array
+from .validate import FLOAT_DTYPES, check_float_array, check_int
 
 KINDS = ("kernel", "layer")
 
@@ -73,6 +73,13 @@ class Case:
     m: int = 0
 
 
+def _dtype_name(dtype):
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Mechanism:
     """The registry entry of one mechanism (see the module docstring)."""
@@ -97,6 +104,8 @@ class Mechanism:
     sizes: tuple = ()                      # config entries that must be positive integers (bad-input test)
     tol32: float = 1e-4                    # float32 vs float64 tolerance (max abs err / max abs value)
     subquadratic: bool = True              # efficient path must not allocate N x N
+    min_n: int = 1                         # the shortest sequence its example() and forward accept
+    windows: tuple = ()                    # config sizes that may exceed the sequence: clipped, never allocated
     summary: str = ""
 
     def __post_init__(self):
@@ -115,6 +124,11 @@ class Mechanism:
         moved to the active backend. Same rng state, same case."""
         if not isinstance(rng, np.random.Generator):
             raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        batch, heads, n, d = (check_int(k, x) for k, x in (("batch", batch), ("heads", heads), ("n", n), ("d", d)))
+        if _dtype_name(dtype) not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+        if n < self.min_n:
+            raise ValueError(f"n must be >= {self.min_n} for {self.name}, got {n}")
         if causal and not self.causal:
             raise ValueError(f"causal=True is not supported by {self.name}")
         if self.make_example is not None:

@@ -13,20 +13,27 @@ import numbers
 from .backend import get_namespace
 
 
+# The dtype policy, stated once: every array a mechanism computes with is float32 or float64.
+# float16, bfloat16 and longdouble are refused (float16's 11-bit mantissa flips LSH buckets and
+# overflows exp at logits > 11; convert with ``x.astype(np.float32)`` and back).
+FLOAT_DTYPES = ("float32", "float64")
+
+
 def is_floating(a) -> bool:
-    return getattr(getattr(a, "dtype", None), "kind", None) == "f"
+    return str(getattr(a, "dtype", None)) in FLOAT_DTYPES
 
 
 def check_float_array(name, a, *, min_ndim=1, ndim=None, finite=True):
-    """``a`` must be a floating array of rank >= min_ndim (or exactly ndim), finite."""
+    """``a`` must be a float32 or float64 array of rank >= min_ndim (or exactly ndim), finite."""
     if not hasattr(a, "shape") or not hasattr(a, "dtype"):
-        raise ValueError(f"{name} must be an array, got {type(a).__name__}")
+        raise TypeError(f"{name} must be an array (numpy or cupy), got {type(a).__name__}")
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{name} must have rank {ndim}, got shape {tuple(a.shape)}")
     if a.ndim < min_ndim:
         raise ValueError(f"{name} must have rank >= {min_ndim}, got shape {tuple(a.shape)}")
     if not is_floating(a):
-        raise ValueError(f"{name} must be a floating-point array (float32 or float64), got dtype {a.dtype}")
+        raise ValueError(f"{name} must be a float32 or float64 array, got dtype {a.dtype}; "
+                         f"convert it first, e.g. {name}.astype(numpy.float32)")
     if finite and a.size and not bool(get_namespace(a).isfinite(a).all()):
         raise ValueError(f"{name} contains NaN or inf")
     return a
@@ -45,6 +52,13 @@ def check_positive_float(name, value):
     """``value`` must be a finite real number > 0 (not a bool); returned as a Python float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative_float(name, value):
+    """``value`` must be a finite real number >= 0 (not a bool); returned as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
@@ -105,6 +119,16 @@ def _broadcastable(a, b):
     except ValueError:
         return False
     return True
+
+
+def check_leading(name, a, lead, core, want):
+    """The axes of ``a`` before its last ``core`` must broadcast to ``lead`` (the batch and head
+    axes of the inputs); ``want`` describes the expected shape in the message."""
+    head = tuple(a.shape[:a.ndim - core])
+    if len(head) > len(lead) or not _broadcastable(head, lead) or broadcast_shapes(head, tuple(lead)) != tuple(lead):
+        raise ValueError(f"{name} must have shape {want} with leading axes broadcasting to {tuple(lead)}, "
+                         f"got {tuple(a.shape)}")
+    return a
 
 
 def check_qkv(q, k, v, *, key_mask=None, self_attention=False):

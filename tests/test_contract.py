@@ -5,6 +5,8 @@ to be tested here. Oracles are independent of the code under test: central
 finite differences, and dense attention (``full``) masked by the mechanism's
 own pattern, built from the paper's rule.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -70,6 +72,32 @@ def test_gradients_with_key_mask():
 
 
 # --------------------------------------------------------------------------- exactness
+def assert_exact(spec, case, extra):
+    """The mechanism is softmax attention restricted to ``pattern(cache) & key_mask`` -- the
+    pattern alone, never ``causal`` again, so a pattern that forgets causality or the key mask
+    fails here: a causal call's pattern is lower triangular; the weights are nonzero exactly on
+    it; and out equals dense attention masked by it (or, for mechanisms whose logits carry more
+    than q . k, such as ETC's relative positions, the mechanism's own dense ``reference``)."""
+    out, cache = run(spec, case, **extra)
+    assert spec.pattern is not None, f"exact kernel {spec.name} needs pattern="
+    pattern = np.asarray(to_numpy(spec.pattern(cache)), dtype=bool)
+    assert pattern.shape[-2:] == (case.n, case.m), f"{spec.name}: pattern shape {pattern.shape}"
+    if case.config.get("causal"):
+        assert not np.triu(pattern, 1).any(), f"{spec.name}: the pattern of a causal call sees the future"
+    allowed = pattern
+    if "key_mask" in extra:
+        allowed = pattern & np.asarray(to_numpy(extra["key_mask"]))[..., None, :]
+    support = np64(spec.weights(cache)) != 0
+    assert np.array_equal(support, np.broadcast_to(allowed, support.shape)), \
+        f"{spec.name}: the weights are nonzero off the pattern, or zero on it"
+    if spec.reference is not None:
+        ref = spec.reference(**case.inputs, **{**case.config, **extra})
+    else:
+        i = case.inputs
+        ref, _ = effattn.get("full").forward(i["q"], i["k"], i["v"], mask=asarray(allowed))
+    np.testing.assert_allclose(np64(out), np64(ref), rtol=0, atol=1e-10, err_msg=f"{spec.name}: out is not the oracle's")
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name", EXACT)
 @HYP
@@ -80,15 +108,33 @@ def test_exact_equals_dense_masked_by_pattern(name, causal, n, seed, masked):
         pytest.skip("not a causal mechanism")
     rng = np.random.default_rng(seed)
     case = spec.example(rng, batch=2, heads=2, n=n, d=4, causal=causal)
-    extra = {"key_mask": random_key_mask(rng, case)} if masked else {}
-    out, cache = run(spec, case, **extra)
-    if spec.reference is not None:
-        ref = spec.reference(**case.inputs, **{**case.config, **extra})
-    else:
-        assert spec.pattern is not None, f"exact kernel {name} needs pattern= or reference="
-        i = case.inputs
-        ref, _ = effattn.get("full").forward(i["q"], i["k"], i["v"], causal=causal, mask=spec.pattern(cache), **extra)
-    np.testing.assert_allclose(np64(out), np64(ref), rtol=0, atol=1e-10)
+    assert_exact(spec, case, {"key_mask": random_key_mask(rng, case)} if masked else {})
+
+
+def _forgets_causality(pattern):
+    return lambda cache: (lambda p: p | p.swapaxes(-1, -2))(pattern(cache))
+
+
+def _sees_everything(pattern):
+    return lambda cache: pattern(cache) | True
+
+
+@pytest.mark.parametrize("broken", [_forgets_causality, _sees_everything])
+@pytest.mark.parametrize("name", EXACT)
+def test_a_wrong_pattern_fails_the_exactness_check(name, broken):
+    """The check above can fail: the same mechanism with a pattern that forgets causality (on a
+    causal call), or one that allows every key (on a causal call, or on a sparse non-causal
+    mechanism), is caught, with and without a key mask."""
+    spec = effattn.get(name)
+    if broken is _forgets_causality and not spec.causal:
+        pytest.skip("not a causal mechanism")
+    wrong = dataclasses.replace(spec, pattern=broken(spec.pattern))
+    rng = np.random.default_rng(12)
+    case = spec.example(rng, batch=1, heads=2, n=19, d=4, causal=spec.causal)
+    assert_exact(spec, case, {})                                                # the true pattern passes
+    for extra in ({}, {"key_mask": random_key_mask(rng, case)}):
+        with pytest.raises(AssertionError):
+            assert_exact(wrong, case, extra)
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if effattn.get(n).reference is not None and not effattn.get(n).exact])
@@ -240,6 +286,163 @@ def test_bad_input_raises_value_error_naming_it(name):
     for size in spec.sizes:
         for value in (0, -1):
             _expect_error(lambda: spec.forward(**case.inputs, **{**case.config, size: value}), size)
+
+
+# Families of bad input, drawn by hypothesis over the whole registry: each must raise
+# ValueError or TypeError whose message names the argument.
+BAD_NUMBERS = [float("inf"), float("-inf"), float("nan"), -1.0, True, "1", [1.0]]
+POSITIVE_OPTIONS = ("scale", "tau", "norm_eps", "self_penalty")   # finite and > 0
+NONNEGATIVE_OPTIONS = ("eps",)                                       # finite and >= 0
+BAD_SIZES = [0, -1, 2.5, True, "3", 10**9 * 1.0]
+BAD_DTYPES = ["float16", "longdouble", "int64", "complex128", "bool"]
+
+
+def bad_input_families(spec, case):
+    """Every (family, argument, change) to try on ``case``: a change maps (inputs, config) to new ones."""
+    import inspect
+
+    params = inspect.signature(spec.forward).parameters
+    out = []
+    for opt in POSITIVE_OPTIONS + NONNEGATIVE_OPTIONS:
+        if opt in params:
+            values = BAD_NUMBERS + ([0.0] if opt in POSITIVE_OPTIONS else [])
+            out += [("option", opt, ("config", opt, v)) for v in values]
+    for size in spec.sizes:
+        out += [("size", size, ("config", size, v)) for v in BAD_SIZES]
+    first = case.seq_inputs[0]
+    out += [("dtype", first, ("dtype", first, dt)) for dt in BAD_DTYPES]
+    out += [("rank", first, ("rank", first, r)) for r in (0, 1)]
+    for name, a in case.inputs.items():
+        if name in ("q", "k", "v", "x"):
+            continue
+        out += [("parameter", name, ("input", name, v)) for v in (None, "W", [[1.0, 2.0]])]
+        out += [("parameter", name, ("stack", name, None)), ("parameter", name, ("dtype", name, "int64"))]
+    for name, a in case.config.items():                 # random draws passed as configuration
+        if hasattr(a, "dtype") and a.ndim and name != "key_mask":
+            other = "float64" if a.dtype.kind in "iub" else "int64"
+            out += [("draw", name, ("config", name, np64(a).tolist())), ("draw", name, ("config", name, "W")),
+                    ("draw", name, ("config_stack", name, None)), ("draw", name, ("config_dtype", name, other))]
+    return out
+
+
+def apply_change(case, change):
+    kind, name, value = change
+    inputs, config = dict(case.inputs), dict(case.config)
+    if kind == "config":
+        config[name] = value
+    elif kind == "input":
+        inputs[name] = value
+    elif kind == "dtype":
+        inputs[name] = asarray(np64(inputs[name]).astype(value)) if value != "longdouble" else np64(inputs[name]).astype(np.longdouble)
+    elif kind == "rank":
+        inputs[name] = inputs[name][(0,) * (inputs[name].ndim - value)]
+    elif kind == "config_stack":
+        config[name] = get_namespace(config[name]).stack([config[name]] * 3)
+    elif kind == "config_dtype":
+        config[name] = config[name].astype(value)
+    elif kind == "stack":                               # three copies on a new leading axis
+        a = inputs[name]
+        inputs[name] = get_namespace(a).stack([a, a, a])
+    return inputs, config
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(data=st.data())
+def test_bad_inputs_raise_an_error_naming_the_argument(name, data):
+    spec = effattn.get(name)
+    case = spec.example(np.random.default_rng(18), batch=1, heads=2, n=12, d=4)
+    family, arg, change = data.draw(st.sampled_from(bad_input_families(spec, case)), label="bad input")
+    inputs, config = apply_change(case, change)
+    with pytest.raises((ValueError, TypeError)) as info:
+        spec.forward(**inputs, **config)
+    assert arg in str(info.value), f"{name}: {family} {change!r} raised {info.value!r}, not naming {arg}"
+
+
+WINDOWED = [n for n in NAMES if effattn.get(n).windows]
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_windows_beyond_the_sequence_are_clipped_not_allocated(name):
+    """A window, block or reach of 10**9 gives what N + 5 gives (a window longer than the sequence
+    is the sequence), forward and backward, and allocates no more than that call does."""
+    import tracemalloc
+
+    spec = effattn.get(name)
+    n = 13
+    for causal in ([False, True] if spec.causal else [False]):
+        rng = np.random.default_rng(14)
+        case = spec.example(rng, batch=1, heads=2, n=n, d=4, causal=causal)
+        km = random_key_mask(rng, case)
+        dout = None
+        for size in spec.windows:
+            if causal and size in ("look_ahead", "chunks_after"):
+                continue                                    # must be 0 when causal
+            results = []
+            for value in (n + 5, 10**9):
+                tracemalloc.start()
+                try:
+                    out, cache = run(spec, case, key_mask=km, **{size: value})
+                    dout = asarray(np.random.default_rng(15).standard_normal(out.shape), dtype=out.dtype)
+                    grads = spec.backward(dout, cache)
+                    peak = tracemalloc.get_traced_memory()[1]
+                finally:
+                    tracemalloc.stop()
+                results.append((out, grads, peak))
+            (a, ga, pa), (b, gb, pb) = results
+            np.testing.assert_allclose(np64(b), np64(a), rtol=0, atol=1e-12, err_msg=f"{name} {size}=10**9")
+            for key in ga:
+                np.testing.assert_allclose(np64(gb[key]), np64(ga[key]), rtol=0, atol=1e-12, err_msg=f"d{key}")
+            assert pb < 2 * pa + 2**20, f"{name} {size}=10**9 allocated {pb} bytes, N + 5 only {pa}"
+
+
+# --------------------------------------------------------------------------- backward's inputs
+@pytest.mark.parametrize("name", NAMES)
+def test_backward_refuses_a_wrong_dout_or_a_foreign_cache(name):
+    spec = effattn.get(name)
+    case = spec.example(np.random.default_rng(16), batch=1, heads=2, n=9, d=4)
+    out, cache = run(spec, case)
+    x = np64(out)
+    xp = get_namespace(out)
+    bad_douts = {"an extra row": xp.concatenate([out, out[..., :1, :]], axis=-2),
+                 "a lost axis": out[0],
+                 "an added axis": out[None],
+                 "another dtype": out.astype("float32"),
+                 "a NaN": asarray(np.where(np.arange(x.size).reshape(x.shape) == 0, np.nan, x)),
+                 "None": None,
+                 "a list": x.tolist()}
+    for what, dout in bad_douts.items():
+        with pytest.raises((ValueError, TypeError), match="dout") as info:
+            spec.backward(dout, cache)
+        assert "dout" in str(info.value), f"{name}: dout with {what} not refused by name"
+    other = effattn.get("local" if name == "full" else "full")
+    _, foreign = run(other, other.example(np.random.default_rng(17), batch=1, heads=2, n=9, d=4))
+    for what, c in {"another mechanism's cache": foreign, "the bare saved record": cache.saved, "None": None}.items():
+        with pytest.raises((ValueError, TypeError), match="cache"):
+            spec.backward(out, c)
+        if spec.weights is not None:
+            with pytest.raises((ValueError, TypeError), match="cache"):
+                spec.weights(c)
+
+
+def test_example_refuses_bad_sizes_and_dtypes():
+    spec = effattn.get("full")
+    rng = np.random.default_rng(0)
+    for key, value in (("n", 0), ("n", -1), ("n", 2.5), ("d", 0), ("batch", 0), ("heads", 0), ("heads", True),
+                       ("dtype", "bogus"), ("dtype", "int64"), ("dtype", "float16")):
+        with pytest.raises(ValueError, match=key):
+            spec.example(rng, **{key: value})
+    with pytest.raises(ValueError, match="n must be >= 2 for etc"):
+        effattn.get("etc").example(rng, n=1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_example_size_is_one_its_forward_accepts(name):
+    spec = effattn.get(name)
+    for n in range(spec.min_n, 6):
+        case = spec.example(np.random.default_rng(n), batch=1, heads=2, n=n, d=3)
+        out, _ = run(spec, case)
+        assert out.shape[-2] == (case.n if not case.out_follows_keys else case.m) or spec.kind == "layer"
 
 
 # --------------------------------------------------------------------------- determinism and cost

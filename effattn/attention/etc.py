@@ -127,7 +127,7 @@ def _check_config(q, n, n_global, radius, max_distance, rel_emb, segment_ids, ha
     ng = check_int("n_global", n_global)
     if ng >= n:
         raise ValueError(f"n_global must be smaller than the sequence length N={n} (global tokens come first), got {ng}")
-    r = check_int("radius", radius)
+    r = min(check_int("radius", radius), n)                             # a radius beyond N reaches every token
     kmax = check_int("max_distance", max_distance)
     check_param("rel_emb", rel_emb, (2 * kmax + 1, q.shape[-1]), dtype=q.dtype)
     hard_l2g = check_bool("hard_l2g", hard_l2g)
@@ -374,6 +374,8 @@ MECHANISM = register(Mechanism(
     pattern=pattern,
     reference=reference,
     sizes=("n_global", "radius", "max_distance"),
+    min_n=2,                               # one global token and at least one long token
+    windows=("radius",),
     summary="Global-local attention: n_g global tokens (g2g, g2l, l2g full) + local long-to-long window, "
             "learned relative position embeddings, optional hard segment masks.",
 ))

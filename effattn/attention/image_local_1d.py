@@ -145,5 +145,6 @@ MECHANISM = register(Mechanism(
     setup=setup,
     pattern=pattern,
     sizes=("block_length",),
+    windows=("block_length", "memory_length"),
     summary="Raster-order query blocks of l_q attend to the block and the l_m positions before it.",
 ))

@@ -44,7 +44,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..validate import check_causal, check_float_array, check_int, check_qkv
+from ..validate import check_causal, check_float_array, check_int, check_nonnegative_float, check_qkv
 from ..nn.functional import elu_backward, elu_forward
 from ..nn.kernel_attention import (kernel_attention_backward, kernel_attention_forward, kernel_attention_init_state,
                                    kernel_attention_loop, kernel_attention_step, kernel_attention_weights)
@@ -66,12 +66,6 @@ def feature_map(x):
     return y + 1.0, cache
 
 
-def _check_eps(eps):
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    return float(eps)
-
-
 @forward_of("linear")
 def forward(q, k, v, *, causal=False, key_mask=None, eps=EPS, chunk=128):
     """Linear attention. q (..., N, d), k (..., M, d), v (..., M, dv); causal needs N == M.
@@ -82,7 +76,7 @@ def forward(q, k, v, *, causal=False, key_mask=None, eps=EPS, chunk=128):
     """
     n, m, d, _ = check_qkv(q, k, v, key_mask=key_mask, self_attention=bool(causal is True))
     causal = check_causal(causal, True)
-    eps = _check_eps(eps)
+    eps = check_nonnegative_float("eps", eps)
     chunk = check_int("chunk", chunk)
     phi_q, elu_q = feature_map(q)                     # (..., N, d)
     phi_k, elu_k = feature_map(k)                     # (..., M, d)
@@ -150,7 +144,7 @@ def step(q_t, k_t, v_t, state, *, eps=EPS):
     if tuple(s.shape) != tuple(q_t.shape) + (v_t.shape[-1],) or tuple(z.shape) != tuple(q_t.shape):
         raise ValueError(f"state must be (S {tuple(q_t.shape) + (v_t.shape[-1],)}, Z {tuple(q_t.shape)}), "
                          f"got S {tuple(s.shape)}, Z {tuple(z.shape)}")
-    return kernel_attention_step(feature_map(q_t)[0], feature_map(k_t)[0], v_t, state, _check_eps(eps))
+    return kernel_attention_step(feature_map(q_t)[0], feature_map(k_t)[0], v_t, state, check_nonnegative_float("eps", eps))
 
 
 def setup(rng, *, n, d, heads, causal=False, dtype="float64"):

@@ -163,5 +163,6 @@ MECHANISM = register(Mechanism(
     setup=setup,
     pattern=pattern,
     sizes=("block",),
+    windows=("block", "look_back", "look_ahead"),
     summary="Queries attend within their block of b positions and look_back previous blocks.",
 ))

@@ -215,7 +215,7 @@ def forward(q, k, v, *, w, dilation=1, global_positions=(), q_global=None, k_glo
     """
     n, _, d, dv = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
     causal = check_bool("causal", causal)
-    w = check_int("w", w)
+    w = min(check_int("w", w), n)                                         # a window beyond N reaches every token
     dils = _dilations(dilation, q)
     gpos = _global_positions(global_positions, n)
     separate = _check_globals(q, k, v, q_global, k_global, v_global)
@@ -398,6 +398,7 @@ MECHANISM = register(Mechanism(
     pattern=pattern,
     reference=reference,
     sizes=("w", "dilation"),
+    windows=("w",),
     summary="Dilated sliding window (per head) plus symmetric global attention on chosen positions, "
             "with optional separate global projections (HuggingFace convention).",
 ))

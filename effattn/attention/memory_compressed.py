@@ -134,7 +134,7 @@ def _check(q, k, v, conv_k, conv_v, causal, key_mask, scale, local_block=None):
     check_param("conv_v", conv_v, (ks,), dtype=q.dtype)
     scale = check_scale(scale, d)
     if local_block is not None:
-        local_block = check_int("local_block", local_block)
+        local_block = min(check_int("local_block", local_block), n)      # one block of N holds the sequence
         if m != n:
             raise ValueError(f"local_block needs self-attention (k of length N={n}), got M={m}")
     return n, m, d, dv, ks, causal, scale, local_block
@@ -341,5 +341,6 @@ MECHANISM = register(Mechanism(
     weights=weights,
     setup=setup,
     reference=reference,
+    windows=("local_block",),
     summary="Keys and values shortened k times by a strided convolution; queries attend the N/k slots.",
 ))

@@ -316,6 +316,7 @@ def forward(q, k, v, *, causal=False, key_mask=None, rotations=None, chunk_size=
                        chunks_before=chunks_before, chunks_after=chunks_after, combine=combine, chunking=chunking,
                        scale=scale, self_penalty=self_penalty)
     rot = _check_rotations(rotations, q)
+    o = o._replace(chunk=min(o.chunk, n))                                 # a chunk longer than N holds all of N
     lead, c = q.shape[:-2], o.chunk
     n_rounds, n_buckets = rot.shape[-3], 2 * rot.shape[-1]
 
@@ -325,6 +326,7 @@ def forward(q, k, v, *, causal=False, key_mask=None, rotations=None, chunk_size=
     buckets = _hash(k, rot, key_mask, lead)                               # (..., R, N)
     slot_token, token_slot = lsh_layout(buckets, n_buckets, c, o.chunking)  # (..., R, P), (..., R, N)
     g = slot_token.shape[-1] // c
+    o = o._replace(before=min(o.before, g - 1), after=min(o.after, g - 1))  # farther chunks do not exist
     # chunks of the sorted q, k_hat, v; every chunk's keys are its window of neighbouring chunks
     ids = slot_token.reshape(lead + (n_rounds, g, c))                     # (..., R, G, c) token ids
     k_ids = chunk_windows(ids, o.before, o.after, fill=n)                 # (..., R, G, w)
@@ -548,6 +550,7 @@ MECHANISM = register(Mechanism(
     pattern=pattern,
     reference=reference,
     sizes=("chunk_size",),
+    windows=("chunk_size", "chunks_before", "chunks_after"),
     summary="Shared-QK angular LSH: sort by bucket, attend within a chunk and the previous one; "
             "rounds combined by log-sum-exp with the duplicate correction (exact given the hashes).",
 ))

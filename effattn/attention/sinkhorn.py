@@ -116,8 +116,8 @@ import math
 from typing import NamedTuple
 
 from ..backend import asarray, get_namespace
-from ..validate import (check_bool, check_float_array, check_int, check_mlp_params, check_positive_float, check_qkv,
-                        check_scale)
+from ..validate import (check_bool, check_float_array, check_int, check_leading, check_mlp_params, check_positive_float,
+                        check_qkv, check_scale)
 from ..nn.functional import NEG_INF, init_mlp, mlp_backward, mlp_forward
 from ..nn.sinkhorn import sinkhorn_backward, sinkhorn_forward
 from ..nn.sparse import attend_backward, attend_forward, group_mask, pad_axis
@@ -184,10 +184,11 @@ def _check_sortcut(sortcut, nb, causal):
     return sortcut
 
 
-def _check_gumbel(gumbel, nb, dtype):
+def _check_gumbel(gumbel, nb, lead, dtype):
     if gumbel is None:
         return None
     check_float_array("gumbel", gumbel, min_ndim=2)
+    check_leading("gumbel", gumbel, lead, 2, "(..., N_B, N_B)")
     if gumbel.shape[-1] < nb or gumbel.shape[-2] < nb:
         raise ValueError(f"gumbel must have at least N_B={nb} rows and columns in its last two axes, got {tuple(gumbel.shape)}")
     return gumbel[..., :nb, :nb].astype(dtype, copy=False)
@@ -300,7 +301,7 @@ def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_it
     """
     n, _, d, dv = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
     causal = check_bool("causal", causal)
-    b = check_int("block", block)
+    b = min(check_int("block", block), n)                               # one block of N holds the sequence
     n_iters = check_int("n_iters", n_iters)
     tau = check_positive_float("tau", tau)
     hard = check_bool("hard", hard)
@@ -309,7 +310,7 @@ def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_it
     nb = -(-n // b)
     sortcut = _check_sortcut(sortcut, nb, causal)
     check_mlp_params(W1, b1, W2, b2, d, nb, q.dtype, "N_B (one per block)")
-    gumbel = _check_gumbel(gumbel, nb, q.dtype)
+    gumbel = _check_gumbel(gumbel, nb, q.shape[:-2], q.dtype)
     lead = tuple(q.shape[:-2])
 
     pos, qb, kb, vb, real = _blocks(q, k, v, key_mask, nb, b)
@@ -493,5 +494,6 @@ MECHANISM = register(Mechanism(
     weights=weights,
     setup=setup,
     sizes=("block", "n_iters", "sortcut"),
+    windows=("block",),
     summary="SortNet + Sinkhorn balancing softly permutes blocks; each block attends to its own and a sorted block.",
 ))

@@ -93,6 +93,16 @@ def _check_summary(block, summary):
     return summary
 
 
+def _clip_to_sequence(n, block, summary):
+    """A block longer than the sequence holds every position, and the summary cells that exist
+    are [s0, N) with s0 = min(max(l - c, 0), N). Blocks of l' = N + 1 with c' = N + 1 - s0 give
+    the same A(1) and A(2), so a huge block never allocates more than N + 1 rows."""
+    if block <= n + 1:
+        return block, summary
+    s0 = min(max(block - summary, 0), n)
+    return n + 1, n + 1 - s0
+
+
 def build_pattern(n, *, block, summary, causal=False, part=None, xp=None):
     """The fixed pattern from the paper's rule: bool (n, n).
 
@@ -144,6 +154,7 @@ def forward(q, k, v, *, causal=False, key_mask=None, block=None, summary=None, c
     n = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)[0]
     block = default_stride(n) if block is None else check_int("block", block)
     summary = default_summary(block) if summary is None else _check_summary(block, summary)
+    block, summary = _clip_to_sequence(n, block, summary)
 
     def make(which, causal_, exclude, xp):
         return _part(n, block, summary, which, causal=causal_, exclude_overlap=exclude, xp=xp)
@@ -196,5 +207,6 @@ MECHANISM = register(Mechanism(
     setup=setup,
     pattern=pattern,
     sizes=("block", "summary"),
+    windows=("block",),
     summary="Own block of l plus the last c 'summary' cells of every block.",
 ))

@@ -128,6 +128,7 @@ def forward(q, k, v, *, causal=False, key_mask=None, stride=None, combine="merge
     """
     n = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)[0]
     stride = default_stride(n) if stride is None else check_int("stride", stride)
+    stride = min(stride, n)                        # l >= N: A(1) is everything, A(2) only i itself
 
     def make(which, causal_, exclude, xp):
         return _part(n, stride, which, causal=causal_, exclude_overlap=exclude, xp=xp)
@@ -179,5 +180,6 @@ MECHANISM = register(Mechanism(
     setup=setup,
     pattern=pattern,
     sizes=("stride",),
+    windows=("stride",),
     summary="The previous l positions plus every l-th position back (l ~ sqrt N): two hops reach everything.",
 ))

@@ -42,7 +42,7 @@ length; heads each have their own R.
 from __future__ import annotations
 
 from ..backend import asarray, get_namespace
-from ..validate import check_bool, check_int, check_param, check_qkv
+from ..validate import check_bool, check_float_array, check_int, check_leading, check_param, check_qkv
 from ..nn.synthetic import SynthesizerCache, attend_logits, attend_logits_backward
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
@@ -62,18 +62,21 @@ def forward(q, k, v, *, causal=False, key_mask=None, R=None, R1=None, R2=None, f
     if factorized is None:
         if R is None:
             raise ValueError("R is required by the random synthesizer (or pass factorized=k with R1, R2)")
-        check_param("R", R, (None,) * max(R.ndim, 2), dtype=q.dtype)
-        if R.ndim < 2 or R.shape[-2] < n or R.shape[-1] < m or R.ndim - 2 > len(lead):
-            raise ValueError(f"R must have shape (..., L, L) with L >= N={n}, M={m} and leading axes broadcasting "
-                             f"to {lead}, got {tuple(R.shape)}")
+        check_float_array("R", R, min_ndim=2)
+        check_param("R", R, (None,) * R.ndim, dtype=q.dtype)
+        check_leading("R", R, lead, 2, "(..., L, L)")
+        if R.shape[-2] < n or R.shape[-1] < m:
+            raise ValueError(f"R must have shape (..., L, L) with L >= N={n}, M={m}, got {tuple(R.shape)}")
         logits = xp.broadcast_to(R[..., :n, :m], lead + (n, m)).copy()   # (..., N, M)
         kind, saved, params = "random", (), {"R": R}
     else:
         kk = check_int("factorized", factorized)
         if R1 is None or R2 is None:
             raise ValueError("R1 and R2 are required by the factorized random synthesizer")
-        check_param("R1", R1, (None,) * max(R1.ndim, 2), dtype=q.dtype)
-        check_param("R2", R2, (None,) * max(R2.ndim, 2), dtype=q.dtype)
+        for name, r in (("R1", R1), ("R2", R2)):
+            check_float_array(name, r, min_ndim=2)
+            check_param(name, r, (None,) * r.ndim, dtype=q.dtype)
+            check_leading(name, r, lead, 2, "(..., L, k)")
         if R1.ndim < 2 or R1.shape[-1] != kk or R1.shape[-2] < n or R1.ndim - 2 > len(lead):
             raise ValueError(f"R1 must have shape (..., L >= N={n}, k={kk}), got {tuple(R1.shape)}")
         if R2.ndim < 2 or R2.shape[-1] != kk or R2.shape[-2] < m or R2.ndim - 2 > len(lead):

@@ -83,8 +83,8 @@ def forward(x, *, S, key_mask=None, causal=False, heads=1, ln=True, form="paper"
     check_heads(D, heads)
     lead = tuple(x.shape[:-2])
     if form == "paper":
-        F = params["rff_W1"].shape[-1] if params["rff_W1"].ndim == 2 else None
-        check_param("rff_W1", params["rff_W1"], (x.shape[-1], F), x.dtype)
+        check_param("rff_W1", params["rff_W1"], (x.shape[-1], None), x.dtype)
+        F = params["rff_W1"].shape[-1]
         check_param("rff_b1", params["rff_b1"], (F,), x.dtype)
         check_param("rff_W2", params["rff_W2"], (F, D), x.dtype)
         check_param("rff_b2", params["rff_b2"], (D,), x.dtype)

@@ -123,11 +123,13 @@ def blockwise_forward(q, k, v, *, block, before, after, causal=False, key_mask=N
 
     q, k (..., N, d), v (..., N, dv); key_mask (..., N) bool. Query block g =
     positions [g b, (g+1) b); its keys = positions [g b - before, (g+1) b + after)
-    that exist, are real (key_mask) and, when causal, are <= the query.
-    Returns out (..., N, dv) and a :class:`BlockwiseCache`.
+    that exist, are real (key_mask) and, when causal, are <= the query. Sizes beyond the
+    sequence are clipped to N (a block or a reach longer than the sequence is the sequence), so
+    no window is ever longer than 3 N. Returns out (..., N, dv) and a :class:`BlockwiseCache`.
     """
     xp = get_namespace(q, k, v)
     n, d = q.shape[-2:]
+    block, before, after = min(block, n), min(before, n), min(after, n)
     lead = q.shape[:-2]
     g = -(-n // block)
     qb = pad_axis(q, g * block).reshape(lead + (g, block, d))                 # (..., G, b, d)
