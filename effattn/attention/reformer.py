@@ -194,8 +194,8 @@ def _check_rotations(rotations, q):
         raise ValueError(f"rotations must have shape (n_rounds, d={d}, n_buckets/2) or (H, n_rounds, d, n_buckets/2), "
                          f"got {tuple(rotations.shape)}")
     if rotations.ndim == 4 and (q.ndim < 3 or q.shape[-3] != rotations.shape[0]):
-        raise ValueError(f"rotations per head must have H = q.shape[-3] = {q.shape[-3] if q.ndim >= 3 else None} "
-                         f"entries, got {tuple(rotations.shape)}")
+        raise ValueError(f"rotations per head {tuple(rotations.shape)} need q with a head axis of H = "
+                         f"{rotations.shape[0]} entries (..., H, N, d), got q {tuple(q.shape)}")
     return get_namespace(q).asarray(rotations)
 
 
