@@ -222,18 +222,28 @@ def test_fully_masked_rows_are_finite(name):
         assert all(np.isfinite(np64(g)).all() for g in grads.values())
 
 
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("name", NAMES)
-def test_huge_logits_are_finite(name):
+def test_huge_logits_are_finite(name, masked):
+    """Logits x 1e4 (q x 1e4, or q and k x 100), float64 and float32, with and without a key mask
+    (a masked key must not set the scale of the real ones): out and every gradient finite."""
     spec = effattn.get(name)
     for causal in ([False, True] if spec.causal else [False]):
         for dtype in ("float64", "float32"):
-            case = spec.example(np.random.default_rng(6), batch=1, heads=2, n=17, d=4, causal=causal, dtype=dtype)
-            first = case.seq_inputs[0]
-            case.inputs[first] = case.inputs[first] * 1e4
-            out, cache = run(spec, case)
-            assert np.isfinite(np64(out)).all(), f"{name} ({dtype}, causal={causal}) not finite with logits x 1e4"
-            grads = spec.backward(asarray(np.ones(out.shape), dtype=out.dtype), cache)
-            assert all(np.isfinite(np64(g)).all() for g in grads.values())
+            for seed in range(4):
+                rng = np.random.default_rng(6 + seed)
+                case = spec.example(rng, batch=2, heads=2, n=17, d=4, causal=causal, dtype=dtype)
+                extra = {"key_mask": random_key_mask(rng, case)} if masked else {}
+                first = case.seq_inputs[0]
+                if spec.kind == "kernel" and seed % 2:
+                    case.inputs["q"], case.inputs["k"] = case.inputs["q"] * 100, case.inputs["k"] * 100
+                else:
+                    case.inputs[first] = case.inputs[first] * 1e4
+                out, cache = run(spec, case, **extra)
+                what = f"{name} ({dtype}, causal={causal}, masked={masked}, seed {seed})"
+                assert np.isfinite(np64(out)).all(), f"{what} not finite with logits x 1e4"
+                grads = spec.backward(asarray(np.ones(out.shape), dtype=out.dtype), cache)
+                assert all(np.isfinite(np64(g)).all() for g in grads.values()), f"{what}: gradient not finite"
 
 
 # --------------------------------------------------------------------------- dtype
@@ -357,6 +367,25 @@ def test_bad_inputs_raise_an_error_naming_the_argument(name, data):
     with pytest.raises((ValueError, TypeError)) as info:
         spec.forward(**inputs, **config)
     assert arg in str(info.value), f"{name}: {family} {change!r} raised {info.value!r}, not naming {arg}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inputs_without_batch_and_head_axes_work_or_are_refused_by_name(name):
+    """q, k, v (N, d) (or x (N, D)): the same as the one (batch, head) slice, or, where a parameter
+    or draw is per head, a ValueError naming it."""
+    spec = effattn.get(name)
+    case = spec.example(np.random.default_rng(19), batch=1, heads=1, n=12, d=4)
+    full_out, _ = run(spec, case)
+    sliced = {k: (a[0, 0] if spec.kind == "kernel" else a[0]) if k in case.seq_inputs + case.key_inputs else a
+              for k, a in case.inputs.items()}
+    try:
+        out, _ = spec.forward(**sliced, **case.config)
+    except ValueError as e:
+        named = [k for k in list(case.inputs) + list(case.config) if k in str(e)]
+        assert named, f"{name}: rank-2 inputs refused without naming an argument: {e}"
+        return
+    want = full_out[0, 0] if spec.kind == "kernel" else full_out[0]
+    np.testing.assert_allclose(np64(out), np64(want), rtol=0, atol=1e-12)
 
 
 WINDOWED = [n for n in NAMES if effattn.get(n).windows]

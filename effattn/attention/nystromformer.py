@@ -213,7 +213,10 @@ def forward(q, k, v, *, conv_w=None, causal=False, key_mask=None, landmarks=64, 
         raise ValueError("conv_w and conv_kernel must be given together (conv_w (H, conv_kernel))")
     if conv_w is not None:
         check_float_array("conv_w", conv_w, ndim=2)
-        heads = q.shape[-3] if q.ndim >= 3 else 1
+        if q.ndim < 3:
+            raise ValueError(f"conv_w (H, conv_kernel) is per head: q needs a head axis (..., H, N, d), "
+                             f"got q {tuple(q.shape)}")
+        heads = q.shape[-3]
         if tuple(conv_w.shape) != (heads, conv_kernel) or conv_w.dtype != q.dtype:
             raise ValueError(f"conv_w must have shape (H={heads}, conv_kernel={conv_kernel}) and dtype {q.dtype}, "
                              f"got {tuple(conv_w.shape)} {conv_w.dtype}")
