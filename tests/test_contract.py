@@ -209,6 +209,29 @@ def test_masked_keys_change_nothing(name, causal):
     assert not np.allclose(np64(out3), np64(out4))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", [n for n in NAMES if effattn.get(n).kind == "kernel"])
+def test_padding_changes_no_real_output(name, causal):
+    """Self-attention with a key mask: the masked positions are padding as queries too. Whatever
+    sits there (in q, k and v) must not change a real row -- a padded query may not take part in
+    a shared computation (landmarks, clusters, sorting) that real rows depend on."""
+    spec = effattn.get(name)
+    if causal and not spec.causal:
+        pytest.skip("not a causal mechanism")
+    rng = np.random.default_rng(20)
+    case = spec.example(rng, batch=2, heads=2, n=21, d=4, causal=causal)
+    km = random_key_mask(rng, case)
+    out, _ = run(spec, case, key_mask=km)
+    changed = dict(case.inputs)
+    pad = ~np.asarray(to_numpy(km))[..., :, None]                 # (B, 1, N, 1)
+    for key in set(case.seq_inputs) | set(case.key_inputs):
+        x = np64(case.inputs[key])
+        changed[key] = asarray(np.where(pad, rng.standard_normal(x.shape) * 5, x), dtype=case.inputs[key].dtype)
+    out2, _ = spec.forward(**changed, **{**case.config, "key_mask": km})
+    real = np.broadcast_to(~pad, out.shape)
+    np.testing.assert_allclose(np64(out2)[real], np64(out)[real], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_fully_masked_rows_are_finite(name):
     spec = effattn.get(name)

@@ -41,7 +41,8 @@ def pinv_iter(a, iters):
 
 def explicit(q, k, v, m, iters, conv_w=None, key_mask=None):
     d = q.shape[-1]
-    qt, kt = landmarks_loop(q, m), landmarks_loop(k, m, key_mask)
+    self_attention = q.shape[-2] == k.shape[-2]
+    qt, kt = landmarks_loop(q, m, key_mask if self_attention else None), landmarks_loop(k, m, key_mask)
     tr = lambda x: np.swapaxes(x, -1, -2)  # noqa: E731
     F = softmax(q @ tr(kt) / math.sqrt(d))
     A = softmax(qt @ tr(kt) / math.sqrt(d))
@@ -68,6 +69,22 @@ def test_matches_equations(n, m, masked):
     out, cache = ny.forward(q, k, v, conv_w=conv_w, landmarks=m, iterations=6, conv_kernel=3, key_mask=km)
     np.testing.assert_allclose(out, explicit(q, k, v, m, 6, conv_w, km), atol=1e-10)
     np.testing.assert_allclose(ny.weights(cache) @ v, out, atol=1e-10)
+
+
+def test_padded_queries_never_reach_a_real_output():
+    """Both landmark sets are means over real positions: what sits at a padded position (in q,
+    k or v) changes no real row (the fault of issue 12: q there moved real rows by 2.08)."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 1, 16, 4)) for _ in range(3))
+    km = np.ones((1, 1, 16), bool)
+    km[..., 3] = False
+    out, _ = ny.forward(q, k, v, key_mask=km, landmarks=4)
+    for x in (q, k, v):
+        x2 = x.copy()
+        x2[..., 3, :] += 10
+        args = [x2 if y is x else y for y in (q, k, v)]
+        out2, _ = ny.forward(*args, key_mask=km, landmarks=4)
+        np.testing.assert_array_equal(out2[..., km[0, 0], :], out[..., km[0, 0], :])
 
 
 def test_even_conv_kernel_and_cross_lengths():

@@ -39,8 +39,10 @@ gives the same result for a batch of one, up to the factor max row sum = 1.
 Landmarks: position i belongs to segment floor(i m / N), so the m segments
 have floor(N/m) or ceil(N/m) positions and none is empty (m <= N is required).
 Q~_j, K~_j are the means over the segment's *unmasked* positions (masked
-positions are excluded from the means, as in lucidrains' implementation; a
-segment whose positions are all masked gets a zero landmark). When m divides
+positions are excluded from both means, as in lucidrains' implementation, so
+what sits at a padded position never reaches a real output; a segment whose
+positions are all masked gets a zero landmark). For cross-attention (M != N)
+``key_mask`` describes the keys only and Q~ averages every query. When m divides
 N this is the official segment mean (reshape to (m, N/m) and average); the
 official code requires that divisibility, lucidrains pads at the front.
 
@@ -95,7 +97,7 @@ class NystromCache(NamedTuple):
     csum: object     # (..., 1, 1) max column sum
     rsum: object     # (..., 1, 1) max row sum
     bv: object       # (..., m, dv)
-    avg_q: object    # (..., m, N) segment averaging matrix for queries
+    avg_q: object    # (..., m, N) segment averaging matrix for queries (masked positions excluded)
     avg_k: object    # (..., m, M) for keys (masked positions excluded)
     scale: float
     conv: object     # None or (conv_w (H, kernel), v padded (..., N + kernel - 1, dv), pad, key_mask)
@@ -224,7 +226,8 @@ def forward(q, k, v, *, conv_w=None, causal=False, key_mask=None, landmarks=64, 
             raise ValueError(f"conv_w (skip convolution on V) needs N == M, got N={n}, M={mlen}")
     scale = check_scale(scale, d)
     xp = get_namespace(q, k, v)
-    avg_q = segment_averages(n, m, xp, q.dtype)                    # (m, N)
+    q_mask = key_mask if n == mlen else None                       # self-attention: padded queries too
+    avg_q = segment_averages(n, m, xp, q.dtype, q_mask)            # (m, N) or (..., m, N)
     avg_k = segment_averages(mlen, m, xp, q.dtype, key_mask)       # (m, M) or (..., m, M)
     qt = avg_q @ q                                                 # (m, N) @ (..., N, d) -> (..., m, d): Q~
     kt = avg_k @ k                                                 # (..., m, d): K~
@@ -313,7 +316,7 @@ def reference(q, k, v, *, conv_w=None, causal=False, key_mask=None, landmarks=64
             rows.append((seg * w).sum(axis=-2) / xp.maximum(w.sum(axis=-2), 1.0))
         return xp.stack(rows, axis=-2)                        # (..., m, d)
 
-    qt, kt = means(q, n, None), means(k, mlen, key_mask)
+    qt, kt = means(q, n, key_mask if n == mlen else None), means(k, mlen, key_mask)
     allowed = None if key_mask is None else key_mask[..., None, :]
     f = softmax_forward((q * scale) @ kt.swapaxes(-1, -2))[0]          # (..., N, m)
     a = softmax_forward((qt * scale) @ kt.swapaxes(-1, -2))[0]         # (..., m, m)

@@ -39,8 +39,9 @@ Conventions (ours, with the references'):
   query i joins its nearest centroid's cluster and attends to the w most recent
   keys j <= i of that cluster (keys assigned by their nearest centroid too). Pass
   ``selection="topk"`` with ``causal=True`` to get the paper's rule.
-* key_mask: masked keys are never selected ahead of real keys (similarity -inf)
-  and get zero weight.
+* key_mask: masked positions are never selected ahead of real ones (similarity
+  -inf), as keys (they get zero weight) and as queries (a padded query never takes
+  a real query's place in a cluster, so padding cannot change a real output).
 
 Shapes: q, k (..., N, d), v (..., N, dv) (self-attention, M = N); centroids
 (c, d) shared by the heads or (H, c, d) one set per head.
@@ -237,8 +238,9 @@ def forward(q, k, v, *, causal=False, key_mask=None, centroids=None, window=None
     kn, lnk = layer_norm_forward(k, None, None, eps)                          # K <- LayerNorm(K)
     lead = q.shape[:-2]
     if selection == "topk":
-        q_idx = _topk_members(qn, mu, w)                                      # (..., c, w)
-        k_idx = _topk_members(kn, mu, w, None if key_mask is None else ~xp.broadcast_to(key_mask, lead + (n,)))
+        padded = None if key_mask is None else ~xp.broadcast_to(key_mask, lead + (n,))
+        q_idx = _topk_members(qn, mu, w, padded)                              # (..., c, w) real queries first
+        k_idx = _topk_members(kn, mu, w, padded)
         q_idx = xp.broadcast_to(q_idx, lead + q_idx.shape[-2:])
         k_idx = xp.broadcast_to(k_idx, lead + k_idx.shape[-2:])
         allowed = group_mask(q_idx, k_idx, n, n, causal=causal, key_mask=key_mask)   # (..., c, w, w)
@@ -332,7 +334,7 @@ def reference(q, k, v, *, causal=False, key_mask=None, centroids=None, window=No
     for a in range(c):
         qm, km_rows = [], []
         for li in every:
-            top_q = sorted(range(n), key=lambda t: (-float(sq[li + (t, a)]), t))[:w]
+            top_q = sorted(range(n), key=lambda t: (not real(li, t), -float(sq[li + (t, a)]), t))[:w]
             top_k = sorted(range(n), key=lambda t: (not real(li, t), -float(sk[li + (t, a)]), t))[:w]
             qm.append([t in top_q for t in range(n)])
             km_rows.append([t in top_k for t in range(n)])
