@@ -172,6 +172,62 @@ def test_sharp_soft_permutation_approaches_hard():
         assert np.abs(soft - hard).max() < tol
 
 
+def paper_formula(q, k, v, p, b, scale):
+    """out_i = softmax(Q_i [psi_S(K)_i; K_i]^T scale) [psi_S(V)_i; V_i] for every query block i,
+    psi_S(X)_i = sum_j P[i, j] X_j (X_j the j-th block), written block by block (N = N_B b)."""
+    lead, n, d = q.shape[:-2], q.shape[-2], q.shape[-1]
+    nb = n // b
+    blocks = lambda x: x.reshape(lead + (nb, b, x.shape[-1]))  # noqa: E731
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    out = np.zeros_like(qb)
+    for i in range(nb):
+        ks = np.einsum("...j,...jsd->...sd", p[..., i, :], kb)              # sorted block psi_S(K)_i
+        vs = np.einsum("...j,...jsd->...sd", p[..., i, :], vb)
+        keys = np.concatenate([ks, kb[..., i, :, :]], axis=-2)               # (..., 2b, d)
+        vals = np.concatenate([vs, vb[..., i, :, :]], axis=-2)
+        e = qb[..., i, :, :] @ np.swapaxes(keys, -1, -2) * scale
+        e = np.exp(e - e.max(-1, keepdims=True))
+        out[..., i, :, :] = (e / e.sum(-1, keepdims=True)) @ vals
+    return out.reshape(q.shape)
+
+
+@pytest.mark.parametrize("n_iters", [1, 8])
+def test_unpadded_default_is_the_papers_formula(n_iters):
+    """No padding, no mask: exactly the paper's softmax over [sorted block; own block] for the
+    soft P the mechanism used (P itself is tested against the probability-space loop above),
+    however far P is from doubly stochastic (1 iteration: far)."""
+    rng = np.random.default_rng(15)
+    n, b = 12, 3
+    q, k, v, params, config = sinkhorn_inputs(rng, n)
+    gumbel = rng.gumbel(size=(2, n // b, n // b))
+    out, cache = SPEC.forward(q, k, v, **params, block=b, n_iters=n_iters, gumbel=gumbel)
+    assert np.abs(cache.p.sum(-1) - 1).max() > 1e-6                     # P is not exactly stochastic
+    np.testing.assert_allclose(out, paper_formula(q, k, v, cache.p, b, 0.5), rtol=0, atol=1e-12)
+
+
+def test_padding_bias_downweights_padding_mixed_in_softly():
+    """With padding, the default biases each sorted slot by the log of its real fraction: padding
+    mixed in softly weighs less, and real outputs never see the padded values; padding_bias=False
+    is the plain formula over the zeroed padding."""
+    rng = np.random.default_rng(16)
+    n, b = 11, 3                                                         # the last block has one pad
+    q, k, v, params, config = sinkhorn_inputs(rng, n)
+    nb = -(-n // b)
+    gumbel = rng.gumbel(size=(2, nb, nb))
+    km = np.ones((2, 1, n), bool)
+    km[..., 4] = False
+    a, ca = SPEC.forward(q, k, v, **params, block=b, gumbel=gumbel, key_mask=km)
+    c, cc = SPEC.forward(q, k, v, **params, block=b, gumbel=gumbel, key_mask=km, padding_bias=False)
+    assert np.abs(a - c).max() > 1e-3                                    # the bias matters here
+    for out, cache in ((a, ca), (c, cc)):
+        np.testing.assert_allclose(SPEC.weights(cache) @ v, out, rtol=0, atol=1e-12)
+        w = SPEC.weights(cache)
+        assert np.all(w[..., 4] == 0)                                    # the masked key has no weight
+    errors = check_gradients(SPEC.forward, SPEC.backward, {"q": q, "k": k, "v": v, **params},
+                             {"block": b, "gumbel": gumbel, "key_mask": km}, rng=rng)
+    assert max(errors.values()) < 1e-6, errors
+
+
 def test_sortcut_with_hard_choice_equals_full_masked():
     rng = np.random.default_rng(6)
     n = 21

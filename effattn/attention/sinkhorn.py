@@ -71,10 +71,18 @@ constants for the backward (SortNet gets zero gradient).
 Padding and key_mask: masked or padded keys and values are zeroed before the
 mixing and excluded from the summaries. Sorted slot s of block i has the
 real-token mass mu[i,s] = sum_j P[i,j] m[j,s] (m = 1 for a real, unmasked key);
-its logit gets the bias log mu[i,s] (and mu = 0 means masked). So padding that
-is mixed in softly gets proportionally less weight, and with a hard P the
-result is exactly dense attention over the chosen real keys. Backward:
-dmu = sum_r dS[r, s] / mu, dP += dmu m^T.
+a slot with mu = 0 (only padding mixed in) is masked, and the slot's logit gets
+the bias log(mu[i,s] / sum_j P[i,j]), the log of the *real fraction* of what was
+mixed into it. Without padding or masks that fraction is exactly 1 and the bias
+exactly 0, so the result is the paper's formula (and the peer's)
+out_i = softmax(Q_i [psi_S(K)_i; K_i]^T / sqrt(d)) [psi_S(V)_i; V_i]; with padding,
+padding mixed in softly gets proportionally less weight, and with a hard P the
+result is exactly dense attention over the chosen real keys. ``padding_bias=False``
+drops the bias (zero-mass slots still masked): padding mixed in softly then
+counts as a zero key. (An earlier version biased by log mu itself; a soft P's
+rows sum to 1 only up to the Sinkhorn tolerance, 0.978-1.014 after 8 iterations,
+so that moved unpadded outputs off the paper's formula by ~1e-2.) Backward of the
+bias: with t_i = sum_j P[i,j], dmu = dS / mu and dP[i, j] += sum_s dmu[i,s] m[j,s] - sum_s dS[i,s] / t_i.
 
 Backward (all by hand). Local attention: :func:`effattn.nn.sparse.attend_backward`.
 Mixing: dP = dK_s K_blocks^T + dV_s V_blocks^T, dK_blocks += P^T dK_s (same for V).
@@ -143,6 +151,8 @@ class SinkhornCache(NamedTuple):
     soft: bool
     sortcut: object      # n_k or None
     lead: tuple
+    padding_bias: bool   # whether log(mass / total) was added to the sorted slots' logits
+    total: object        # (..., N_B) row sums of P
 
 
 # --------------------------------------------------------------------------- draws, parameters, sizes
@@ -290,7 +300,7 @@ def _attend_sortcut(qb, ks, vs, slot_ok, slot_bias, pos, n, nk, scale):
 # --------------------------------------------------------------------------- kernel
 @forward_of("sinkhorn")
 def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_iters=8, tau=0.75,
-            gumbel=None, sortcut=None, hard=False, perm=None, scale=None):
+            gumbel=None, sortcut=None, hard=False, perm=None, scale=None, padding_bias=True):
     """Sparse Sinkhorn attention (self-attention: M == N).
 
     q, k (..., N, d), v (..., N, dv); params W1 (d, d_h), b1 (d_h,), W2 (d_h, L>=N_B),
@@ -305,6 +315,7 @@ def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_it
     n_iters = check_int("n_iters", n_iters)
     tau = check_positive_float("tau", tau)
     hard = check_bool("hard", hard)
+    padding_bias = check_bool("padding_bias", padding_bias)
     scale = check_scale(scale, d)
     xp = get_namespace(q, k, v)
     nb = -(-n // b)
@@ -328,8 +339,13 @@ def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_it
     vs = (p @ vzf).reshape(lead + (nb, b, dv))
     realf = real.astype(q.dtype)
     mass = p @ realf                                                     # (..., N_B, b): real-token mass of a sorted slot
-    slot_ok = mass > 0
-    slot_bias = xp.log(xp.where(slot_ok, mass, 1.0))                     # log mass: padding drawn softly is down-weighted
+    slot_ok = mass > 0                                                   # a slot of padding only is masked
+    total = p.sum(axis=-1)                                               # (..., N_B): what each sorted block mixed
+    if padding_bias:                                                     # log real fraction: 0 without padding
+        frac = mass / xp.where(total > 0, total, 1.0)[..., None]
+        slot_bias = xp.log(xp.where(slot_ok, frac, 1.0))
+    else:
+        slot_bias = xp.zeros_like(mass)
 
     if sortcut is None:
         out, acache = _attend_sorted_and_own(qb, ks, vs, kb, vb, slot_ok, slot_bias, pos, n, causal, key_mask, scale)
@@ -337,7 +353,7 @@ def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_it
         out, acache = _attend_sortcut(qb, ks, vs, slot_ok, slot_bias, pos, n, sortcut, scale)
     out = out.reshape(lead + (nb * b, dv))[..., :n, :]
     cache = SinkhornCache(acache, balancing, p, kzf, vzf, mk, realf, mass, mlp, (W1, b1, W2, b2), n, b, nb, tau,
-                          causal, balancing is not None, sortcut, lead)
+                          causal, balancing is not None, sortcut, lead, padding_bias, total)
     return out, cache
 
 
@@ -368,8 +384,13 @@ def _soft_mixing_backward(dksf, dvsf, dbias, c):
     the gradient of every block summary (..., N_B, d)."""
     xp = get_namespace(dksf)
     dp = dksf @ c.kz.swapaxes(-1, -2) + dvsf @ c.vz.swapaxes(-1, -2)      # dP = dK_s K^T + dV_s V^T (..., N_B, N_B)
-    dmass = xp.where(c.mass > 0, dbias / xp.where(c.mass > 0, c.mass, 1.0), 0.0)   # bias = log(mass)
-    dp += dmass @ c.realf.swapaxes(-1, -2)                              # mass = P real: (..., N_B, b) @ (..., b, N_B)
+    if c.padding_bias:                                                  # bias = log(mass) - log(total)
+        ok = c.mass > 0
+        dbias = xp.where(ok, dbias, 0.0)
+        dmass = xp.where(ok, dbias / xp.where(ok, c.mass, 1.0), 0.0)
+        dp += dmass @ c.realf.swapaxes(-1, -2)                          # mass = P real: (..., N_B, b) @ (..., b, N_B)
+        dtotal = -dbias.sum(axis=-1) / xp.where(c.total > 0, c.total, 1.0)         # (..., N_B)
+        dp += dtotal[..., :, None]                                      # total = P 1
     dla = sinkhorn_backward(dp * c.p, c.balancing)                      # d log P = P * dP
     dr = dla * (1.0 / c.tau)                                            # log_alpha = (R + eps) / tau
     gm = mlp_backward(dr, c.mlp)                                        # SortNet backward
