@@ -16,15 +16,17 @@ def loop_oracle(q, k, v, qg, kg, vg, w, dils, gpos, causal, key_mask):
     bsz, heads, n, d = q.shape
     out = np.zeros(v.shape)
     km = np.ones((bsz, 1, n), bool) if key_mask is None else np.broadcast_to(key_mask, (bsz, 1, n))
+    per_batch = isinstance(gpos, list)                 # one global set per batch element (global_mask)
     for b in range(bsz):
+        g = set(gpos[b]) if per_batch else set(gpos)
         for h in range(heads):
             delta = dils[h] if len(dils) > 1 else dils[0]
             for i in range(n):
-                if i in gpos:           # global row: q_global_i against k_global of every position
+                if i in g:              # global row: q_global_i against k_global of every position
                     keys = [j for j in range(n) if (not causal or j <= i)]
                     qi, kk, vv = qg[b, h, i], kg[b, h], vg[b, h]
                 else:                   # dilated band + the global positions, local projections
-                    keys = {i + t * delta for t in range(-w, w + 1)} | set(gpos)
+                    keys = {i + t * delta for t in range(-w, w + 1)} | g
                     keys = [j for j in sorted(keys) if 0 <= j < n and (not causal or j <= i)]
                     qi, kk, vv = q[b, h, i], k[b, h], v[b, h]
                 keys = [j for j in keys if km[b, 0, j]]
@@ -58,6 +60,59 @@ def test_forward_matches_loop_oracle(n, w, dils, gpos, separate, causal):
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-10)
     dense = lf.reference(q, k, v, w=w, dilation=dils, global_positions=gpos, causal=causal, key_mask=key_mask, **extra)
     np.testing.assert_allclose(dense, ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("separate", [False, True])
+def test_a_global_set_per_batch_element(causal, separate):
+    """global_mask (B, N), HuggingFace's global_attention_mask: each element its own global
+    tokens (questions of different lengths), two elements sharing one set, one with none."""
+    rng = np.random.default_rng(7)
+    n, bsz = 15, 4
+    q, k, v, qg, kg, vg = _inputs(rng, bsz, 2, n, 4, separate)
+    sets = [[0, 1, 2], [0], [0, 1, 2], []]
+    gm = np.zeros((bsz, n), bool)
+    for b, g in enumerate(sets):
+        gm[b, g] = True
+    key_mask = rng.random((bsz, 1, n)) > 0.25
+    key_mask[:, :, 0] = True
+    extra = {"q_global": qg, "k_global": kg, "v_global": vg} if separate else {}
+    config = {"w": 2, "dilation": (1, 2), "global_mask": gm, "causal": causal, "key_mask": key_mask}
+    out, cache = lf.forward(q, k, v, **config, **extra)
+    np.testing.assert_allclose(out, loop_oracle(q, k, v, qg, kg, vg, 2, (1, 2), sets, causal, key_mask), rtol=0,
+                               atol=1e-10)
+    np.testing.assert_allclose(lf.reference(q, k, v, **config, **extra), out, rtol=0, atol=1e-10)
+    pat = lf.pattern(cache)                                                   # (B, H, N, N)
+    for b, g in enumerate(sets):
+        np.testing.assert_array_equal(pat[b], lf.build_pattern(n, w=2, dilation=(1, 2), global_positions=g,
+                                                               causal=causal))
+    if not separate:
+        np.testing.assert_allclose(lf.weights(cache) @ v, out, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal,separate", [(False, True), (True, False)])
+def test_gradients_with_a_global_set_per_batch_element(causal, separate):
+    rng = np.random.default_rng(8)
+    n = 8
+    q, k, v, qg, kg, vg = _inputs(rng, 3, 1, n, 2, separate)
+    gm = np.zeros((3, n), bool)
+    gm[0, [0, 5]] = gm[2, [0, 5]] = gm[1, 3] = True
+    key_mask = np.ones((3, 1, n), bool)
+    key_mask[1, :, 6] = False
+    extra = {"q_global": qg, "k_global": kg, "v_global": vg} if separate else {}
+    errors = check_gradients(lf.forward, lf.backward, {"q": q, "k": k, "v": v, **extra},
+                             {"w": 2, "global_mask": gm, "causal": causal, "key_mask": key_mask}, rng=rng)
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_global_mask_errors_name_it():
+    q = np.zeros((2, 1, 6, 3))
+    with pytest.raises(ValueError, match="not both"):
+        lf.forward(q, q, q, w=2, global_positions=(0,), global_mask=np.zeros((2, 6), bool))
+    with pytest.raises(ValueError, match="global_mask must have shape"):
+        lf.forward(q, q, q, w=2, global_mask=np.zeros((3, 6), bool))
+    with pytest.raises(ValueError, match="global_mask must be a boolean"):
+        lf.forward(q, q, q, w=2, global_mask=np.zeros((2, 6)))
 
 
 def test_huggingface_projection_convention():

@@ -46,7 +46,11 @@ Conventions: ``w`` is the one-sided window, as in the paper's
 locations on each side"). HuggingFace's ``config.attention_window`` is the
 two-sided size: ``w = attention_window // 2`` (``one_sided_attn_window_size``).
 HuggingFace has no dilation (only the original TVM kernel does);
-``dilation`` is an int or one int per head.
+``dilation`` is an int or one int per head. The global set is one for the whole
+call (``global_positions``) or one per batch element (``global_mask`` (B, N) bool,
+HuggingFace's ``global_attention_mask > 0``: a question's tokens are global, and
+questions differ in length); elements that share a set are computed together,
+so the cost is one call per distinct set.
 
 Implementation (never N x N): per head, positions are reordered by residue
 modulo delta, so the dilated band becomes a plain band of width w inside each
@@ -77,7 +81,7 @@ from __future__ import annotations
 import numbers
 from typing import NamedTuple
 
-from ..backend import asarray, get_namespace
+from ..backend import asarray, get_namespace, to_numpy
 from ..validate import check_bool, check_float_array, check_int, check_qkv, check_scale
 from ..nn.functional import softmax_forward
 from ..nn.blockwise import neighbour_blocks, neighbour_blocks_backward
@@ -205,14 +209,63 @@ def _check_globals(q, k, v, q_global, k_global, v_global):
 
 
 @forward_of("longformer")
-def forward(q, k, v, *, w, dilation=1, global_positions=(), q_global=None, k_global=None, v_global=None,
-            causal=False, key_mask=None, scale=None):
+def forward(q, k, v, *, w, dilation=1, global_positions=(), global_mask=None, q_global=None, k_global=None,
+            v_global=None, causal=False, key_mask=None, scale=None):
     """Longformer attention.
 
     q, k (..., N, d), v (..., N, dv); w one-sided window (int >= 1); dilation int or one per head;
-    global_positions sequence of ints in [0, N); q_global, k_global (..., N, d), v_global (..., N, dv)
-    optional separate global projections; key_mask (..., N) bool. Returns out (..., N, dv), cache.
+    global_positions sequence of ints in [0, N), the same for every batch element, or instead
+    global_mask bool (B, N) (B = q.shape[0]; HuggingFace's ``global_attention_mask``), one set per
+    batch element; q_global, k_global (..., N, d), v_global (..., N, dv) optional separate global
+    projections; key_mask (..., N) bool. Returns out (..., N, dv), cache.
     """
+    if global_mask is None:
+        return _forward(q, k, v, w=w, dilation=dilation, global_positions=global_positions, q_global=q_global,
+                        k_global=k_global, v_global=v_global, causal=causal, key_mask=key_mask, scale=scale)
+    check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
+    groups = _batch_groups(global_mask, global_positions, q)
+    xp = get_namespace(q, k, v)
+    parts = []
+    out = xp.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
+    for positions, idx in groups:                  # elements with the same global set run together
+        sel = xp.asarray(idx)
+        take = lambda x, sel=sel: x if x is None or x.ndim < q.ndim - 1 or x.shape[0] == 1 else x[sel]  # noqa: E731
+        o, c = _forward(q[sel], k[sel], v[sel], w=w, dilation=dilation, global_positions=positions,
+                        q_global=take(q_global), k_global=take(k_global), v_global=take(v_global), causal=causal,
+                        key_mask=take(key_mask), scale=scale)
+        out[sel] = o
+        parts.append((sel, c))
+    return out, PerBatchCache(tuple(parts), tuple(q.shape[:-2]), q.shape[-2])
+
+
+class PerBatchCache(NamedTuple):
+    """The cache of a call with ``global_mask``: one :class:`LongformerCache` per group of batch
+    elements that share a global set, with the indices of the group on axis 0."""
+    groups: tuple       # ((indices (g,), LongformerCache), ...)
+    lead: tuple
+    n: int
+
+
+def _batch_groups(global_mask, global_positions, q):
+    """Group the batch elements by their global set: [(positions tuple, [indices]), ...]."""
+    if global_positions not in (None, ()):
+        raise ValueError("give global_positions (one set for all) or global_mask (one per batch element), not both")
+    n = q.shape[-2]
+    if not hasattr(global_mask, "dtype") or global_mask.dtype.kind != "b":
+        raise ValueError(f"global_mask must be a boolean array (B, N), got "
+                         f"{getattr(global_mask, 'dtype', type(global_mask).__name__)}")
+    if q.ndim < 3 or global_mask.ndim != 2 or tuple(global_mask.shape) != (q.shape[0], n):
+        raise ValueError(f"global_mask must have shape (B, N) = ({q.shape[0] if q.ndim >= 3 else 'B'}, {n}) for q "
+                         f"{tuple(q.shape)} (batch on axis 0), got {tuple(global_mask.shape)}")
+    rows = to_numpy(global_mask)
+    groups = {}
+    for b in range(rows.shape[0]):
+        groups.setdefault(tuple(int(i) for i in rows[b].nonzero()[0]), []).append(b)
+    return list(groups.items())
+
+
+def _forward(q, k, v, *, w, dilation, global_positions, q_global, k_global, v_global, causal, key_mask, scale):
+    """Longformer attention with one global set for the whole batch (see :func:`forward`)."""
     n, _, d, dv = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
     causal = check_bool("causal", causal)
     w = min(check_int("w", w), n)                                         # a window beyond N reaches every token
@@ -264,6 +317,31 @@ def forward(q, k, v, *, w, dilation=1, global_positions=(), q_global=None, k_glo
 @backward_of("longformer")
 def backward(dout, cache):
     """Gradients {"q", "k", "v"} (+ "q_global", "k_global", "v_global" when given)."""
+    if isinstance(cache, PerBatchCache):
+        return _per_batch(cache, lambda c, sel: _backward(dout[sel], c), dout)
+    return _backward(dout, cache)
+
+
+def _per_batch(cache, fn, like):
+    """Run ``fn(group cache, indices)`` per group and put the results back on axis 0."""
+    xp = get_namespace(like)
+    b = cache.lead[0]
+    result = None
+    for sel, c in cache.groups:
+        part = fn(c, sel)
+        if result is None:
+            shape = lambda a: (b,) + tuple(a.shape[1:])  # noqa: E731
+            result = ({k: xp.zeros(shape(a), dtype=a.dtype) for k, a in part.items()} if isinstance(part, dict)
+                      else xp.zeros(shape(part), dtype=part.dtype))
+        if isinstance(part, dict):
+            for k, a in part.items():
+                result[k][sel] = a
+        else:
+            result[sel] = xp.broadcast_to(part, (len(sel),) + tuple(result.shape[1:]))
+    return result
+
+
+def _backward(dout, cache):
     band, glob, lay, gidx, n, w, causal, separate, lead, (d, dv) = cache
     xp = get_namespace(dout)
     gb = lay.blocks
@@ -295,6 +373,12 @@ def backward(dout, cache):
 def weights(cache):
     """The (..., N, N) matrix W with out == W @ v (rows of global positions are over
     v_global when separate global projections were given)."""
+    if isinstance(cache, PerBatchCache):
+        return _per_batch(cache, lambda c, sel: _weights(c), cache.groups[0][1].band.p)
+    return _weights(cache)
+
+
+def _weights(cache):
     band, glob, lay, gidx, n, *_ = cache
     kpos = lay.kpos
     if glob is not None:
@@ -322,7 +406,19 @@ def build_pattern(n, *, w, dilation=1, global_positions=(), causal=False, xp=Non
 
 @reads_cache("longformer")
 def pattern(cache):
-    """Support of the attention (without key_mask): band | global rows | global columns."""
+    """Support of the attention (without key_mask): band | global rows | global columns;
+    (B, [H,] N, N) with one global set per batch element (``global_mask``)."""
+    if isinstance(cache, PerBatchCache):
+        extra = len(cache.lead) - 1
+
+        def one(c, sel):
+            p = _pattern(c)
+            return p.reshape((1,) * (extra + 2 - p.ndim) + tuple(p.shape))[None]   # (1, [H or 1,] N, N)
+        return _per_batch(cache, one, cache.groups[0][1].band.p)
+    return _pattern(cache)
+
+
+def _pattern(cache):
     lay, gidx = cache.layout, cache.gidx
     xp = get_namespace(cache.band.p)
     dils = tuple(int(x) for x in lay.dil.reshape(-1).tolist())
@@ -330,30 +426,34 @@ def pattern(cache):
                          global_positions=gidx.tolist(), causal=cache.causal, xp=xp)
 
 
-def reference(q, k, v, *, w, dilation=1, global_positions=(), q_global=None, k_global=None, v_global=None,
-              causal=False, key_mask=None, scale=None):
+def reference(q, k, v, *, w, dilation=1, global_positions=(), global_mask=None, q_global=None, k_global=None,
+              v_global=None, causal=False, key_mask=None, scale=None):
     """Dense O(N^2) oracle: builds the N x N scores of the local and of the global projections
-    and takes, per row, the paper's / HuggingFace's rule."""
+    and takes, per row, the paper's / HuggingFace's rule (global_mask: per batch element)."""
     n, _, d, _ = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
     xp = get_namespace(q, k, v)
     scale = check_scale(scale, d)
     separate = q_global is not None
     dils = _dilations(dilation, q)
-    is_g = membership(_global_positions(global_positions, n), n, xp)
+    if global_mask is None:
+        is_g = membership(_global_positions(global_positions, n), n, xp)                 # (N,)
+    else:
+        _batch_groups(global_mask, global_positions, q)                                  # the same checks
+        is_g = global_mask.reshape((q.shape[0],) + (1,) * (q.ndim - 3) + (n,))            # (B, 1.., N)
     dil = xp.asarray(dils).reshape(-1, 1, 1)
     i = xp.arange(n)[:, None]
     j = xp.arange(n)[None, :]
     keep = xp.ones((n, n), dtype=bool) if not causal else (j <= i)
     if key_mask is not None:
         keep = keep & key_mask[..., None, :]
-    local = (((abs(j - i) <= w * dil) & ((j - i) % dil == 0)) | is_g[None, :]) & keep   # band or a global key
+    local = (((abs(j - i) <= w * dil) & ((j - i) % dil == 0)) | is_g[..., None, :]) & keep   # band or a global key
     s = (q @ k.swapaxes(-1, -2)) * scale                                                  # (..., N, N)
     p, _, _ = softmax_forward(s, xp.broadcast_to(local, s.shape))
     out = p @ v
     qg, kg, vg = (q_global, k_global, v_global) if separate else (q, k, v)
     sg = (qg @ kg.swapaxes(-1, -2)) * scale                                               # (..., N, N)
     pg, _, _ = softmax_forward(sg, xp.broadcast_to(keep, sg.shape))
-    return xp.where(is_g[:, None], pg @ vg, out)
+    return xp.where(is_g[..., :, None], pg @ vg, out)
 
 
 # --------------------------------------------------------------------------- setup and examples
