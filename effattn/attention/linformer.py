@@ -54,6 +54,14 @@ Backward (P_bar from :func:`effattn.nn.sparse.attend_forward`):
     K_p = E_M K~ (K~ = K masked)  =>  dE_M = dK_p K~^T,  dK~ = E_M^T dK_p,  dK = dK~ * mask
     V_p = F_M V~                  =>  dF_M = dV_p V~^T,  dV~ = F_M^T dV_p,  dV = dV~ * mask
     dE = [dE_M, 0] (k, N_max), summed over batch (and heads when shared).
+
+Peer mapping (lucidrains ``linformer`` 0.2.3, ``LinformerSelfAttention(dim, seq_len, k, heads,
+one_kv_head, share_kv)``): its ``proj_k``, ``proj_v`` of shape (seq_len, k) are E^T, F^T
+(k, N_max = seq_len), one pair for all heads (``sharing="headwise"``; the peer has no per-head
+"none"), sliced to the first N rows when N < seq_len like ours; ``share_kv=True`` is
+``sharing="key_value"`` with v = k; ``one_kv_head=True`` is k, v repeated over the heads. With
+q, k, v from the peer's own projections and out taken before its ``to_out``, out and the
+gradients of q, k, v, E, F agree to 1.3e-15 (fixtures ``linformer__lucidrains_linformer__*``).
 """
 from __future__ import annotations
 

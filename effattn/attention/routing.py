@@ -22,7 +22,8 @@ Conventions (ours, with the references'):
 
 * attention uses the layer-normalised q and k (the paper's Algorithm 1) with scale
   d^-0.5 (``scale=`` overrides). lucidrains' ``routing_transformer`` l2-normalises
-  for the k-means, then attends with the raw q and the l2-normalised k (shared QK).
+  for the k-means, then attends with the raw q and k (``shared_qk=False``) or the raw q
+  and the l2-normalised k (``shared_qk=True``, which also masks a query's own key).
 * balanced clusters: each cluster takes its w nearest queries and w nearest keys
   (top-w of the similarity to the centroid, ties to the earlier position) — a
   token may be in several clusters or in none. Its output is the *mean* of its
@@ -42,6 +43,20 @@ Conventions (ours, with the references'):
 * key_mask: masked positions are never selected ahead of real ones (similarity
   -inf), as keys (they get zero weight) and as queries (a padded query never takes
   a real query's place in a cluster, so padding cannot change a real output).
+
+Peer mapping (lucidrains ``routing-transformer`` 1.6.1,
+``routing_transformer.routing_transformer.KmeansAttention(num_clusters, window_size, num_heads,
+head_dim, causal, shared_qk=False)``, eval mode): its k-means ``means`` (H, c, d) = ``centroids``,
+window_size = ``window``, its top-w per cluster = ``selection="topk"`` (causal too). It attends
+with the q, k it is given, so we feed it LayerNorm(q), LayerNorm(k) (no affine, ``eps``); its
+routing on their l2-normalised rows then picks our memberships (the rows' norms differ only by
+O(eps); same sets checked). Two differences remain: its ``scatter_mean`` divides by
+count + 1e-5 (out and gradients ~1e-5 relative: 1.6e-5 and 2.4e-5 measured; undone, 2e-15), and
+in causal mode it forces one learned memory key/value per cluster that every query sees (O(1)
+difference: 2.7 measured with its random init; the fixture gives that key zero weight). Not
+matched: raw q, k (we layer-normalise: 1.8 measured), ``shared_qk=True`` (2.8), and ``key_mask``
+(it selects masked keys into a cluster's top-w and then masks them; ours ranks them last: 1.5).
+Fixtures ``routing__lucidrains_routing_transformer__*``.
 
 Shapes: q, k (..., N, d), v (..., N, dv) (self-attention, M = N); centroids
 (c, d) shared by the heads or (H, c, d) one set per head.
