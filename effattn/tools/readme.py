@@ -1,4 +1,5 @@
-"""The README's generated parts: the table of mechanisms, the measured-scaling table, the gallery.
+"""The README's generated parts: the table of mechanisms, the measured-scaling table, the parity
+table (from the fixtures of ``tests/parity``), the gallery.
 
 ``python -m effattn readme`` rewrites each between its ``<!-- marker:start -->`` and
 ``<!-- marker:end -->`` comments; ``tests/test_readme.py`` checks they are current.
@@ -11,6 +12,7 @@ import os
 import re
 
 from .. import registry
+from . import parity
 from .bench import fit_exponent
 
 
@@ -72,6 +74,8 @@ def update(path="README.md", figures_dir="figures"):
     scaling_csv = os.path.join(figures_dir, "scaling.csv")
     if os.path.exists(scaling_csv) and "<!-- scaling:start -->" in text:
         blocks.append(("scaling", scaling_table(scaling_csv)))
+    if parity.all_fixtures() and "<!-- parity:start -->" in text:
+        blocks.append(("parity", parity.markdown_table()))
     for marker, body in blocks:
         pat = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
         if not pat.search(text):
