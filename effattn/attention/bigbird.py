@@ -57,6 +57,20 @@ dS = P (dP - rowsum(dO O)), dQ = scale dS K, dK = scale dS^T Q); the key
 gradients go back by slice additions (window), a sum over query blocks
 (global key blocks) and a scatter-add over the random block indices
 (``scatter_rows``, the only ``add.at``: O(N r d)).
+
+Peer mapping (HuggingFace transformers 5.24.0,
+``transformers.models.big_bird.modeling_big_bird.BigBirdBlockSparseAttention``; fixtures
+``tests/parity/fixtures/bigbird__hf_big_bird__*``): ``block = config.block_size``; its
+train-mode ``rand_attn`` (H, n_b - 2, r) through :func:`from_huggingface` gives
+``random_blocks`` (H, n_b, r) and ``global_blocks = (0, n_b - 1)``; q, k, v are its per-head
+projections, out its context layer before the output projection; N is padded to a multiple of
+b as ``BigBirdModel._pad_to_block_size`` does. Its draws never repeat a block or hit the window
+or a global block (checked for n_b 10 to 16, r 1 to 3), so its concatenated key list is the
+union here. Its additive -10000 on masked keys gives them exactly zero weight in float64. Out and
+gradients agree to 4.4e-16. One difference: HF multiplies the output by ``from_mask``, so the rows
+of masked queries are 0. Here a masked query attends like any other (up to 0.64 on those rows in
+the ``padding`` fixture; the real rows, and the gradients with dout 0 on the masked rows, agree to
+4.4e-16). A repeated random block would count twice in HF's softmax and once here.
 """
 from __future__ import annotations
 

@@ -65,6 +65,13 @@ softmax weight; 0.16 max difference at N = 14, window 4, in the last two blocks)
 Pass the peer a mask (or N a multiple of the window) to match. ``exact_windowsize=True`` (a
 per-token band) is not this kernel's rule.
 
+HuggingFace Reformer's ``LocalSelfAttention`` (transformers 5.24) is the same kernel:
+``block = local_attn_chunk_length``, ``look_back = local_num_chunks_before``, ``look_ahead =
+local_num_chunks_after`` (it divides k by sqrt(d) where we scale the logits: 2e-16 apart), except
+that its windows wrap around (chunk 0 looks back at the last chunk): equal when causal (the
+wrapped keys are in the future and masked) or when the wrapped chunk is padding (fixtures
+``local__hf_reformer__*``, 2e-16); 0.22-0.49 apart when not causal without padding.
+
 Default ``look_back = 1``: with look_back = 0 the first query of every block
 sees only itself in the causal case and information never crosses a block
 border; one block of look-back (t2t, lucidrains) fixes both at 2x the cost.

@@ -52,6 +52,16 @@ HuggingFace's ``global_attention_mask > 0``: a question's tokens are global, and
 questions differ in length); elements that share a set are computed together,
 so the cost is one call per distinct set.
 
+Peer mapping (HuggingFace transformers 5.24 ``LongformerSelfAttention``): ``w =
+attention_window // 2``; its query/key/value -> q, k, v and query_global/key_global/
+value_global -> q_global, k_global, v_global (only the global rows of q_global are used;
+its gradient is 0 elsewhere in both); ``global_attention_mask`` -> ``global_mask`` (or
+``global_positions``), ``attention_mask`` -> ``key_mask``; N padded as
+``LongformerModel._pad_to_window_size`` does. Out and gradients agree to float32 rounding
+(7e-8 and 1.2e-7: HF's softmax runs in float32; with that cast lifted, below 5e-16). One
+difference: HF zeroes the output rows of masked queries (``is_index_masked``); here a masked
+query attends like any other (fixtures ``longformer__hf_longformer__*`` compare real rows).
+
 Implementation (never N x N): per head, positions are reordered by residue
 modulo delta, so the dilated band becomes a plain band of width w inside each
 residue class; the reordered sequence is cut into blocks of w queries whose
