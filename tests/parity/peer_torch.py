@@ -1,0 +1,50 @@
+"""Parity fixtures against PyTorch's own attention: effattn ``full`` against
+``torch.nn.functional.scaled_dot_product_attention`` (the reference every fused kernel is held to).
+
+Mapping: q, k, v (B, H, N, d) as they are; ``is_causal=True`` -> ``causal=True``; a boolean
+``attn_mask`` (B, 1, 1, M) with True = take part -> ``key_mask`` (B, 1, M); the default scale
+1/sqrt(d) on both sides. Cases ``plain``, ``causal``, ``key_mask`` and ``cross`` (N != M).
+
+Run: ``cd /work/main && PYTHONPATH=/work/main:/work/main/tests/parity /work/peers/bin/python
+tests/parity/generate.py torch``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as TF
+
+from fixture import compare, save
+
+DT = torch.float64
+
+
+def sdpa_case(rng, case, *, b, h, n, m, d, causal=False, masked=False):
+    q, k, v = rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, m, d)), rng.standard_normal((b, h, m, d))
+    leaves = {name: torch.tensor(a, dtype=DT, requires_grad=True) for name, a in (("q", q), ("k", k), ("v", v))}
+    km = None
+    if masked:
+        km = rng.random((b, 1, m)) > 0.3
+        km[..., 0] = True
+    mask = None if km is None else torch.tensor(km[:, :, None, :])            # (B, 1, 1, M)
+    out = TF.scaled_dot_product_attention(leaves["q"], leaves["k"], leaves["v"], attn_mask=mask, is_causal=causal)
+    dout = rng.standard_normal(out.shape)
+    gs = torch.autograd.grad((out * torch.tensor(dout, dtype=DT)).sum(), list(leaves.values()))
+    name = f"full__torch_sdpa__{case}"
+    path = save(name, mechanism="full", peer="torch.nn.functional.scaled_dot_product_attention",
+                peer_version=torch.__version__, torch_version=torch.__version__, case=case,
+                config={"causal": causal}, array_config={} if km is None else {"key_mask": km},
+                inputs={"q": q, "k": k, "v": v}, out=out.detach().numpy(), dout=dout,
+                grads={nm: g.numpy() for nm, g in zip(leaves, gs)},
+                note="q, k, v as they are; is_causal -> causal; boolean attn_mask (B, 1, 1, M) -> key_mask (B, 1, M).")
+    r = compare(path)
+    print(f"{name}: out {r['out']:.2e}, " + ", ".join(f"{k} {v:.2e}" for k, v in r["grads"].items()))
+    return path
+
+
+def generate():
+    rng = np.random.default_rng(7)
+    return [sdpa_case(rng, "plain", b=2, h=2, n=9, m=9, d=4),
+            sdpa_case(rng, "causal", b=2, h=2, n=11, m=11, d=4, causal=True),
+            sdpa_case(rng, "key_mask", b=2, h=2, n=10, m=10, d=4, masked=True),
+            sdpa_case(rng, "cross", b=1, h=2, n=6, m=13, d=4, masked=True)]
