@@ -1,5 +1,6 @@
 """Performer: the implied matrix against its explicit construction from the paper's feature maps,
-chunked causal prefix sums against the per-step loop, and the statistics of the estimator."""
+chunked causal prefix sums against the per-step loop, the statistics of the estimator, and the
+stabiliser (issue 11): finite and exact at logits x 1e4, masked keys excluded, no causal leak."""
 import math
 
 import numpy as np
@@ -122,7 +123,7 @@ def test_causal_key_stabiliser_does_not_leak_and_stays_finite():
     out2, _ = performer.forward(q, k2, v, features=w, causal=True, chunk=8)
     assert np.array_equal(out[..., :10, :], out2[..., :10, :])
     assert np.isfinite(out2).all()
-    out3, _ = performer.forward(q, k * 1e3, v, features=w)   # non-causal: global key max keeps it finite
+    out3, _ = performer.forward(q, k * 1e3, v, features=w)   # non-causal: the per-feature key max keeps it finite
     assert np.isfinite(out3).all()
 
 
@@ -136,8 +137,8 @@ def test_features_are_unbiased_estimators_of_the_softmax_kernel(kernel):
 
 
 def test_causal_keys_cannot_overflow_in_float32_for_large_d():
-    """Keys placed right on a feature direction give the largest possible feature exp(|w|^2/2);
-    the data-free causal shift keeps it finite in float32 even for d = 256."""
+    """Keys placed right on a feature direction give the largest possible exponent |w|^2/2 (about d/2);
+    the causal shift by the running max keeps every feature <= 1 in float32 even for d = 256."""
     rng = np.random.default_rng(7)
     d, n = 256, 6
     w = performer.draw_features(rng, 32, d)
@@ -148,3 +149,194 @@ def test_causal_keys_cannot_overflow_in_float32_for_large_d():
     out64, _ = performer.forward(q, k, v, features=w, causal=True)
     assert np.isfinite(out32).all()
     np.testing.assert_allclose(out32, out64, rtol=1e-3, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- the stabiliser at huge logits
+def huge_case(seed, causal, masked, dtype):
+    """The issue-11 case: q and k x 100 (logits x 1e4), d = 8, m = 16 features per head, N = 33."""
+    import effattn
+    rng = np.random.default_rng(seed)
+    case = effattn.get("performer").example(rng, batch=2, heads=2, n=33, d=8, causal=causal)
+    km = rng.random((2, 1, 33)) > 0.3
+    km[..., 0] = True
+    q, k, v = (case.inputs[x] * c for x, c in (("q", 100.0), ("k", 100.0), ("v", 1.0)))
+    config = {**case.config, "features": case.config["features"].astype(dtype), "key_mask": km if masked else None}
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype), config
+
+
+def visible(key_mask, causal, lead, n):
+    """(*lead, N, N) bool: the unmasked keys each row attends to."""
+    vis = np.ones((n, n), dtype=bool) if key_mask is None else key_mask[..., None, :]
+    vis = vis & np.tril(np.ones((n, n), dtype=bool)) if causal else vis
+    return np.broadcast_to(vis, tuple(lead) + (n, n))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_huge_logits_stay_finite_and_exact(causal, masked, dtype):
+    """Before the fix: float64 with a key mask all-NaN for 13 of these 20 seeds (a masked key's feature
+    exp(.) = inf, times 0), float32 inf for all 20 (denominators subnormal or 0), causal every row 0
+    (every key feature underflowed). Now: every row is the convex combination the estimator defines,
+    equal to the log-space formula of :func:`performer.reference` (float64 to 1e-9; float32 to its
+    rounding of exponents ~1e4, against the float64 formula of the same rounded inputs)."""
+    for seed in range(20):
+        q, k, v, config = huge_case(seed, causal, masked, dtype)
+        out, cache = performer.forward(q, k, v, **config)
+        assert out.dtype == dtype and np.isfinite(out).all(), seed
+        ref = performer.reference(*(x.astype("float64") for x in (q, k, v)),
+                                  **{**config, "features": config["features"].astype("float64")})
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-9 if dtype == "float64" else 5e-3, err_msg=str(seed))
+        # a convex combination of the values of the unmasked keys each row sees: positive, normalised weights
+        vis = visible(config["key_mask"], causal, q.shape[:-2], q.shape[-2])
+        vv = np.broadcast_to(v[..., None, :, :].astype("float64"), vis.shape + v.shape[-1:])
+        lo = np.where(vis[..., None], vv, np.inf).min(axis=-2)
+        hi = np.where(vis[..., None], vv, -np.inf).max(axis=-2)
+        tol = 1e-12 if dtype == "float64" else 1e-5
+        assert np.all((out >= lo - tol) & (out <= hi + tol)), seed
+        W = performer.weights(cache)
+        assert np.isfinite(W).all() and W.min() >= 0 and np.all(W[~vis] == 0), seed
+        np.testing.assert_allclose(W.sum(axis=-1), 1, rtol=1e-5 if dtype == "float32" else 1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["positive", "hyperbolic"])
+def test_huge_logits_match_the_per_step_loop_for_every_chunk(kernel):
+    """Huge keys with ordinary ones here and there (a key far above the running max so far): chunks mix
+    rows of the fast part and rows of the exact scan; the result equals the per-step running-max
+    recurrence and the log-space formula."""
+    rng = np.random.default_rng(11)
+    q, k, v = (rng.standard_normal((2, 2, 29, 4)) for _ in range(3))
+    ordinary = np.zeros(29, dtype=bool)
+    ordinary[[4, 13, 22]] = True
+    k[..., ~ordinary, :] *= 100.0
+    q[1] *= 40.0
+    w = performer.draw_features(rng, 6, 4, heads=2)
+    km = rng.random((2, 1, 29)) > 0.25
+    km[0, :, :3] = False                                     # no key visible at the start of the first chunk
+    ref = performer.loop(q, k, v, features=w, causal=True, key_mask=km, kernel=kernel)
+    np.testing.assert_allclose(performer.reference(q, k, v, features=w, causal=True, key_mask=km, kernel=kernel),
+                               ref, rtol=0, atol=1e-11)
+    scanned = 0
+    for chunk in (1, 2, 4, 7, 29, 128):
+        out, cache = performer.forward(q, k, v, features=w, causal=True, key_mask=km, kernel=kernel, chunk=chunk)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-11, err_msg=f"chunk {chunk}")
+        np.testing.assert_allclose(performer.weights(cache) @ v, out, rtol=0, atol=1e-11)
+        scanned += int((~cache.kernel.safe).sum())
+    assert scanned > 0                                       # the exact scan did run
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_masked_key_above_the_real_ones_changes_nothing(causal, dtype):
+    """Real keys huge (x 100: exponents a ~ -1e4), the masked key ordinary, on a feature direction, or
+    huge: its exponent may be far above every real key's. It takes part in no max and no exp, so its
+    feature is exactly 0 (before: exp(a - max) = inf, times the mask's 0 = NaN)."""
+    rng = np.random.default_rng(12)
+    q, k, v = (rng.standard_normal((2, 2, 17, 8)) for _ in range(3))
+    k *= 100.0
+    w = performer.draw_features(rng, 16, 8, heads=2)
+    km = np.ones((2, 1, 17), dtype=bool)
+    km[:, :, 6] = False
+    cast = lambda *xs: [x.astype(dtype) for x in xs]
+    out, _ = performer.forward(*cast(q, k, v), features=w.astype(dtype), causal=causal, key_mask=km, chunk=5)
+    assert np.isfinite(out).all()
+    for masked_key in (np.zeros(8), w[0, 0] * 8 ** 0.25, np.full(8, 1e4)):
+        k2, v2 = k.copy(), v.copy()
+        k2[..., 6, :] = masked_key
+        v2[..., 6, :] = 1e4
+        out2, _ = performer.forward(*cast(q, k2, v2), features=w.astype(dtype), causal=causal, key_mask=km, chunk=5)
+        np.testing.assert_array_equal(out2, out)
+
+
+def test_fully_masked_batch_at_huge_logits_gives_zeros_and_finite_gradients():
+    for causal in (False, True):
+        for dtype in ("float64", "float32"):
+            q, k, v, config = huge_case(0, causal, True, dtype)
+            km = config["key_mask"].copy()
+            km[1] = False                                    # batch 1: every key masked
+            out, cache = performer.forward(q, k, v, **{**config, "key_mask": km})
+            assert np.isfinite(out).all() and np.all(out[1] == 0)
+            grads = performer.backward(np.ones_like(out), cache)
+            assert all(np.isfinite(g).all() for g in grads.values())
+            assert all(np.all(grads[x][1] == 0) for x in "qkv")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_stays_finite_and_close_for_large_d(causal):
+    """d = 256, ordinary inputs: the old data-free causal shift gave NaN rows in float32 here."""
+    rng = np.random.default_rng(13)
+    q, k, v = (rng.standard_normal((1, 2, 64, 256)) for _ in range(3))
+    w = performer.draw_features(rng, 64, 256, heads=2)
+    km = rng.random((1, 1, 64)) > 0.2
+    km[..., 0] = True
+    out64, _ = performer.forward(q, k, v, features=w, causal=causal, key_mask=km, chunk=16)
+    out32, _ = performer.forward(*(x.astype("float32") for x in (q, k, v)), features=w.astype("float32"),
+                                 causal=causal, key_mask=km, chunk=16)
+    assert np.isfinite(out32).all()
+    np.testing.assert_allclose(out32, out64, rtol=0, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- gradients of both causal paths
+@pytest.mark.parametrize("kernel", ["positive", "hyperbolic"])
+@pytest.mark.parametrize("headroom", [None, 0.5, 3.0])
+def test_gradients_with_key_mask_through_fast_part_and_exact_scan(kernel, headroom, monkeypatch):
+    """Finite differences with a key mask (leading masked keys, one batch fully masked): the default
+    (every row on the fast part for these moderate inputs), a tiny headroom (nearly every row on the exact
+    scan) and a mix. The stabilisers are constants of the backward; the output does not depend on them."""
+    if headroom is not None:
+        monkeypatch.setattr(performer, "_headroom", lambda xp, dtype: headroom)
+    rng = np.random.default_rng(14)
+    inputs = {x: rng.standard_normal((2, 2, 9, 3)) for x in "qkv"}
+    feats = performer.draw_features(rng, 5, 3, heads=2)
+    km = rng.random((2, 1, 9)) > 0.3
+    km[0, :, :2] = False
+    km[1, :, 0] = True
+    scanned = 0
+    for chunk in (1, 2, 4, 9):
+        config = {"features": feats, "kernel": kernel, "causal": True, "chunk": chunk, "key_mask": km}
+        errors = check_gradients(performer.forward, performer.backward, inputs, config, rng=rng)
+        assert max(errors.values()) < 1e-6, (chunk, errors)
+        scanned += int((~performer.forward(**inputs, **config)[1].kernel.safe).sum())
+    assert (scanned > 0) == (headroom is not None)
+    km_all = km.copy()
+    km_all[1] = False
+    config = {"features": feats, "kernel": kernel, "causal": False, "key_mask": km_all}
+    errors = check_gradients(performer.forward, performer.backward, inputs, config, rng=rng)
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_fast_part_and_exact_scan_agree(monkeypatch):
+    """Outputs and gradients of the two causal paths are the same numbers up to rounding."""
+    rng = np.random.default_rng(15)
+    q, k, v = (rng.standard_normal((2, 2, 23, 4)) for _ in range(3))
+    w = performer.draw_features(rng, 8, 4, heads=2)
+    km = rng.random((2, 1, 23)) > 0.3
+    dout = rng.standard_normal((2, 2, 23, 4))
+    fast, cf = performer.forward(q, k, v, features=w, causal=True, key_mask=km, chunk=6)
+    assert cf.kernel.pick is None                            # ordinary inputs: no chunk needs the scan
+    monkeypatch.setattr(performer, "_headroom", lambda xp, dtype: 0.0)
+    exact, ce = performer.forward(q, k, v, features=w, causal=True, key_mask=km, chunk=6)
+    assert ce.kernel.pick is not None
+    np.testing.assert_allclose(exact, fast, rtol=0, atol=1e-13)
+    gf, ge = performer.backward(dout, cf), performer.backward(dout, ce)
+    for x in "qkv":
+        np.testing.assert_allclose(ge[x], gf[x], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 20])
+def test_causal_outputs_before_a_huge_key_are_bit_for_bit_unchanged(chunk):
+    """A huge key at t (and anything else changed from t on) moves no bit of the outputs before t,
+    whichever path (fast part or exact scan) the rows from t on take."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 1, 20, 4)) for _ in range(3))
+    w = performer.draw_features(rng, 8, 4)
+    out, _ = performer.forward(q, k, v, features=w, causal=True, chunk=chunk)
+    for t in (0, 7, 10, 19):
+        for value in (50.0, 1e4):
+            k2, q2, v2 = k.copy(), q.copy(), v.copy()
+            k2[..., t, :] = value
+            q2[..., t:, :] *= 100.0
+            v2[..., t:, :] = 3.0
+            out2, _ = performer.forward(q2, k2, v2, features=w, causal=True, chunk=chunk)
+            assert np.isfinite(out2).all()
+            assert np.array_equal(out[..., :t, :], out2[..., :t, :]), (t, value)
