@@ -84,6 +84,19 @@ rows sum to 1 only up to the Sinkhorn tolerance, 0.978-1.014 after 8 iterations,
 so that moved unpadded outputs off the paper's formula by ~1e-2.) Backward of the
 bias: with t_i = sum_j P[i,j], dmu = dS / mu and dP[i, j] += sum_s dmu[i,s] m[j,s] - sum_s dS[i,s] / t_i.
 
+Peer mapping (lucidrains ``sinkhorn_transformer.SinkhornAttention`` 0.11.4 with
+``use_simple_sort_net=True, non_permutative=False``, fixtures
+``sinkhorn__lucidrains_sinkhorn_transformer__*``): bucket_size = ``block`` (kv_bucket_size with
+SortCut; query buckets must differ from kv buckets, or the peer adds the own bucket to SortCut),
+sinkhorn_iter = ``n_iters``, temperature = ``tau``, n_sortcut = ``sortcut``, its
+``sample_gumbel`` draw = ``gumbel``. Its SimpleSortNet ReLU([sum q; sum k] W) with a zero query
+half and a key half shared by the heads is W1 = key half, b1 = 0, W2 = I, b2 = 0. Two peer
+deviations are patched for the fixtures: logits log(R + 1e-6) instead of the paper's R (moves
+out by ~1), and sorted keys used as sorted values in the non-SortCut path (``b_v_r = b_k_r``,
+~1.7). With them patched, out and gradients (q, k, v, W1) agree within 3.1e-15 without padding,
+for the sorted + own bucket and for SortCut. Its causal variant (cumulative means,
+differentiable top-k, null keys) has no counterpart here.
+
 Backward (all by hand). Local attention: :func:`effattn.nn.sparse.attend_backward`.
 Mixing: dP = dK_s K_blocks^T + dV_s V_blocks^T, dK_blocks += P^T dK_s (same for V).
 Through P = exp(S): dS = P * dP. Through the Sinkhorn iterations, in reverse

@@ -41,6 +41,17 @@ attention matrix (h, k, N). Nothing of size N x N is allocated.
 Backward: out = MAB(S, Z'), Z' = rFF(Z): dZ' = dY_MAB, dZ = rFF'(dZ') (paper;
 official: dZ = dY_MAB), dS = dX_MAB summed over the batch axes (S is broadcast
 to every set).
+
+Peer mapping (tests/parity/peer_official.py): the official ``PMA`` of
+juho-lee/set_transformer ``modules.py`` (git 73432c6, torch 2.13, float64),
+``MAB(S, X)`` with no rFF on X, is ``form="official"``: ``PMA.S[0]`` -> ``S``,
+its ``mab`` -> ``mab_*`` with each ``nn.Linear`` weight transposed (``fc_q`` ->
+``Wq, bq``, ``fc_k`` -> ``Wk``, its bias cancelling in the softmax, ``fc_v`` ->
+``Wv, bv``, ``fc_o`` -> ``W1, b1``, ``ln0``/``ln1`` -> ``ln0_*``, ``ln1_*``),
+``num_heads`` -> ``heads``, ``num_seeds`` = k. Measured with ``ln=True``
+(2 heads, 2 seeds) and ``ln=False`` (1 head, 1 seed): out within 4.4e-16, every
+gradient within 1.8e-15 (tolerance 1e-10). The paper form (rFF on Z, W^O,
+residual on X, 1/sqrt(D/h)) has no official peer. No masks in the peer.
 """
 from __future__ import annotations
 
