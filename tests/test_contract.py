@@ -411,6 +411,20 @@ def test_inputs_without_batch_and_head_axes_work_or_are_refused_by_name(name):
     np.testing.assert_allclose(np64(out), np64(want), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_every_bad_input_of_every_family_is_refused(name):
+    """The same families, exhaustively (the property test above samples them with other seeds)."""
+    spec = effattn.get(name)
+    case = spec.example(np.random.default_rng(21), batch=1, heads=2, n=10, d=4)
+    families = bad_input_families(spec, case)
+    assert {f for f, _, _ in families} >= {"dtype", "rank"}
+    for family, arg, change in families:
+        inputs, config = apply_change(case, change)
+        with pytest.raises((ValueError, TypeError)) as info:
+            spec.forward(**inputs, **config)
+        assert arg in str(info.value), f"{name}: {family} {change!r} raised {info.value!r}, not naming {arg}"
+
+
 WINDOWED = [n for n in NAMES if effattn.get(n).windows]
 
 
