@@ -19,6 +19,11 @@ from .backend import get_namespace
 FLOAT_DTYPES = ("float32", "float64")
 
 
+class NonFiniteError(ValueError):
+    """An array holds NaN or inf (the message names it): raised by :func:`check_float_array`, so
+    that a caller such as the trainer can tell numbers that diverged from a wrong argument."""
+
+
 def is_floating(a) -> bool:
     return str(getattr(a, "dtype", None)) in FLOAT_DTYPES
 
@@ -35,7 +40,7 @@ def check_float_array(name, a, *, min_ndim=1, ndim=None, finite=True):
         raise ValueError(f"{name} must be a float32 or float64 array, got dtype {a.dtype}; "
                          f"convert it first, e.g. {name}.astype(numpy.float32)")
     if finite and a.size and not bool(get_namespace(a).isfinite(a).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+        raise NonFiniteError(f"{name} contains NaN or inf")
     return a
 
 

@@ -131,3 +131,39 @@ def test_bad_arguments():
     opt = SGD({"w": np.ones(2)}, lr=0.1)
     with pytest.raises(ValueError, match="shape"):
         opt.step({"w": np.ones(3)})
+
+
+@pytest.mark.parametrize("cls", [SGD, Adam])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_gradient_is_refused_and_changes_nothing(cls, bad):
+    rng = np.random.default_rng(3)
+    p = {"w": rng.standard_normal(3), "b": rng.standard_normal(2)}
+    opt = cls(p, lr=0.1, **({"momentum": 0.9} if cls is SGD else {}))
+    opt.step({"w": rng.standard_normal(3), "b": rng.standard_normal(2)})
+    params = {k: v.copy() for k, v in p.items()}
+    state = {k: np.array(v) for k, v in opt.state_dict().items()}
+    g = {"w": rng.standard_normal(3), "b": np.array([1.0, bad])}
+    with pytest.raises(ValueError, match="gradient of 'b' is not finite"):
+        opt.step(g)
+    assert all(np.array_equal(params[k], p[k]) for k in p)
+    after = opt.state_dict()
+    assert opt.t == 1 and all(np.array_equal(state[k], after[k]) for k in state)
+
+
+def test_clip_refuses_a_non_finite_norm_and_scales_nothing():
+    g = {"a": np.array([3.0, 4.0]), "b": np.array([np.inf])}
+    with pytest.raises(ValueError, match="gradient of 'b' is not finite"):
+        clip_grad_norm(g, 1.0)
+    assert np.array_equal(g["a"], [3.0, 4.0])
+    # finite float32 gradients whose squares overflow float32 still have a finite norm
+    big = {"a": np.full(4, 1e30, dtype=np.float32)}
+    assert clip_grad_norm(big, 1.0) == pytest.approx(2e30, rel=1e-6)
+    assert np.isfinite(big["a"]).all() and np.allclose(big["a"], 0.5)
+
+
+def test_state_dict_step_must_be_one_integer():
+    opt = Adam({"w": np.ones(2)})
+    state = {k: np.array(v) for k, v in opt.state_dict().items()}
+    for t in (np.zeros(3), np.array(1.5), np.array(-1)):
+        with pytest.raises(ValueError, match="step t must be one integer"):
+            opt.load_state_dict({**state, "t": t})

@@ -186,3 +186,56 @@ def test_command_line_and_train_model():
     assert r["model"].mode == "encoder" and r["task"].name == "listops"
     with pytest.raises(ValueError, match="unknown option"):
         train.train_model("copy", steps=1, nonsense=1)
+
+
+def test_fit_stops_at_a_non_finite_loss_naming_step_and_loss():
+    s = train.settings_from_args(args("--task", "copy", "--seq-len", "6", *TINY, "--lr", "1e30", "--clip", "0"))
+    task, model, opt, sched = train.build(s)
+    with np.errstate(all="ignore"), pytest.raises(train.Diverged, match=r"at step 2: loss nan .*at step 1") as e:
+        train.fit(model, task, opt, sched, np.random.default_rng(0), steps=5, progress=False)
+    assert e.value.step == 2 and opt.t == 1
+
+
+def test_load_checkpoint_refuses_bad_metadata_and_changes_nothing(tmp_path):
+    base = ["--task", "copy", "--seq-len", "6", *TINY]
+    ck = str(tmp_path / "ck.npz")
+    train.run_train(args(*base, "--save", ck))
+    s = train.settings_from_args(args(*base))
+    task, model, opt, sched = train.build(s)
+    before = {k: v.copy() for k, v in model.parameters()}
+    rng = np.random.default_rng([0, 2])
+    rng_before = rng.bit_generator.state
+    data = dict(np.load(ck))
+    meta = json.loads(str(data["meta"]))
+    for change, match in [({"rng": None}, "invalid generator state"), ({"rng": [1, 2]}, "invalid generator state"),
+                          ({"step": None}, "no valid metadata"), ({"step": "3"}, "no valid metadata"),
+                          ({"settings": "x"}, "no valid metadata")]:
+        bad = str(tmp_path / "bad.npz")
+        np.savez(bad, **{**data, "meta": np.array(json.dumps({**meta, **change}))})
+        with pytest.raises(ValueError, match=match):
+            train.load_checkpoint(bad, model, opt, rng, s)
+    np.savez(bad, **{**data, "meta": np.array("[1, 2]")})
+    with pytest.raises(ValueError, match="no valid metadata"):
+        train.load_checkpoint(bad, model, opt, rng, s)
+    npy = str(tmp_path / "x.npy")
+    np.save(npy, np.zeros(2))
+    with pytest.raises(ValueError, match="single array"):
+        train.load_checkpoint(npy, model, opt, rng, s)
+    assert all(np.array_equal(before[k], v) for k, v in model.parameters()) and opt.t == 0
+    assert rng.bit_generator.state == rng_before
+
+
+def test_save_checkpoint_is_atomic_and_leaves_no_temporary(tmp_path, monkeypatch):
+    s = train.settings_from_args(args("--task", "copy", "--seq-len", "6", *TINY))
+    task, model, opt, sched = train.build(s)
+    ck = tmp_path / "ck.npz"
+    train.save_checkpoint(str(ck), model, opt, 0, np.random.default_rng(0), s)
+    good = ck.read_bytes()
+    for exc in (OSError("disk full"), KeyboardInterrupt()):
+        def savez(fh, **arrays):
+            fh.write(b"PK partial")
+            raise exc
+        monkeypatch.setattr(train.np, "savez", savez)
+        with pytest.raises(type(exc)):
+            train.save_checkpoint(str(ck), model, opt, 1, np.random.default_rng(0), s)
+        assert ck.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["ck.npz"]

@@ -7,6 +7,12 @@ Their state (moments, step count) is a flat dict of arrays, so it goes into a
 ``.npz`` checkpoint beside the parameters; ``load_state_dict`` checks every
 name and shape before touching anything (never half-loaded).
 
+Non-finite numbers are refused, never spread: ``step`` raises
+:class:`NonFiniteGradient` (a ValueError naming the parameter) when a
+gradient holds NaN or inf, before changing the parameters or the state (the
+moments and the step count), and :func:`clip_grad_norm` raises it too,
+scaling nothing, instead of turning an infinite norm into NaN gradients.
+
 SGD with momentum (Polyak / PyTorch convention, ``v <- mu v + g``; ``p <- p - lr v``)
 and Adam (Kingma & Ba, 2015, https://arxiv.org/abs/1412.6980), with bias correction:
 
@@ -19,7 +25,7 @@ from __future__ import annotations
 import math
 
 from ..backend import get_namespace
-from ..validate import check_int
+from ..validate import NonFiniteError, check_int
 
 
 def _check_lr(lr):
@@ -28,17 +34,38 @@ def _check_lr(lr):
     return float(lr)
 
 
+class NonFiniteGradient(NonFiniteError):
+    """A gradient holds NaN or inf (the message names the parameter); nothing was changed."""
+
+
+def _nonfinite_names(grads):
+    return [k for k, g in grads.items() if not bool(get_namespace(g).isfinite(g).all())]
+
+
+def _refuse_nonfinite(grads):
+    bad = _nonfinite_names(grads)
+    if bad:
+        raise NonFiniteGradient(f"the gradient of {bad[0]!r} is not finite (NaN or inf)"
+                                + (f", and of {len(bad) - 1} more" if len(bad) > 1 else "")
+                                + "; nothing was changed")
+
+
 def clip_grad_norm(grads, max_norm):
     """Scale every gradient in place so the global L2 norm is at most ``max_norm``.
 
-    norm = sqrt(sum_i ||g_i||^2); if norm > max_norm: g_i <- g_i * max_norm / norm.
-    Returns the norm before clipping (a Python float).
+    norm = sqrt(sum_i ||g_i||^2) (summed in float64, so finite float32 gradients never give an
+    infinite norm); if norm > max_norm: g_i <- g_i * max_norm / norm. Returns the norm before
+    clipping (a Python float). A NaN or inf gradient raises :class:`NonFiniteGradient` naming the
+    parameter, and nothing is scaled.
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm must be positive, got {max_norm!r}")
     total = 0.0
     for g in grads.values():
-        total += float((g * g).sum())
+        g64 = g.astype("float64", copy=False)
+        total += float((g64 * g64).sum())
+    if not math.isfinite(total):
+        _refuse_nonfinite(grads)
     norm = math.sqrt(total)
     if norm > max_norm:
         scale = max_norm / (norm + 1e-12)
@@ -61,12 +88,15 @@ class Optimizer:
         self.state = {s: {k: get_namespace(p).zeros_like(p) for k, p in self.params.items()} for s in self.slots}
 
     def _check_grads(self, grads):
+        """Every parameter's gradient is present, of its shape and finite (:class:`NonFiniteGradient`
+        otherwise); checked before :meth:`step` changes anything."""
         missing = [k for k in self.params if k not in grads]
         if missing:
             raise ValueError(f"grads is missing {missing}")
         for k, p in self.params.items():
             if tuple(grads[k].shape) != tuple(p.shape):
                 raise ValueError(f"grads[{k!r}] has shape {tuple(grads[k].shape)}, expected {tuple(p.shape)}")
+        _refuse_nonfinite({k: grads[k] for k in self.params})
 
     def state_dict(self):
         """Flat dict: ``"t"`` plus ``"<slot>/<param name>"`` arrays."""
@@ -94,14 +124,18 @@ class Optimizer:
         wrong = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k])]
         if missing or extra or wrong:
             raise ValueError(f"optimizer state does not match: missing {missing}, unexpected {extra}, wrong shapes {wrong}")
-        t = int(state["t"])
-        if t < 0:
-            raise ValueError(f"optimizer step t must be >= 0, got {t}")
-        return t
+        t = state["t"]
+        kind = getattr(getattr(t, "dtype", None), "kind", "i" if isinstance(t, int) and not isinstance(t, bool) else "")
+        if kind not in ("i", "u") or getattr(t, "ndim", 0) != 0 or int(t) < 0:
+            raise ValueError(f"optimizer step t must be one integer >= 0, got {t!r}")
+        return int(t)
 
 
 class SGD(Optimizer):
-    """p <- p - lr v,  v <- momentum v + g  (plain SGD when momentum = 0)."""
+    """p <- p - lr v,  v <- momentum v + g  (plain SGD when momentum = 0).
+
+    ``step(grads)`` raises :class:`NonFiniteGradient` naming the parameter when a gradient is
+    NaN or inf, leaving the parameters, the velocity and the step count unchanged."""
 
     slots = ("velocity",)
 
@@ -122,7 +156,10 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam with bias correction (and optional decoupled weight decay, AdamW)."""
+    """Adam with bias correction (and optional decoupled weight decay, AdamW).
+
+    ``step(grads)`` raises :class:`NonFiniteGradient` naming the parameter when a gradient is
+    NaN or inf, leaving the parameters, the moments ``m``, ``v`` and the step count ``t`` unchanged."""
 
     slots = ("m", "v")
 

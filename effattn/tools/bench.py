@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import backend
 from ..registry import get, names
+from ..validate import check_int, check_positive_float
 
 DEFAULT_N = (1024, 2048, 4096, 8192, 16384)
 QUICK_N = (256, 512, 1024, 2048)
@@ -91,6 +92,7 @@ def measure(spec, n, *, d=64, dtype="float32", causal=False, repeats=3, clock="w
     equals the work done); "wall" is what a user waits. Kernels and layers alike."""
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {clock!r}")
+    repeats = check_int("repeats", repeats)
     tick = CLOCKS[clock]
     case = _case(spec, n, d, dtype, causal)
     out, cache = spec.forward(**case.inputs, **case.config)
@@ -137,9 +139,20 @@ def run(mech_names=None, ns=DEFAULT_N, *, d=64, dtype="float32", causal=False, r
 
     ``full`` is skipped above ``full_max_n`` (an N x N float32 matrix at 65536 is 16 GiB);
     a mechanism whose last point took longer than ``max_seconds`` skips its larger N.
+    Every size is checked first (ValueError naming it): ``ns`` needs two distinct positive
+    lengths at least, since an exponent is fitted through them.
     """
     from tqdm import tqdm
 
+    ns = [check_int("n", n) for n in ns]
+    if len(set(ns)) < 2:
+        raise ValueError(f"ns must hold at least two distinct lengths (an exponent cannot be fitted from one N), got {ns}")
+    check_int("d", d)
+    check_int("repeats", repeats)
+    check_int("full_max_n", full_max_n)
+    check_positive_float("max_seconds", max_seconds)
+    if threads is not None:
+        check_int("threads", threads)
     mech_names = list(mech_names or names())
     if "full" not in mech_names:
         mech_names = ["full"] + mech_names

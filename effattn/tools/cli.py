@@ -7,7 +7,17 @@
     python -m effattn train --task copy --attention full ...
     python -m effattn readme [--path README.md] [--figures figures]
 
-Errors print one clear line (``effattn: error: ...``) and exit with status 2.
+How a command ends, always in at most one line on stderr and never a traceback:
+
+====================  ======  =====================================================
+what happened         status  stderr
+====================  ======  =====================================================
+done                  0       (nothing; ``check`` exits 1 when a mechanism fails)
+bad argument / input  2       ``effattn: error: argument --repeats: ...`` (checked before any work)
+training diverged     1       ``effattn: error: training diverged at step 7: loss nan ...``
+Ctrl-C                130     ``effattn: interrupted`` (``train`` adds what it saved)
+stdout closed early   141     nothing (``python -m effattn list | head -1``)
+====================  ======  =====================================================
 """
 from __future__ import annotations
 
@@ -18,7 +28,60 @@ import sys
 
 from .. import registry
 
+PROG = "effattn"
 
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line, ``effattn: error: ...``, exit status 2 (the subcommands'
+    parsers inherit it)."""
+
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
+
+
+def _error(message, status=2):
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+# --------------------------------------------------------------------------- argument types
+def _number(kind, minimum, strict=False):
+    """An argparse ``type=``: ``kind`` (int or float) >= ``minimum`` (> when ``strict``), finite."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__          # argparse names the type in its own messages
+    return parse
+
+
+positive_int = _number(int, 1)
+positive_float = _number(float, 0.0, strict=True)
+
+
+def out_folder(text):
+    """An argparse ``type=``: a folder to write into (made if missing); an existing file is refused."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    return text
+
+
+class _TwoOrMore(argparse.Action):
+    """``nargs="+"`` that needs at least two distinct values (an exponent is a slope: two points at least)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(set(values)) < 2:
+            raise argparse.ArgumentError(self, f"give at least two distinct lengths (a scaling exponent cannot be "
+                                               f"fitted from one N), got {' '.join(map(str, values))}")
+        setattr(namespace, self.dest, values)
+
+
+# --------------------------------------------------------------------------- commands
 def _selected(only):
     names = only or registry.names()
     for n in names:
@@ -106,7 +169,7 @@ def _quick_n():
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m effattn", description="effattn: the Efficient Transformers survey in NumPy")
+    p = _Parser(prog="python -m effattn", description="effattn: the Efficient Transformers survey in NumPy")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("list", help="the registered mechanisms")
@@ -119,7 +182,7 @@ def build_parser():
     s.set_defaults(func=cmd_readme)
 
     s = sub.add_parser("figures", help="render one PNG per mechanism plus overview figures")
-    s.add_argument("--out", default="figures")
+    s.add_argument("--out", default="figures", type=out_folder)
     s.add_argument("--only", nargs="+", metavar="NAME")
     s.set_defaults(func=cmd_figures)
 
@@ -130,18 +193,20 @@ def build_parser():
 
     s = sub.add_parser("bench", help="time and memory against N, fitted exponents, ratios to full")
     s.add_argument("--names", nargs="+", metavar="NAME")
-    s.add_argument("--n", nargs="+", type=int, metavar="N")
+    s.add_argument("--n", nargs="+", type=positive_int, action=_TwoOrMore, metavar="N",
+                   help="sequence lengths, at least two distinct (the exponents are fitted through them)")
     s.add_argument("--quick", action="store_true", help=f"small N {tuple(_quick_n())}, one repeat")
     s.add_argument("--causal", action="store_true")
-    s.add_argument("--d", type=int, default=64)
-    s.add_argument("--repeats", type=int, default=3)
-    s.add_argument("--full-max-n", type=int, default=16384)
-    s.add_argument("--max-seconds", type=float, default=60.0)
+    s.add_argument("--d", type=positive_int, default=64, help="head size (default 64)")
+    s.add_argument("--repeats", type=positive_int, default=3, help="timed runs per point, the median is kept")
+    s.add_argument("--full-max-n", type=positive_int, default=16384, help="skip full above this N")
+    s.add_argument("--max-seconds", type=positive_float, default=60.0,
+                   help="a mechanism whose point took longer skips its larger N")
     s.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall time (default) or process CPU time (steadier on a shared machine)")
-    s.add_argument("--threads", type=int, help="set the BLAS thread count first (e.g. 1 on a busy machine)")
+    s.add_argument("--threads", type=positive_int, help="set the BLAS thread count first (e.g. 1 on a busy machine)")
     s.add_argument("--backend", choices=["numpy", "cupy"])
-    s.add_argument("--out", default="figures")
+    s.add_argument("--out", default="figures", type=out_folder)
     s.add_argument("--json", action="store_true", help="also print the summary as JSON")
     s.set_defaults(func=cmd_bench)
 
@@ -153,15 +218,36 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _silence_stdout():
+    """The reader of stdout went away (``| head``): point stdout at devnull so that Python's own
+    flush at exit does not raise a second BrokenPipeError (the recipe in the Python docs of `signal`)."""
     try:
-        return args.func(args)
-    except (ValueError, RuntimeError, KeyError, FileNotFoundError) as exc:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):   # stdout is not a real file (captured)
+        pass
+
+
+def main(argv=None):
+    """Parse and run one command; returns its exit status (see the module docstring's table).
+    A usage error raises SystemExit(2) after its one line, as argparse does."""
+    try:
+        args = build_parser().parse_args(argv)
+        status = args.func(args)
+        sys.stdout.flush()                  # a closed pipe shows here, not at exit
+        return status
+    except KeyboardInterrupt as exc:
+        detail = f" ({exc})" if str(exc) else ""
+        print(f"{PROG}: interrupted{detail}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+    except MemoryError as exc:
+        return _error(f"out of memory ({exc or 'an allocation failed'}); use smaller sizes")
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"effattn: error: {msg}", file=sys.stderr)
-        return 2
+        return _error(msg, getattr(exc, "exit_status", 2))
 
 
 if __name__ == "__main__":

@@ -19,31 +19,80 @@ batches (``default_rng([seed, 2])``) and the held-out set (the task's own
 seed). A checkpoint (``--save``, ``.npz``) holds the parameters, the Adam
 moments and step, the batch generator's state and the settings, so training
 2k steps equals training k, saving, resuming and training k more, bit for
-bit. A checkpoint that is corrupt or made with other settings is refused
-with a message before anything is changed.
+bit. A checkpoint that is corrupt, foreign (a ``.npy`` array, any other
+file) or made with other settings is refused with one message naming the
+file before anything is changed. Saving is atomic: a temporary file in the
+same folder, then ``os.replace``; a failed or interrupted save leaves the
+old file as it was and no temporary file behind.
+
+Everything is checked before any work: every option (``--save`` must name a
+file in an existing folder, ``--resume`` an existing file, ``--attn`` may not
+set what the trainer sets itself, such as ``key_mask``), and the memory of
+the largest array a step allocates (:func:`largest_array`: the
+``batch x heads x N x N`` attention matrix of a quadratic kernel such as
+``full``), which must fit in half the machine's memory (:func:`memory_limit`).
+
+How a run can stop early:
+
+- **divergence** (:class:`Diverged`): the loss, an activation or a gradient
+  became NaN or inf (e.g. ``--lr 1e30 --clip 0``). Training stops at that
+  step with one message naming the step and the loss; the parameters are not
+  updated with it and nothing is saved (a ``--save`` file keeps what it held).
+- **Ctrl-C** (:class:`Interrupted`): the state of the last *completed* step is
+  kept (an update is never half applied: Ctrl-C waits for it) and, with
+  ``--save``, saved, so ``--resume`` continues bit for bit.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import copy
 import json
 import math
 import os
+import signal
 import time
-import zipfile
 
 import numpy as np
 
-from .. import backend
+from .. import backend, registry
 from ..models import MODES
 from ..models.attention import resolve_kernel
 from ..nn.optim import Adam, WarmupDecay, clip_grad_norm
+from ..validate import NonFiniteError
 from .tasks import DEFAULTS, TASKS, make_task
 
 FORMAT = "effattn-train-1"
 # settings that must match for a checkpoint to be resumed
 STRUCTURAL = ("task", "attention", "attn", "decoder_attention", "cross_attention", "layers", "d_model", "heads",
               "d_ff", "seq_len", "dtype", "positions", "pool", "seed", "schedule", "warmup", "decay_steps")
+# kernel arguments the trainer passes itself, so --attn may not set them (where each comes from)
+TRAINER_SETS = {"q": "the model's query projection", "k": "the model's key projection",
+                "v": "the model's value projection", "causal": "the task (decoders are causal)",
+                "key_mask": "the padding of each batch", "rng": "--seed", "n": "--seq-len and --max-len",
+                "d": "--d-model / --heads", "heads": "--heads", "dtype": "--dtype"}
+
+
+class Diverged(RuntimeError):
+    """The loss, an activation or a gradient became NaN or inf at ``step``: training stopped there
+    (a step whose loss or gradient failed applies no update) and nothing was saved. The command
+    line exits with status 1."""
+
+    exit_status = 1
+
+    def __init__(self, message, step):
+        super().__init__(message)
+        self.step = step
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; ``step`` is the last completed step, whose state (parameters,
+    optimizer, batch generator) the model, optimizer and generator hold."""
+
+    def __init__(self, message, step):
+        super().__init__(message)
+        self.step = step
 
 
 # --------------------------------------------------------------------------- arguments
@@ -62,7 +111,15 @@ def parse_attn(items):
             out[key] = ast.literal_eval(val)
         except (ValueError, SyntaxError):
             out[key] = val
-    return out
+    return check_attn_keys(out)
+
+
+def check_attn_keys(attn):
+    """Refuse kernel options the trainer sets itself (:data:`TRAINER_SETS`), by name."""
+    for key in attn:
+        if key in TRAINER_SETS:
+            raise ValueError(f"--attn {key}: the trainer sets {key!r} itself (from {TRAINER_SETS[key]}); remove it")
+    return attn
 
 
 def add_train_arguments(parser):
@@ -96,8 +153,12 @@ def add_train_arguments(parser):
     p.add_argument("--backend", default=None, choices=("numpy", "cupy"))
     p.add_argument("--threads", type=int, default=1,
                    help="BLAS threads (default 1: these small matrices run faster on one thread)")
-    p.add_argument("--save", default=None, metavar="PATH", help="write a checkpoint (.npz) at the end")
-    p.add_argument("--resume", default=None, metavar="PATH", help="continue from a checkpoint")
+    p.add_argument("--save", default=None, metavar="PATH",
+                   help="write a checkpoint (.npz) at the end, in an existing folder. On Ctrl-C the state of the "
+                        "last completed step is saved there (resume it with --resume); if training diverges "
+                        "(NaN/inf) nothing is saved and the file keeps what it held")
+    p.add_argument("--resume", default=None, metavar="PATH", help="continue from a checkpoint (never overwritten "
+                   "when refused)")
     return parser
 
 
@@ -149,6 +210,11 @@ def settings_from_args(args):
         s["decay_steps"] = s["steps"]
     if s["eval_every"] is None:
         s["eval_every"] = max(1, s["steps"] // 4)
+    if s["save"] is not None:
+        check_save_path(s["save"])
+    if s["resume"] is not None and not os.path.isfile(s["resume"]):
+        what = "is a folder, not a checkpoint file" if os.path.isdir(s["resume"]) else "does not exist"
+        raise ValueError(f"--resume: checkpoint {s['resume']!r} {what}")
     # attention names and decoding ability, before any work
     mode = {"copy": "encoder-decoder", "reverse": "encoder-decoder", "lm": "decoder"}.get(task, "encoder")
     s["mode"] = mode
@@ -157,6 +223,67 @@ def settings_from_args(args):
         resolve_kernel(s["decoder_attention"] or s["attention"], causal=True, rng=np.random.default_rng(0))
         resolve_kernel(s["cross_attention"], causal=False)
     return s
+
+
+def check_save_path(path):
+    """``--save`` must name a file (not a folder) in an existing, writable folder: checked before
+    training, so that a run never fails at its end."""
+    if os.path.isdir(path):
+        raise ValueError(f"--save {path!r} is a folder; name a file in it, e.g. {os.path.join(path, 'checkpoint.npz')!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--save {path!r}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--save {path!r}: the folder {folder!r} is not writable")
+    return path
+
+
+def largest_array(s):
+    """(bytes, how) of the largest array one training step allocates, estimated simply: the
+    ``(batch, heads, N, N)`` attention matrix when a kernel is quadratic (not ``subquadratic`` in the
+    registry: full, the synthesizers), else the ``(batch, N, d_ff)`` feed-forward activation."""
+    b, h, n, item = s["batch_size"], s["heads"], s["seq_len"], np.dtype(s["dtype"]).itemsize
+    kernels = [s["attention"]]
+    if s["mode"] == "encoder-decoder":
+        kernels += [s["decoder_attention"] or s["attention"], s["cross_attention"]]
+    quadratic = [k for k in dict.fromkeys(kernels) if not registry.get(k).subquadratic]
+    if quadratic:
+        return b * h * n * n * item, f"the attention matrix of {quadratic[0]}, batch {b} x heads {h} x N^2 x {item} bytes"
+    d_ff = s["d_ff"] or 4 * s["d_model"]
+    return b * n * d_ff * item, f"the feed-forward activation, batch {b} x N x d_ff {d_ff} x {item} bytes"
+
+
+def memory_limit():
+    """Half the machine's physical memory (the GPU's on the cupy backend): the most one array of a
+    step may take, since a step holds several of its size (the cache, the gradient)."""
+    total = None
+    if backend.get_backend() == "cupy":
+        with contextlib.suppress(Exception):
+            total = int(backend.xp().cuda.Device().mem_info[1])
+    if total is None:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):   # not POSIX: assume 16 GiB
+            total = 16 * 2**30
+    return total // 2
+
+
+def check_memory(s):
+    """Refuse, before anything is allocated, a run whose largest array (:func:`largest_array`)
+    exceeds :func:`memory_limit`."""
+    need, how = largest_array(s)
+    limit = memory_limit()
+    if need > limit:
+        raise ValueError(f"--seq-len {s['seq_len']}: the largest array of a step, {how}, needs {_size(need)}, "
+                         f"more than the {_size(limit)} allowed (half this machine's memory); lower --seq-len or "
+                         f"--batch-size, or use a subquadratic --attention")
+
+
+def _size(nbytes):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.3g} {unit}"
+        nbytes /= 1024
 
 
 # --------------------------------------------------------------------------- building
@@ -177,6 +304,11 @@ def build(s):
     else:
         model = cls(task.src_vocab, task.tgt_vocab, rng, cross_attention=s["cross_attention"],
                     decoder_attention=s["decoder_attention"], **kw)
+    for name, m in model.modules():           # the self-attentions, which attn_config configures
+        clash = sorted(set(getattr(m, "param_names", ())) & set(attn_config)) if name.endswith(".attn.") else []
+        if clash:
+            raise ValueError(f"--attn {clash[0]}: {clash[0]!r} is a learnable parameter of {s['attention']}, "
+                             f"made by the trainer; remove it")
     params = dict(model.parameters())
     opt = Adam(params, lr=s["lr"])
     sched = WarmupDecay(s["lr"], warmup=s["warmup"], total=s["decay_steps"], kind=s["schedule"])
@@ -198,86 +330,172 @@ def evaluate(model, task, size=64):
     return tot_loss / max(tot_count, 1), tot_correct / max(tot_count, 1)
 
 
+def _nonfinite(exc):
+    """Whether ``exc`` says that numbers became NaN or inf: the loss check of :func:`fit`, the
+    optimizer's refusal of a non-finite gradient, or a kernel refusing NaN/inf inputs (the
+    message of ``validate.check_float_array``, e.g. "q contains NaN or inf")."""
+    return isinstance(exc, (FloatingPointError, NonFiniteError))
+
+
+@contextlib.contextmanager
+def _interrupt_deferred():
+    """Hold Ctrl-C (SIGINT) until the block ends, so that an update is applied whole or not at all.
+    Outside the main thread, where signals cannot be caught, the block just runs."""
+    caught = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)      # delivered now, to the handler that was there
+
+
 def fit(model, task, opt, sched, rng, *, steps, start=0, batch_size=32, clip=1.0, eval_every=0,
         progress=True, history=None, desc="train"):
     """Train from step ``start`` to ``steps`` (totals). Returns the history dict
-    {"step", "loss", "acc", "eval_step", "eval_loss", "eval_acc"} (lists, appended to ``history``)."""
+    {"step", "loss", "acc", "eval_step", "eval_loss", "eval_acc"} (lists, appended to ``history``).
+
+    Raises :class:`Diverged` (naming the step and the loss) when the loss, an activation or a
+    gradient is NaN or inf; that step's update is not applied. On Ctrl-C raises
+    :class:`Interrupted` with ``step`` the last completed step: ``model``, ``opt`` and ``rng`` are
+    as they were right after it (the update runs with Ctrl-C held; the generator is set back
+    to before the interrupted step's batch), so saving them resumes bit for bit."""
     from tqdm import tqdm
 
     h = history if history is not None else {"step": [], "loss": [], "acc": [], "eval_step": [], "eval_loss": [],
                                              "eval_acc": []}
-    grads_of = dict  # readability: the gradient dict the optimizer needs
     hide = not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
     bar = tqdm(total=steps, initial=start, desc=desc, disable=hide, leave=False, dynamic_ncols=True)
     run_loss = run_acc = None
-    for t in range(start + 1, steps + 1):
-        batch = to_device(task.batch(rng, batch_size))
-        model.zero_grad()
-        loss, correct, count = model.loss_and_backward(batch)
-        if not math.isfinite(loss):
-            bar.close()
-            raise FloatingPointError(f"loss became {loss} at step {t}")
-        grads = grads_of(model.gradients())
-        if clip:
-            clip_grad_norm(grads, clip)
-        opt.lr = sched(t)
-        opt.step(grads)
-        acc = correct / max(count, 1)
-        h["step"].append(t)
-        h["loss"].append(loss)
-        h["acc"].append(acc)
-        run_loss = loss if run_loss is None else 0.9 * run_loss + 0.1 * loss
-        run_acc = acc if run_acc is None else 0.9 * run_acc + 0.1 * acc
-        bar.update(1)
-        if eval_every and t % eval_every == 0 and t != steps:
-            el, ea = evaluate(model, task)
-            h["eval_step"].append(t)
-            h["eval_loss"].append(el)
-            h["eval_acc"].append(ea)
-            bar.set_postfix(loss=f"{run_loss:.3f}", acc=f"{run_acc:.3f}", eval_acc=f"{ea:.3f}")
-        else:
-            bar.set_postfix(loss=f"{run_loss:.3f}", acc=f"{run_acc:.3f}", refresh=False)
-    bar.close()
+    done, rng_done = start, rng.bit_generator.state       # the last completed step and the generator after it
+    try:
+        for t in range(start + 1, steps + 1):
+            loss = float("nan")
+            try:
+                batch = to_device(task.batch(rng, batch_size))
+                model.zero_grad()
+                loss, correct, count = model.loss_and_backward(batch)
+                if not math.isfinite(loss):
+                    raise FloatingPointError("the loss is not finite")
+                grads = dict(model.gradients())
+                if clip:
+                    clip_grad_norm(grads, clip)           # NonFiniteGradient, nothing scaled, if one is NaN/inf
+                with _interrupt_deferred():
+                    opt.lr = sched(t)
+                    opt.step(grads)                       # NonFiniteGradient, nothing changed, if one is NaN/inf
+                    done, rng_done = t, rng.bit_generator.state
+                if eval_every and t % eval_every == 0 and t != steps:
+                    el, ea = evaluate(model, task)
+                    if not math.isfinite(el):
+                        raise FloatingPointError(f"the held-out loss after step {t} is {el}")
+            except (ValueError, FloatingPointError) as exc:
+                if not _nonfinite(exc):
+                    raise
+                last = f"; last finite loss {h['loss'][-1]:.4g} at step {h['step'][-1]}" if h["loss"] else ""
+                raise Diverged(f"training diverged at step {t}: loss {loss:.4g} ({exc}){last}", t) from None
+            acc = correct / max(count, 1)
+            h["step"].append(t)
+            h["loss"].append(loss)
+            h["acc"].append(acc)
+            run_loss = loss if run_loss is None else 0.9 * run_loss + 0.1 * loss
+            run_acc = acc if run_acc is None else 0.9 * run_acc + 0.1 * acc
+            bar.update(1)
+            if eval_every and t % eval_every == 0 and t != steps:
+                h["eval_step"].append(t)
+                h["eval_loss"].append(el)
+                h["eval_acc"].append(ea)
+                bar.set_postfix(loss=f"{run_loss:.3f}", acc=f"{run_acc:.3f}", eval_acc=f"{ea:.3f}")
+            else:
+                bar.set_postfix(loss=f"{run_loss:.3f}", acc=f"{run_acc:.3f}", refresh=False)
+    except KeyboardInterrupt:
+        rng.bit_generator.state = rng_done
+        raise Interrupted(f"after step {done}", done) from None
+    finally:
+        bar.close()
     return h
 
 
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path, model, opt, step, rng, settings):
-    """Write parameters, optimizer state, step, generator state and settings to ``path`` (.npz)."""
+    """Write parameters, optimizer state, step, generator state and settings to ``path`` (.npz).
+
+    Atomic: the file is written under a temporary name in the same folder, then moved over
+    ``path`` (``os.replace``), so ``path`` holds the old checkpoint or the new one, never half of
+    one; on any failure (Ctrl-C included) the temporary file is removed."""
     arrays = {f"param/{k}": backend.to_numpy(v) for k, v in model.parameters()}
     for k, v in opt.state_dict().items():
         arrays[f"opt/{k}"] = np.asarray(backend.to_numpy(v))
     meta = {"format": FORMAT, "step": int(step), "rng": rng.bit_generator.state,
             "settings": {k: settings.get(k) for k in STRUCTURAL}}
     arrays["meta"] = np.array(json.dumps(meta))
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     return path
+
+
+def _read_npz(path):
+    """{name: array} of the .npz file ``path``; ValueError naming it for anything else."""
+    if not os.path.exists(path):
+        raise ValueError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} is a folder, not a file")
+    try:   # a foreign or damaged file can fail in many ways (zip, zlib, pickle, OS): each is "unreadable"
+        loaded = np.load(path, allow_pickle=False)
+        if not hasattr(loaded, "files"):
+            raise ValueError("it holds a single array, as a .npy file does; checkpoints are .npz files from --save")
+        with loaded as z:
+            return {k: z[k] for k in z.files}
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"checkpoint {path!r} is not a readable .npz file ({exc})") from None
+
+
+def _read_meta(path, data, rng):
+    """(step, settings, generator state) from the ``meta`` entry, each checked."""
+    try:
+        meta = json.loads(str(data.pop("meta")))
+    except KeyError:
+        raise ValueError(f"checkpoint {path!r} has no metadata (not written by --save)") from None
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path!r} has no valid metadata ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"checkpoint {path!r} has no valid metadata (format {found!r}, expected {FORMAT!r})")
+    step, saved, rng_state = meta.get("step"), meta.get("settings"), meta.get("rng")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"checkpoint {path!r} has no valid metadata (step {step!r})")
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint {path!r} has no valid metadata (settings {saved!r})")
+    try:
+        copy.deepcopy(rng).bit_generator.state = rng_state     # validated on a copy
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+        raise ValueError(f"checkpoint {path!r} has an invalid generator state ({type(exc).__name__}: {exc})") from None
+    return step, saved, rng_state
 
 
 def load_checkpoint(path, model, opt, rng, settings):
     """Restore a :func:`save_checkpoint` file into ``model``, ``opt`` and ``rng``; returns the step.
 
-    Everything is read and checked first (format, settings, every name, shape
-    and finiteness); on any problem a ValueError explains it and nothing is changed.
+    Everything is read and checked first (a readable .npz, its metadata, the generator state,
+    the settings, every name, shape and finiteness); on any problem a ValueError naming the file
+    explains it and nothing is changed (neither the model nor the file).
     """
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint {path!r} does not exist") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise ValueError(f"checkpoint {path!r} is not a readable .npz file ({exc})") from None
-    try:
-        meta = json.loads(str(data.pop("meta")))
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
-        step = int(meta["step"])
-        rng_state = meta["rng"]
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-        raise ValueError(f"checkpoint {path!r} has no valid metadata ({exc})") from None
-    saved = meta.get("settings", {})
+    data = _read_npz(path)
+    step, saved, rng_state = _read_meta(path, data, rng)
     diff = [f"{k}: checkpoint {saved.get(k)!r} != now {settings.get(k)!r}" for k in STRUCTURAL
             if _norm(saved.get(k)) != _norm(settings.get(k))]
     if diff:
@@ -291,9 +509,7 @@ def load_checkpoint(path, model, opt, rng, settings):
     try:
         model.check_parameters(params)
         opt.check_state_dict(state)
-        if rng_state.get("bit_generator") != rng.bit_generator.state["bit_generator"]:
-            raise ValueError(f"generator {rng_state.get('bit_generator')!r} is not {rng.bit_generator.state['bit_generator']!r}")
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise ValueError(f"checkpoint {path!r} does not match this model: {exc}") from None
     if step > settings["steps"]:
         raise ValueError(f"checkpoint {path!r} is at step {step}, beyond --steps {settings['steps']}")
@@ -327,7 +543,7 @@ def train_model(task="copy", attention="full", *, progress=False, **options):
             raise ValueError(f"unknown option {key!r}; options: {', '.join(sorted(vars(args)))}")
         setattr(args, key, value)
     s = settings_from_args(args)
-    s["attn"] = dict(attn)
+    s["attn"] = check_attn_keys(dict(attn))
     return _run(s, progress=progress)
 
 
@@ -336,16 +552,38 @@ def _run(s, progress=True):
         backend.set_backend(s["backend"])
     if s["backend"] == "numpy":
         backend.set_blas_threads(s["threads"])
+    check_memory(s)
     t0 = time.time()
     task, model, opt, sched = build(s)
     rng = np.random.default_rng([s["seed"], 2])
-    start = 0
+    start = done = 0
     if s["resume"]:
-        start = load_checkpoint(s["resume"], model, opt, rng, s)
-    h = fit(model, task, opt, sched, rng, steps=s["steps"], start=start, batch_size=s["batch_size"],
-            clip=s["clip"], eval_every=s["eval_every"], progress=progress,
-            desc=f"{s['task']}/{s['attention']}")
-    loss, acc = evaluate(model, task)
+        start = done = load_checkpoint(s["resume"], model, opt, rng, s)
+    try:
+        # NumPy's overflow warnings are silenced: the checks of fit report a divergence in one line
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            h = fit(model, task, opt, sched, rng, steps=s["steps"], start=start, batch_size=s["batch_size"],
+                    clip=s["clip"], eval_every=s["eval_every"], progress=progress,
+                    desc=f"{s['task']}/{s['attention']}")
+            done = s["steps"]
+            try:
+                loss, acc = evaluate(model, task)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"the held-out loss is {loss}")
+            except (ValueError, FloatingPointError) as exc:
+                if not _nonfinite(exc):
+                    raise
+                raise Diverged(f"training diverged: the evaluation after step {done} failed ({exc})", done) from None
+    except KeyboardInterrupt as exc:
+        done = getattr(exc, "step", done)
+        if not s["save"]:
+            raise Interrupted(f"after step {done} of {s['steps']}; nothing saved (no --save)", done) from None
+        save_checkpoint(s["save"], model, opt, done, rng, s)
+        raise Interrupted(f"after step {done} of {s['steps']}; its state is saved in {s['save']!r}, "
+                          f"continue with --resume {s['save']}", done) from None
+    except Diverged as exc:
+        kept = f"{s['save']!r} keeps what it held" if s["save"] else "no --save"
+        raise Diverged(f"{exc}; nothing saved ({kept})", exc.step) from None
     if s["save"]:
         save_checkpoint(s["save"], model, opt, s["steps"], rng, s)
     result = {
@@ -361,14 +599,18 @@ def _run(s, progress=True):
 
 
 def train_main(args) -> int:
-    """``python -m effattn train``: run and print the one JSON line; bad input prints one line, exit 2."""
+    """``python -m effattn.tools.train``: run and print the one JSON line; bad input prints one line
+    and exits 2, a divergence 1, Ctrl-C 130 (as ``python -m effattn train``)."""
     import sys
 
     try:
         result = run_train(args)
-    except ValueError as exc:
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc})" if str(exc) else "interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, Diverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_status", 2)
     print(json.dumps(result))
     return 0
 
