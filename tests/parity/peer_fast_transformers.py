@@ -19,32 +19,17 @@ tests/parity/generate.py fast_transformers``.
 """
 from __future__ import annotations
 
-import importlib.metadata
-import math
-
 import numpy as np
 import torch
 
 import effattn
-from fixture import save
 
-
-def t2n(t):
-    return t.detach().cpu().numpy().astype(np.float64)
+from torch_tools import effattn_diffs, measured_tolerance, t2n, version, write
 
 
 def to_effattn(a):
     """(batch, length, heads, dim) -> (batch, heads, length, dim)."""
     return np.ascontiguousarray(np.swapaxes(a, 1, 2))
-
-
-def measured_tolerance(diff, floor=1e-10):
-    """1e-10 where the difference is rounding of float64; else 1.5 x diff, one significant digit up."""
-    if diff < 1e-12:
-        return floor
-    x = 1.5 * diff
-    e = math.floor(math.log10(x))
-    return float(f"{math.ceil(x / 10 ** e)}e{e}")
 
 
 def _linear_case(case, *, causal, lengths, n, m, seed):
@@ -68,15 +53,9 @@ def _linear_case(case, *, causal, lengths, n, m, seed):
     key_mask = (np.arange(m)[None, :] < np.asarray(lengths)[:, None])[:, None, :]       # (b, 1, m)
     config = {"causal": causal, "eps": 1e-6, "chunk": 4}
     out_e, dout_e = to_effattn(t2n(out)), to_effattn(dout.astype(np.float64))
-    spec = effattn.get("linear")
-    mine, cache = spec.forward(**inputs, **config, key_mask=key_mask)
-    g = spec.backward(dout_e, cache)
-    diffs = {"out": float(np.abs(mine - out_e).max())}
-    diffs.update({k_: float(np.abs(g[k_] - grads[k_]).max()) for k_ in grads})
-    print(f"  linear__fast_transformers__{case}: max |effattn - peer|  "
-          + "  ".join(f"{k_} {x:.1e}" for k_, x in diffs.items()))
     peer = "CausalLinearAttention" if causal else "LinearAttention"
-    if causal:
+    if causal:                                                    # the tolerance: the measured float32 rounding
+        diffs, _, _ = effattn_diffs("linear", inputs, dict(config, key_mask=key_mask), out_e, dout_e, grads)
         atol_out = measured_tolerance(diffs["out"])
         atol_grad = measured_tolerance(max(diffs[k_] for k_ in grads))
         precision = (f"The peer's causal product is float32 only, so the peer ran in float32 (inputs stored exactly); "
@@ -89,10 +68,11 @@ def _linear_case(case, *, causal, lengths, n, m, seed):
     note = (f"fast_transformers {peer}(query_dimensions={d}, eps=1e-6), elu(x) + 1 feature map -> effattn linear "
             f"causal={causal}, eps=1e-6; key_lengths {list(lengths)} (LengthMask) -> key_mask (b, 1, M); layout "
             f"(batch, length, heads, dim) transposed to (batch, heads, length, dim). {precision}")
-    return save(f"linear__fast_transformers__{case}", mechanism="linear", peer=f"fast_transformers.{peer}",
-                peer_version=importlib.metadata.version("pytorch-fast-transformers"), torch_version=torch.__version__,
-                case=case, config=config, array_config={"key_mask": key_mask}, inputs=inputs, out=out_e,
-                dout=dout_e, grads=grads, atol_out=atol_out, atol_grad=atol_grad, note=note)
+    path, _ = write(f"linear__fast_transformers__{case}", mechanism="linear", peer=f"fast_transformers.{peer}",
+                    peer_version=version("pytorch-fast-transformers"), case=case, config=config,
+                    array_config={"key_mask": key_mask}, inputs=inputs, out=out_e, dout=dout_e, grads=grads,
+                    atol_out=atol_out, atol_grad=atol_grad, note=note)
+    return path
 
 
 def causal_in_float64_check(seed=41, n=10, lengths=(10, 7)):

@@ -61,60 +61,16 @@ from transformers.models.big_bird.modeling_big_bird import BigBirdBlockSparseAtt
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
 from transformers.models.reformer.modeling_reformer import LocalSelfAttention, LSHSelfAttention
 
-import effattn
-from fixture import save
 from effattn.attention.bigbird import from_huggingface
 
-DT = torch.float64
+import torch_tools
+from torch_tools import DT, Given, autograd, effattn_diffs, heads_to_seq, leaf, seq_to_heads, t2n
+
 H, D_HEAD = 2, 4
 HIDDEN = H * D_HEAD
 
 
-# --------------------------------------------------------------------------- shared helpers
-def t2n(t):
-    """A torch tensor as a float64 (or bool / int) NumPy array."""
-    a = t.detach().cpu().numpy()
-    return a if a.dtype.kind in "biu" else a.astype(np.float64)
-
-
-def leaf(a):
-    """A float64 leaf tensor with requires_grad."""
-    return torch.as_tensor(np.asarray(a, np.float64), dtype=DT).clone().requires_grad_(True)
-
-
-def autograd(out, leaves, dout):
-    """{name: d/dleaf of sum(out * dout)} as NumPy arrays."""
-    names = list(leaves)
-    gs = torch.autograd.grad((out * torch.as_tensor(dout, dtype=DT)).sum(), [leaves[n] for n in names],
-                             allow_unused=True)
-    return {n: (np.zeros(leaves[n].shape) if g is None else t2n(g)) for n, g in zip(names, gs)}
-
-
-def heads_to_seq(t):
-    """(B, H, N, e) -> (B, N, H e): the peers' layout before splitting heads."""
-    b, h, n, e = t.shape
-    return t.transpose(1, 2).reshape(b, n, h * e)
-
-
-def seq_to_heads(t, h=H):
-    """(B, N, H e) -> (B, H, N, e): effattn's layout."""
-    b, n, he = t.shape
-    return t.reshape(b, n, h, he // h).transpose(1, 2)
-
-
-class Given(nn.Module):
-    """Stands in for a projection layer of the peer: returns ``fn(input)`` (a tensor built from our
-    leaf q / k / v, which were made with the peer's own weights), so the peer's attention runs on
-    the leaves and autograd reaches them."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
-
-
+# --------------------------------------------------------------------------- helpers of these peers
 @contextlib.contextmanager
 def patched(module, **replacements):
     """Temporarily replace attributes (submodules or methods) of one peer module instance."""
@@ -134,35 +90,17 @@ def patched(module, **replacements):
 def project(linear, x):
     """The peer's own projection of hidden states x (B, N, D), in effattn's layout (B, H, N, d)."""
     with torch.no_grad():
-        return t2n(seq_to_heads(linear(x)))
+        return t2n(seq_to_heads(linear(x), H))
 
 
 def hidden(rng, b, n):
     return torch.as_tensor(rng.standard_normal((b, n, HIDDEN)), dtype=DT)
 
 
-def compare(mechanism, inputs, config, out, dout, grads):
-    """Run effattn on the fixture's arrays as test_parity does; max |diff| of out and each grad."""
-    spec = effattn.get(mechanism)
-    mine, cache = spec.forward(**inputs, **config)
-    diffs = {"out": float(np.abs(np.asarray(mine) - out).max())}
-    g = spec.backward(dout, cache)
-    for name, want in grads.items():
-        diffs[name] = float(np.abs(np.asarray(g[name]) - want).max())
-    return diffs, mine, cache
-
-
-def write(case, *, mechanism, peer, package, inputs, config, array_config, out, dout, grads, note,
-          atol_out=1e-10, atol_grad=1e-10, rows=None):
-    """compare() then fixture.save() as <mechanism>__hf_<package>__<case>."""
-    diffs, _, _ = compare(mechanism, inputs, dict(config, **(array_config or {})), out, dout, grads)
-    name = f"{mechanism}__hf_{package}__{case}"
-    print(f"{name}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
-    path = save(name, mechanism=mechanism, peer=f"transformers.{peer}", peer_version=transformers.__version__,
-                torch_version=torch.__version__, case=case, config=config, array_config=array_config,
-                inputs=inputs, out=out, dout=dout, grads=grads, atol_out=atol_out, atol_grad=atol_grad,
-                note=note, rows=rows)
-    return path, diffs
+def write(case, *, mechanism, peer, package, **fixture):
+    """torch_tools.write as <mechanism>__hf_<package>__<case>, peer ``transformers.<peer>``."""
+    return torch_tools.write(f"{mechanism}__hf_{package}__{case}", mechanism=mechanism, peer=f"transformers.{peer}",
+                             peer_version=transformers.__version__, case=case, **fixture)
 
 
 def upstream(rng, shape, real=None):
@@ -214,7 +152,7 @@ def longformer_case(rng, case, *, b, n, window, gpos=(), real=None, seed):
     with patched(att, **reps):
         out = att(xpad, attention_mask=mask, is_index_masked=mask < 0, is_index_global_attn=mask > 0,
                   is_global_attn=bool(gpos))[0][:, :n]
-    out = seq_to_heads(out)
+    out = seq_to_heads(out, H)
     dout = upstream(rng, out.shape, real)
     grads = autograd(out, leaves, dout)
     rename = {"query": "q", "key": "k", "value": "v", "query_global": "q_global", "key_global": "k_global",
@@ -293,7 +231,7 @@ def bigbird_case(rng, case, *, b, block, n, r, real=None, seed):
     rand_attn = drawn[0]                                                   # (H, n_b - 2, r)
     _check_hf_random_blocks(rand_attn, nb)
     random_blocks, global_blocks = from_huggingface(rand_attn, nb)
-    out = seq_to_heads(out)
+    out = seq_to_heads(out, H)
     dout = upstream(rng, out.shape, real)
     grads = autograd(out, leaves, dout)
     inputs = {"q": inputs["query"], "k": inputs["key"], "v": inputs["value"]}
@@ -348,7 +286,7 @@ def lsh_run(att, x, qk, v, mask, path):
         reps["_attend"] = lambda query_vectors, **kw: attend(query_vectors=query_vectors.detach(), **kw)
     with patched(att, **reps):
         res = att(x, attention_mask=mask)
-    return seq_to_heads(res.hidden_states), res.buckets, leaves
+    return seq_to_heads(res.hidden_states, H), res.buckets, leaves
 
 
 def lsh_case(rng, case, *, b, n, rounds, causal, before, after=0, chunk=4, n_buckets=4, real=None, seed, wrap_note=""):
@@ -376,7 +314,7 @@ def lsh_case(rng, case, *, b, n, rounds, causal, before, after=0, chunk=4, n_buc
     if real is not None:
         array_config["key_mask"] = real[:, None, :]
     inputs = {"q": qk, "k": qk, "v": v}
-    _, _, cache = compare("reformer", inputs, dict(config, **array_config), t2n(out), dout, grads)
+    _, _, cache = effattn_diffs("reformer", inputs, dict(config, **array_config), t2n(out), dout, grads)
     hf_buckets = t2n(buckets) - (np.arange(rounds) * (n_buckets + (real is not None and not real.all())))[:, None]
     assert (hf_buckets == np.asarray(cache.buckets)).all(), "the rotations are not the peer's"
     note = ("LSHSelfAttention (shared QK: q = k = its query_key projection, v its value projection, fed back as "
@@ -425,7 +363,7 @@ def local_case(rng, case, *, b, n, chunk, before, after, causal, real=None, seed
     reps = {nm: Given(lambda _x, nm=nm: heads_to_seq(leaves[nm])) for nm in names}
     mask = None if real is None else torch.as_tensor(real, dtype=torch.long)
     with patched(att, **reps):
-        out = seq_to_heads(att(x, attention_mask=mask).hidden_states)
+        out = seq_to_heads(att(x, attention_mask=mask).hidden_states, H)
     dout = upstream(rng, out.shape)
     grads = autograd(out, leaves, dout)
     inputs = {"q": inputs["query"], "k": inputs["key"], "v": inputs["value"]}

@@ -29,92 +29,23 @@ gradient.
 """
 from __future__ import annotations
 
-import importlib.metadata
-
 import numpy as np
 import torch
 import torch.nn.functional as TF
 from torch import nn
 
 import effattn
-from fixture import save
+
+import torch_tools
+from torch_tools import DT, Given, autograd, effattn_diffs, heads_to_seq, leaf, measured_tolerance, seq_to_heads, t2n
 
 PEER = "lucidrains"
-DT = torch.float64
 
 
-# --------------------------------------------------------------------------- shared helpers
-def t2n(t):
-    """A torch tensor as a float64 (or bool) NumPy array."""
-    a = t.detach().cpu().numpy()
-    return a if a.dtype == bool else a.astype(np.float64)
-
-
-def leaf(a):
-    """A float64 leaf tensor with requires_grad (from a NumPy array or a tensor)."""
-    if isinstance(a, torch.Tensor):
-        return a.detach().clone().to(DT).requires_grad_(True)
-    return torch.tensor(np.asarray(a, np.float64), dtype=DT, requires_grad=True)
-
-
-def autograd(out, leaves, dout):
-    """{name: d/dleaf of sum(out * dout)} as NumPy arrays."""
-    names = list(leaves)
-    gs = torch.autograd.grad((out * torch.as_tensor(dout, dtype=DT)).sum(), [leaves[n] for n in names])
-    return {n: t2n(g) for n, g in zip(names, gs)}
-
-
-class Given(nn.Module):
-    """Stands in for a projection layer of the peer: returns a fixed tensor whatever its input
-    (so the peer's attention runs on our leaf q / k / v, made with the peer's own weights)."""
-
-    def __init__(self, value):
-        super().__init__()
-        self.value = value
-
-    def forward(self, *_args, **_kwargs):
-        return self.value
-
-
-def version(pkg):
-    return importlib.metadata.version(pkg)
-
-
-def compare(mechanism, inputs, config, out, dout, grads):
-    """Run effattn on the fixture's arrays; print and return max |diff| of out and of each grad."""
-    spec = effattn.get(mechanism)
-    mine, cache = spec.forward(**inputs, **config)
-    diffs = {"out": float(np.abs(np.asarray(mine) - out).max())}
-    g = spec.backward(dout, cache)
-    for name, want in grads.items():
-        diffs[name] = float(np.abs(np.asarray(g[name]) - want).max())
-    return diffs, mine, cache
-
-
-def write(case, *, mechanism, peer, package, inputs, config, array_config, out, dout, grads,
-          note, atol_out=1e-10, atol_grad=1e-10):
-    """compare() then fixture.save() as <mechanism>__lucidrains_<package>__<case>."""
-    all_config = dict(config, **(array_config or {}))
-    diffs, _, _ = compare(mechanism, inputs, all_config, out, dout, grads)
-    name = f"{mechanism}__{PEER}_{package.replace('-', '_')}__{case}"
-    print(f"{name}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
-    path = save(name, mechanism=mechanism, peer=peer, peer_version=version(package),
-                torch_version=torch.__version__, case=case, config=config, array_config=array_config,
-                inputs=inputs, out=out, dout=dout, grads=grads, atol_out=atol_out, atol_grad=atol_grad,
-                note=note)
-    return path, diffs
-
-
-def heads_to_seq(t):
-    """(B, H, N, e) -> (B, N, H e): the peers' layout before splitting heads."""
-    b, h, n, e = t.shape
-    return t.transpose(1, 2).reshape(b, n, h * e)
-
-
-def seq_to_heads(t, h):
-    """(B, N, H e) -> (B, H, N, e): effattn's layout."""
-    b, n, he = t.shape
-    return t.reshape(b, n, h, he // h).transpose(1, 2)
+def write(case, *, mechanism, peer, package, **fixture):
+    """torch_tools.write as <mechanism>__lucidrains_<package>__<case>, stamped with the package's version."""
+    return torch_tools.write(f"{mechanism}__{PEER}_{package.replace('-', '_')}__{case}", mechanism=mechanism,
+                             peer=peer, peer_version=torch_tools.version(package), case=case, **fixture)
 
 
 # --------------------------------------------------------------------------- linformer
@@ -324,7 +255,7 @@ def routing_fixtures():
         inputs = {"q": t2n(q), "k": t2n(k), "v": t2n(v)}
         config = {"causal": causal, "window": w, "selection": "topk", "eps": eps}
         array_config = {"centroids": mu}
-        diffs, mine, cache = compare("routing", inputs, dict(config, **array_config), t2n(out), dout, grads)
+        diffs, mine, cache = effattn_diffs("routing", inputs, dict(config, **array_config), t2n(out), dout, grads)
         same_sets(picked, cache, c, w)
         # the only difference is the peer's scatter_mean: numer / (count + 1e-5); undo it to show the rest
         count = np.asarray(cache.count)
@@ -334,8 +265,8 @@ def routing_fixtures():
         gd = max(float(np.abs(np.asarray(g2[kk]) - grads[kk]).max()) for kk in grads)
         print(f"  (routing {case}: with the peer's count + 1e-5 undone, max |out diff| = "
               f"{np.abs(mine - undone).max():.2e}, max |grad diff| = {gd:.2e})")
-        atol_out = honest(diffs["out"])
-        atol_grad = honest(max(v for kk, v in diffs.items() if kk != "out"))
+        atol_out = measured_tolerance(diffs["out"], factor=2.0)         # twice the peer's epsilon's effect
+        atol_grad = measured_tolerance(max(v for kk, v in diffs.items() if kk != "out"), factor=2.0)
         note = ("the peer is fed LayerNorm(q), LayerNorm(k) (no affine, eps 1e-5 = effattn's eps) of the leaf q, k "
                 "and routes on their l2-normalised rows with means = centroids (H, c, d), window_size = window, "
                 "top-k per cluster (selection='topk'; same memberships checked). Tolerance ~1e-5 relative: the "
@@ -376,13 +307,6 @@ def routing_key_mask_difference():
     mine, _ = effattn.get("routing").forward(t2n(q), t2n(k), t2n(v), centroids=mu, window=w, selection="topk",
                                              key_mask=t2n(mask)[:, None, :])
     print(f"  (routing with key_mask, every 3rd key masked: max |effattn - peer| = {np.abs(mine - out).max():.2e})")
-
-
-def honest(measured):
-    """A tolerance for the peer's 1e-5 epsilon: twice the measured difference, one significant digit up."""
-    x = 2.0 * measured
-    exp = int(np.floor(np.log10(x)))
-    return float(f"{int(np.ceil(x / 10.0 ** exp))}e{exp}")
 
 
 def neutralise_memory_key(peer, qn, mu, w):

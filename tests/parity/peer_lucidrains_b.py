@@ -48,90 +48,16 @@ gradient.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import inspect
-import math
 import textwrap
 
 import numpy as np
 import torch
 import torch.nn.functional as TF
-from torch import nn
 
-import effattn
-from fixture import save
+from torch_tools import DT, Given, autograd, effattn_diffs, leaf, measured_tolerance, report, t2n, version, write
 
 PEER = "lucidrains"
-DT = torch.float64
-
-
-# --------------------------------------------------------------------------- shared helpers
-def t2n(t):
-    """A torch tensor as a float64 (or bool) NumPy array."""
-    a = t.detach().cpu().numpy()
-    return a if a.dtype == bool else a.astype(np.float64)
-
-
-def leaf(a):
-    """A float64 leaf tensor with requires_grad (from a NumPy array or a tensor)."""
-    if isinstance(a, torch.Tensor):
-        return a.detach().clone().to(DT).requires_grad_(True)
-    return torch.tensor(np.asarray(a, np.float64), dtype=DT, requires_grad=True)
-
-
-def autograd(out, leaves, dout):
-    """{name: d/dleaf of sum(out * dout)} as NumPy arrays."""
-    names = list(leaves)
-    gs = torch.autograd.grad((out * torch.as_tensor(dout, dtype=DT)).sum(), [leaves[n] for n in names])
-    return {n: t2n(g) for n, g in zip(names, gs)}
-
-
-class Given(nn.Module):
-    """Stands in for a projection layer of the peer: returns a fixed tensor whatever its input
-    (so the peer's attention runs on our leaf tensor, made with the peer's own weights)."""
-
-    def __init__(self, value):
-        super().__init__()
-        self.value = value
-
-    def forward(self, *_args, **_kwargs):
-        return self.value
-
-
-def version(pkg):
-    return importlib.metadata.version(pkg)
-
-
-def effattn_diffs(mechanism, inputs, config, out, dout, grads):
-    """Run effattn on the fixture's arrays; {"out": max |diff|, name: max |d name diff|}."""
-    spec = effattn.get(mechanism)
-    mine, cache = spec.forward(**inputs, **config)
-    diffs = {"out": float(np.abs(np.asarray(mine) - out).max())}
-    g = spec.backward(dout, cache)
-    diffs.update({n: float(np.abs(np.asarray(g[n]) - want).max()) for n, want in grads.items()})
-    return diffs
-
-
-def report(name, diffs, extra=""):
-    body = "  ".join(f"{k} {v:.1e}" for k, v in diffs.items())
-    print(f"  {name}: max |effattn - peer|  {body}{extra}")
-
-
-def write(name, *, mechanism, peer, peer_version, case, config, array_config, inputs, out, dout, grads,
-          atol_out=1e-10, atol_grad=1e-10, note=""):
-    """Print effattn's differences, then save the fixture (whatever the differences are)."""
-    diffs = effattn_diffs(mechanism, inputs, {**config, **array_config}, out, dout, grads)
-    report(name, diffs)
-    return save(name, mechanism=mechanism, peer=peer, peer_version=peer_version, torch_version=torch.__version__,
-                case=case, config=config, array_config=array_config, inputs=inputs, out=out, dout=dout,
-                grads=grads, atol_out=atol_out, atol_grad=atol_grad, note=note)
-
-
-def measured_tolerance(diff):
-    """The smallest 'round' tolerance above a measured difference: 1.5 x diff, one significant digit up."""
-    x = 1.5 * diff
-    e = math.floor(math.log10(x))
-    return float(f"{math.ceil(x / 10 ** e)}e{e}")
 
 
 # --------------------------------------------------------------------------- nystromformer
@@ -187,7 +113,7 @@ def _nystrom_case(case, *, n, m, masked_tail=0, seed=0, b=1, h=1, smooth=False, 
     config = {"landmarks": m, "iterations": 6, "conv_kernel": kernel}
     array_config = {"key_mask": real.numpy()[:, None, :]} if masked_tail else {}
     if not save_fixture:
-        return effattn_diffs("nystromformer", inputs, {**config, **array_config}, t2n(out), dout, grads)
+        return effattn_diffs("nystromformer", inputs, {**config, **array_config}, t2n(out), dout, grads)[0]
     pad_note = (f"the peer front-pads N={n} to {npad} with zero tokens (q = k = v = 0, not masked), so effattn "
                 f"gets the padded q, k, v and the fixture holds all {npad} rows, dout 0 on the {pad} padding rows; "
                 if pad and not masked_tail else "")
@@ -202,10 +128,11 @@ def _nystrom_case(case, *, n, m, masked_tail=0, seed=0, b=1, h=1, smooth=False, 
         note = (f"NystromAttention(num_landmarks={m}, pinv_iterations=6, residual_conv_kernel={kernel}) -> "
                 f"landmarks={m}, iterations=6, conv_w = res_conv.weight[:, 0, :, 0]; q, k, v from the peer's "
                 f"to_qkv; {pad_note}out before to_out. B = H = 1 (the peer's pinv start uses batch-wide maxima).")
-    return write(f"nystromformer__{PEER}_nystrom_attention__{case}", mechanism="nystromformer",
-                 peer="nystrom_attention.NystromAttention", peer_version=version("nystrom-attention"), case=case,
-                 config=config, array_config=array_config, inputs=inputs, out=t2n(out), dout=dout, grads=grads,
-                 note=note)
+    path, _ = write(f"nystromformer__{PEER}_nystrom_attention__{case}", mechanism="nystromformer",
+                    peer="nystrom_attention.NystromAttention", peer_version=version("nystrom-attention"), case=case,
+                    config=config, array_config=array_config, inputs=inputs, out=t2n(out), dout=dout, grads=grads,
+                    note=note)
+    return path
 
 
 def nystromformer_fixtures():
@@ -256,9 +183,9 @@ def _performer_case(case, *, causal, seed):
     with _performer_without_eps(fast):                            # how much of the gap is the epsilons
         out0 = fast(q, k, v)
         grads0 = autograd(out0, {"q": q, "k": k, "v": v}, dout)
-    rounding = effattn_diffs("performer", inputs, {**config, **array_config}, t2n(out0), dout, grads0)
+    rounding, _, _ = effattn_diffs("performer", inputs, {**config, **array_config}, t2n(out0), dout, grads0)
     report(f"(performer {case}, peer with eps = 0)", rounding)
-    diffs = effattn_diffs("performer", inputs, {**config, **array_config}, t2n(out), dout, grads)
+    diffs, _, _ = effattn_diffs("performer", inputs, {**config, **array_config}, t2n(out), dout, grads)
     atol_out = measured_tolerance(diffs["out"])
     atol_grad = measured_tolerance(max(diffs[n] for n in ("q", "k", "v")))
     eps_text = ("1e-4 to every random feature (after its max-shift) and 1e-6 to every entry of the running key sum "
@@ -269,10 +196,11 @@ def _performer_case(case, *, causal, seed):
             f"{max(diffs[n] for n in ('q', 'k', 'v')):.1e}; with the peer's epsilons patched to 0 the differences "
             f"are {rounding['out']:.0e} / {max(rounding[n] for n in ('q', 'k', 'v')):.0e} (rounding), so the "
             "tolerance (1.5 x the measured gap) is the epsilons' effect at this size.")
-    return write(f"performer__{PEER}_performer_pytorch__{case}", mechanism="performer",
-                 peer="performer_pytorch.FastAttention", peer_version=version("performer-pytorch"), case=case,
-                 config=config, array_config=array_config, inputs=inputs, out=t2n(out), dout=dout, grads=grads,
-                 atol_out=atol_out, atol_grad=atol_grad, note=note)
+    path, _ = write(f"performer__{PEER}_performer_pytorch__{case}", mechanism="performer",
+                    peer="performer_pytorch.FastAttention", peer_version=version("performer-pytorch"), case=case,
+                    config=config, array_config=array_config, inputs=inputs, out=t2n(out), dout=dout, grads=grads,
+                    atol_out=atol_out, atol_grad=atol_grad, note=note)
+    return path
 
 
 def performer_fixtures():
@@ -348,10 +276,11 @@ def _sinkhorn_case(case, *, bucket, kv_bucket, sortcut, seed):
                "b_v_r = b_k_r...), ")
             + "its sample_gumbel draw is effattn's gumbel. W's k half ~ 2 N(0, 1): P's rows are far from "
             + "balanced after 7 iterations (row sums 0.5-2), so a slot bias of log(row sum) would show.")
-    return write(f"sinkhorn__{PEER}_sinkhorn_transformer__{case}", mechanism="sinkhorn",
-                 peer="sinkhorn_transformer.SinkhornAttention", peer_version=version("sinkhorn-transformer"),
-                 case=case, config=config, array_config=array_config, inputs=inputs, out=t2n(out), dout=dout,
-                 grads=grads, note=note)
+    path, _ = write(f"sinkhorn__{PEER}_sinkhorn_transformer__{case}", mechanism="sinkhorn",
+                    peer="sinkhorn_transformer.SinkhornAttention", peer_version=version("sinkhorn-transformer"),
+                    case=case, config=config, array_config=array_config, inputs=inputs, out=t2n(out), dout=dout,
+                    grads=grads, note=note)
+    return path
 
 
 def sinkhorn_unpatched_gaps():

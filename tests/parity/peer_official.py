@@ -34,19 +34,13 @@ import types
 import numpy as np
 import torch
 
-import effattn
-from fixture import save
+from torch_tools import DT, t2n, write
 
-DT = torch.float64
 MIRROR = pathlib.Path("/work/.mirror/juho-lee+set_transformer/repo")
 CHECKOUTS = [os.environ.get("SET_TRANSFORMER", ""), "/work/peers/set_transformer/modules.py"]
 
 
-# --------------------------------------------------------------------------- shared helpers
-def t2n(t):
-    return t.detach().cpu().numpy().astype(np.float64)
-
-
+# --------------------------------------------------------------------------- helpers of this peer
 def load_official():
     """(the official modules.py as a module, its version string), or (None, why)."""
     for place in filter(None, CHECKOUTS):
@@ -103,17 +97,10 @@ def run_and_save(name, *, mechanism, peer, peer_version, case, module, mabs, lea
         grads.update(mab_arrays(mab, prefix, use_grad=True))
     bk = max(float(mab.fc_k.bias.grad.abs().max()) for mab in mabs.values())
     config = {"heads": heads, "ln": ln, "form": "official"}
-    spec = effattn.get(mechanism)
-    mine, cache = spec.forward(**inputs, **config)
-    g = spec.backward(dout, cache)
-    diffs = {"out": float(np.abs(mine - t2n(out)).max())}
-    diffs.update({k: float(np.abs(g[k] - v).max()) for k, v in grads.items()})
-    worst = max((k for k in diffs if k != "out"), key=diffs.get)
-    print(f"  {name}: max |effattn - peer|  out {diffs['out']:.1e}  grads {diffs[worst]:.1e} (d{worst}); "
-          f"peer's |d fc_k.bias| {bk:.0e}")
-    return save(name, mechanism=mechanism, peer=peer, peer_version=peer_version, torch_version=torch.__version__,
-                case=case, config=config, inputs=inputs, out=t2n(out), dout=dout, grads=grads,
-                note=note + f" The peer's fc_k.bias gradient is {bk:.0e} (it cancels in the softmax).")
+    path, _ = write(name, mechanism=mechanism, peer=peer, peer_version=peer_version, case=case, config=config,
+                    inputs=inputs, out=t2n(out), dout=dout, grads=grads,
+                    note=note + f" The peer's fc_k.bias gradient is {bk:.0e} (it cancels in the softmax).")
+    return path
 
 
 # --------------------------------------------------------------------------- ISAB, PMA

@@ -14,14 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as TF
 
-from fixture import compare, save
-
-DT = torch.float64
+from torch_tools import autograd, leaf, t2n, write
 
 
 def sdpa_case(rng, case, *, b, h, n, m, d, causal=False, masked=False):
     q, k, v = rng.standard_normal((b, h, n, d)), rng.standard_normal((b, h, m, d)), rng.standard_normal((b, h, m, d))
-    leaves = {name: torch.tensor(a, dtype=DT, requires_grad=True) for name, a in (("q", q), ("k", k), ("v", v))}
+    leaves = {"q": leaf(q), "k": leaf(k), "v": leaf(v)}
     km = None
     if masked:
         km = rng.random((b, 1, m)) > 0.3
@@ -29,16 +27,12 @@ def sdpa_case(rng, case, *, b, h, n, m, d, causal=False, masked=False):
     mask = None if km is None else torch.tensor(km[:, :, None, :])            # (B, 1, 1, M)
     out = TF.scaled_dot_product_attention(leaves["q"], leaves["k"], leaves["v"], attn_mask=mask, is_causal=causal)
     dout = rng.standard_normal(out.shape)
-    gs = torch.autograd.grad((out * torch.tensor(dout, dtype=DT)).sum(), list(leaves.values()))
-    name = f"full__torch_sdpa__{case}"
-    path = save(name, mechanism="full", peer="torch.nn.functional.scaled_dot_product_attention",
-                peer_version=torch.__version__, torch_version=torch.__version__, case=case,
-                config={"causal": causal}, array_config={} if km is None else {"key_mask": km},
-                inputs={"q": q, "k": k, "v": v}, out=out.detach().numpy(), dout=dout,
-                grads={nm: g.numpy() for nm, g in zip(leaves, gs)},
-                note="q, k, v as they are; is_causal -> causal; boolean attn_mask (B, 1, 1, M) -> key_mask (B, 1, M).")
-    r = compare(path)
-    print(f"{name}: out {r['out']:.2e}, " + ", ".join(f"{k} {v:.2e}" for k, v in r["grads"].items()))
+    path, _ = write(f"full__torch_sdpa__{case}", mechanism="full",
+                    peer="torch.nn.functional.scaled_dot_product_attention", peer_version=torch.__version__,
+                    case=case, config={"causal": causal}, array_config={} if km is None else {"key_mask": km},
+                    inputs={"q": q, "k": k, "v": v}, out=t2n(out), dout=dout, grads=autograd(out, leaves, dout),
+                    note="q, k, v as they are; is_causal -> causal; boolean attn_mask (B, 1, 1, M) -> key_mask "
+                         "(B, 1, M).")
     return path
 
 
