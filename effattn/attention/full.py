@@ -20,6 +20,11 @@ real token), and ``mask``, any boolean array broadcastable to (..., N, M)
 (True = may attend). They combine with AND. A query with no allowed key gets
 an output of zeros and zero gradients (never NaN).
 
+Peer mapping (PyTorch 2.13 ``torch.nn.functional.scaled_dot_product_attention``, fixtures
+``full__torch_sdpa__*``): q, k, v as they are, ``is_causal`` = ``causal``, a boolean
+``attn_mask`` (B, 1, 1, M) = ``key_mask`` (B, 1, M) (or ``mask``), the same default scale; out and
+gradients agree to 2e-15 (a row with no allowed key gives zeros in both, in that version).
+
 Memory: the forward keeps one N x M matrix (P, computed in place from S);
 the backward adds one more (dP, overwritten by dS): peak two N x M arrays
 per head plus the boolean mask if one is given.
