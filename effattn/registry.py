@@ -101,6 +101,10 @@ class Mechanism:
     make_example: Callable | None = None   # layers (or special kernels): (rng, batch, heads, n, d, causal, dtype) -> Case
     pattern: Callable | None = None        # exact kernels: cache -> bool (..., N, M) built from the paper's rule
     reference: Callable | None = None      # optional dense O(N^2) oracle: (**inputs, **config) -> out
+    init_state: Callable | None = None     # decoding (causal kernels): (*, lead, d, dv, dtype, **config) -> state
+    prefill: Callable | None = None        # (q, k, v, state, *, key_mask) -> (out, state): the prompt in one pass
+    step: Callable | None = None           # (q_t, k_t, v_t, state, *, key_mask_t) -> (out_t, state)
+    bounded_state: bool = False            # the decoder state does not grow with the position
     sizes: tuple = ()                      # config entries that must be positive integers (bad-input test)
     tol32: float = 1e-4                    # float32 vs float64 tolerance (max abs err / max abs value)
     subquadratic: bool = True              # efficient path must not allocate N x N

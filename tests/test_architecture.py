@@ -162,6 +162,9 @@ def test_a_mechanism_is_found_by_its_name(name):
         assert getattr(spec, role) is getattr(mod, role, None), f"{name}: registry {role} is not {mod.__name__}.{role}"
     if spec.reference is not None:
         assert spec.reference is getattr(mod, "reference", None)
+    for role in ("init_state", "prefill", "step"):
+        if getattr(spec, role) is not None:
+            assert getattr(spec, role) is getattr(mod, role, None), f"{name}: registry {role} is not {mod.__name__}.{role}"
     if not spec.causal:
         assert isinstance(getattr(mod, "WHY_NOT_CAUSAL", None), str), f"{name} cannot decode: say why in WHY_NOT_CAUSAL"
     assert (ROOT / "tests" / f"test_{name}.py").exists(), f"tests/test_{name}.py is missing"

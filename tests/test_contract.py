@@ -180,6 +180,73 @@ def test_causal_outputs_ignore_the_future(name):
         assert not np.array_equal(np64(out)[..., t:, :], np64(out2)[..., t:, :])
 
 
+# --------------------------------------------------------------------------- decoding
+def decode(spec, case, key_mask, prompt):
+    """Prefill the first ``prompt`` tokens, then step token by token: (out (..., N, dv), state sizes
+    after each token)."""
+    from effattn.nn.decode import state_size
+
+    i = case.inputs
+    q, k, v = i["q"], i["k"], i["v"]
+    config = {key: a for key, a in {**case.inputs, **case.config}.items() if key not in ("q", "k", "v", "causal")}
+    state = spec.init_state(lead=tuple(q.shape[:-2]), d=q.shape[-1], dv=v.shape[-1], dtype=str(q.dtype), **config)
+    km = None if key_mask is None else get_namespace(q).broadcast_to(key_mask, q.shape[:-1])
+    out, state = spec.prefill(q[..., :prompt, :], k[..., :prompt, :], v[..., :prompt, :], state,
+                              key_mask=None if km is None else km[..., :prompt])
+    rows, sizes = [np64(out)], [state_size(state)]
+    for t in range(prompt, q.shape[-2]):
+        o, state = spec.step(q[..., t, :], k[..., t, :], v[..., t, :], state,
+                             key_mask_t=None if km is None else km[..., t])
+        rows.append(np64(o)[..., None, :])
+        sizes.append(state_size(state))
+    return np.concatenate(rows, axis=-2), sizes
+
+
+DECODERS = [n for n in CAUSAL if effattn.get(n).step is not None]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("name", DECODERS)
+def test_stepping_equals_the_causal_forward(name, masked):
+    """After a prefill of random length, token by token equals the causal parallel forward
+    (float64, 1e-10), key masks included."""
+    spec = effattn.get(name)
+    for seed in range(3):
+        rng = np.random.default_rng(30 + seed)
+        n = 29
+        case = spec.example(rng, batch=2, heads=2, n=n, d=4, causal=True)
+        km = random_key_mask(rng, case) if masked else None
+        want, _ = run(spec, case, **({} if km is None else {"key_mask": km}))
+        got, _ = decode(spec, case, km, prompt=int(rng.integers(1, n)))
+        np.testing.assert_allclose(got, np64(want), rtol=0, atol=1e-10, err_msg=f"{name} seed {seed}")
+
+
+@pytest.mark.parametrize("name", [n for n in DECODERS if effattn.get(n).bounded_state])
+def test_a_bounded_state_does_not_grow(name):
+    """The numbers a bounded decoder state holds over the last half of a long sequence are no
+    more than over the second quarter."""
+    spec = effattn.get(name)
+    n = 96
+    case = spec.example(np.random.default_rng(33), batch=1, heads=2, n=n, d=4, causal=True)
+    _, sizes = decode(spec, case, None, prompt=3)
+    sizes = sizes[1:]                                                # after token 3, 4, ...
+    assert max(sizes[n // 2:]) <= max(sizes[n // 4:n // 2]), f"{name}: state sizes grow: {sizes}"
+
+
+def test_every_causal_kernel_decodes_or_says_why():
+    for name in CAUSAL:
+        spec = effattn.get(name)
+        if spec.kind != "kernel":
+            continue
+        roles = (spec.init_state, spec.prefill, spec.step)
+        if all(r is None for r in roles):
+            import importlib
+            mod = importlib.import_module(f"effattn.attention.{name}")
+            assert isinstance(getattr(mod, "WHY_NO_STEP", None), str), f"{name} can decode: give it init_state/prefill/step"
+        else:
+            assert all(r is not None for r in roles), f"{name}: init_state, prefill and step go together"
+
+
 # --------------------------------------------------------------------------- key mask
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name", NAMES)

@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import get_namespace
+from ..nn.decode import window_prefill, window_state, window_step
 from ..nn.sparse import attend_backward, attend_forward, combine_masks
 from ..validate import check_bool, check_qkv, check_scale
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
@@ -89,6 +90,20 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     return {}, {}
 
 
+# --------------------------------------------------------------------------- decoding
+def init_state(*, lead, d, dv, dtype="float64", scale=None):
+    """The KV cache (:class:`effattn.nn.decode.WindowState`): every key is kept, so the state
+    grows by d + dv numbers per token and head -- the cost the efficient mechanisms avoid."""
+    scale = check_scale(scale, d)
+    return window_state(lead=lead, d=d, dv=dv, dtype=dtype, scale=scale,
+                        reach=lambda i, pos: pos <= i, keep=lambda t, pos: pos >= 0,
+                        forward=lambda q, k, v, km: forward(q, k, v, causal=True, key_mask=km, scale=scale)[0])
+
+
+prefill = window_prefill
+step = window_step
+
+
 MECHANISM = register(Mechanism(
     name="full",
     title="Full attention (Transformer)",
@@ -105,6 +120,9 @@ MECHANISM = register(Mechanism(
     weights=weights,
     setup=setup,
     pattern=pattern,
+    init_state=init_state,
+    prefill=prefill,
+    step=step,
     subquadratic=False,
     summary="Dense scaled dot-product attention: the reference for every exact mechanism.",
 ))

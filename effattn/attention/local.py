@@ -84,6 +84,7 @@ from __future__ import annotations
 from ..backend import get_namespace
 from ..validate import check_bool, check_int, check_qkv, check_scale
 from ..nn.blockwise import band_pattern, blockwise_backward, blockwise_forward, blockwise_weights
+from ..nn.decode import window_prefill, window_state, window_step
 from ..nn.loops import masked_loop
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
@@ -164,6 +165,25 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     return {}, {"block": block, "look_back": 1}
 
 
+# --------------------------------------------------------------------------- decoding
+def init_state(*, lead, d, dv, dtype="float64", block=64, look_back=1, look_ahead=0, scale=None):
+    """A bounded KV window (:class:`effattn.nn.decode.WindowState`): query i sees its own block
+    up to i and the ``look_back`` blocks before, so only positions j with
+    floor(j / b) >= floor(t / b) - r are kept: at most (r + 1) b keys, whatever t is."""
+    block, look_back, look_ahead, _ = _check_config(block, look_back, look_ahead, True)
+    scale = check_scale(scale, d)
+    first_block = lambda i: i // block - look_back  # noqa: E731  the earliest block query i reaches
+    return window_state(lead=lead, d=d, dv=dv, dtype=dtype, scale=scale,
+                        reach=lambda i, pos: (pos <= i) & (pos // block >= first_block(i)),
+                        keep=lambda t, pos: pos // block >= first_block(t),
+                        forward=lambda q, k, v, km: forward(q, k, v, causal=True, key_mask=km, block=block,
+                                                            look_back=look_back, scale=scale)[0])
+
+
+prefill = window_prefill
+step = window_step
+
+
 MECHANISM = register(Mechanism(
     name="local",
     title="Blockwise local attention",
@@ -180,6 +200,10 @@ MECHANISM = register(Mechanism(
     weights=weights,
     setup=setup,
     pattern=pattern,
+    init_state=init_state,
+    prefill=prefill,
+    step=step,
+    bounded_state=True,
     sizes=("block",),
     windows=("block", "look_back", "look_ahead"),
     summary="Queries attend within their block of b positions and look_back previous blocks.",
