@@ -34,6 +34,18 @@ def test_bench_tiny(tmp_path, capsys):
     assert "time exp" in out and (tmp_path / "scaling.csv").exists() and (tmp_path / "scaling_time.png").exists()
 
 
+def test_bench_decode_reports_time_per_token_and_state(tmp_path, capsys):
+    assert main(["bench", "--decode", "--names", "full", "local", "--prompt", "40", "--steps", "30", "--out",
+                 str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ms/token" in out and "full" in out and "local" in out
+    for f in ("decode.csv", "decode_state.png", "decode_time.png"):
+        assert (tmp_path / f).exists()
+    rows = (tmp_path / "decode.csv").read_text().splitlines()
+    full = next(r for r in rows if r.startswith("full,")).split(",")
+    assert int(full[7]) > int(full[6])                       # the KV cache grows: state last > state first
+
+
 def test_unknown_name_is_one_line_error(capsys):
     assert main(["check", "--only", "no_such_thing"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -74,7 +86,7 @@ def test_figures_write_a_png_for_every_mechanism(tmp_path):
     missing = [n for n in effattn.names() if not any(w.startswith(n + "_") for w in written)]
     assert not missing, f"no figure for {missing}"
     assert "overview_patterns.png" in written
-    # every committed figure (but the bench's scaling curves) is one the command writes
+    # every committed figure (but the bench's scaling and decoding curves) is one the command writes
     committed = {p.name for p in (pathlib.Path(__file__).parents[1] / "figures").glob("*.png")}
-    lost = sorted(n for n in committed - set(written) if not n.startswith("scaling_"))
+    lost = sorted(n for n in committed - set(written) if not n.startswith(("scaling_", "decode_")))
     assert not lost, f"figures/ holds PNGs that python -m effattn figures no longer writes: {lost}"

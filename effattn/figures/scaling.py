@@ -61,3 +61,25 @@ def scaling_figures(rows, out_dir, d=64, dtype="float32"):
         ax = plot_scaling(pts, value=value, ylabel=label, title=f"{label} vs N (d={d}, {dtype})")
         paths.append(save(ax.figure, os.path.join(out_dir, fname)))
     return paths
+
+
+def decode_figures(traces, out_dir, d=64, dtype="float32", smooth=64):
+    """``decode_state.png`` (the numbers each decoder state holds against the position) and
+    ``decode_time.png`` (time per generated token, a running median over ``smooth`` steps) from
+    the traces of :func:`effattn.tools.bench.decode_run`."""
+    fig_s, ax_s = plt.subplots(figsize=(7, 4))
+    fig_t, ax_t = plt.subplots(figsize=(7, 4))
+    for tr in traces:
+        pos = tr["prompt"] + np.arange(1, len(tr["size"]) + 1)
+        ax_s.plot(pos, tr["size"], label=tr["name"])
+        t = np.asarray(tr["time_s"])
+        w = max(1, min(smooth, len(t)))
+        med = np.array([np.median(t[max(0, i - w + 1):i + 1]) for i in range(len(t))])
+        ax_t.plot(pos, 1e3 * med, label=tr["name"])
+    ax_s.set(xlabel="position t", ylabel="numbers in the decoder state", yscale="log",
+             title=f"decoder state against position (one head, d={d})")
+    ax_t.set(xlabel="position t", ylabel="ms per token (running median)", yscale="log",
+             title=f"time per generated token (one head, d={d}, {dtype})")
+    for ax in (ax_s, ax_t):
+        ax.legend(fontsize=7, ncol=2)
+    return [save(fig_s, os.path.join(out_dir, "decode_state.png")), save(fig_t, os.path.join(out_dir, "decode_time.png"))]

@@ -239,3 +239,88 @@ def format_table(rows, summary):
         rng = f"{s['n'][0]}-{s['n'][-1]}" if s["n"] else "-"
         lines.append(f"{name:22s} {rng:>14s} {s['time_exponent']:9.2f} {s['memory_exponent']:8.2f}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- decoding
+def decode_trace(spec, *, prompt, steps, d=64, dtype="float32", clock="wall"):
+    """Decode ``steps`` tokens after a ``prompt``-token prefill with ``spec``'s step (B = H = 1):
+    dict(name, prompt, prefill_s, time_s (steps,): each step's time, size (steps,): the numbers
+    the state holds after each step (``nn.decode.state_size``))."""
+    from ..nn.decode import state_size
+
+    if spec.step is None:
+        raise ValueError(f"{spec.name} has no step (see its WHY_NO_STEP)")
+    prompt, steps = check_int("prompt", prompt), check_int("steps", steps)
+    tick = CLOCKS[clock]
+    case = _case(spec, prompt + steps, d, dtype, True)
+    i = case.inputs
+    q, k, v = i["q"], i["k"], i["v"]
+    config = {key: a for key, a in {**i, **case.config}.items() if key not in ("q", "k", "v", "causal")}
+    state = spec.init_state(lead=tuple(q.shape[:-2]), d=d, dv=v.shape[-1], dtype=dtype, **config)
+    t0 = tick()
+    _, state = spec.prefill(q[..., :prompt, :], k[..., :prompt, :], v[..., :prompt, :], state)
+    _sync()
+    prefill_s = tick() - t0
+    times, sizes = np.zeros(steps), np.zeros(steps, dtype=np.int64)
+    for s in range(steps):
+        t = prompt + s
+        qt, kt, vt = q[..., t, :], k[..., t, :], v[..., t, :]
+        t0 = tick()
+        _, state = spec.step(qt, kt, vt, state)
+        _sync()
+        times[s] = tick() - t0
+        sizes[s] = state_size(state)
+    return {"name": spec.name, "prompt": prompt, "prefill_s": prefill_s, "time_s": times, "size": sizes}
+
+
+def recompute_time(spec, n, *, d=64, dtype="float32", repeats=3, clock="wall"):
+    """The time to get token n's row by recomputing the causal forward over all n tokens (what
+    generation without a decoder state pays at every token)."""
+    tick = CLOCKS[clock]
+    case = _case(spec, n, d, dtype, True)
+    spec.forward(**case.inputs, **case.config)
+    times = []
+    for _ in range(check_int("repeats", repeats)):
+        _sync()
+        t0 = tick()
+        spec.forward(**case.inputs, **case.config)
+        _sync()
+        times.append(tick() - t0)
+    return float(np.median(times))
+
+
+def decode_run(mech_names=None, *, prompt=4096, steps=4096, d=64, dtype="float32", window=256, clock="wall",
+               progress=True):
+    """Per-token decoding cost of every mechanism with a step: the mean step time over the first
+    and the last ``window`` steps, their ratio, the state size at both ends; for ``full`` also
+    the time of recomputing the prefix at the last position, and how many times slower that is.
+    Returns (rows, traces)."""
+    from tqdm.auto import tqdm
+
+    window = check_int("window", window)
+    chosen = [n for n in (mech_names or names("kernel")) if get(n).step is not None]
+    rows, traces = [], []
+    for name in tqdm(chosen, desc="decode", disable=not progress):
+        tr = decode_trace(get(name), prompt=prompt, steps=steps, d=d, dtype=dtype, clock=clock)
+        w = min(window, steps)
+        first, last = float(tr["time_s"][:w].mean()), float(tr["time_s"][-w:].mean())
+        row = {"name": name, "prompt": prompt, "steps": steps, "first_s": first, "last_s": last,
+               "ratio": last / first, "size_first": int(tr["size"][0]), "size_last": int(tr["size"][-1]),
+               "bounded": get(name).bounded_state, "recompute_s": float("nan"), "speedup": float("nan")}
+        if name == "full":
+            row["recompute_s"] = recompute_time(get(name), prompt + steps, d=d, dtype=dtype, clock=clock)
+            row["speedup"] = row["recompute_s"] / last
+        rows.append(row)
+        traces.append(tr)
+    return rows, traces
+
+
+def format_decode_table(rows):
+    lines = [f"{'mechanism':22s} {'first ms/token':>14s} {'last ms/token':>14s} {'last/first':>10s} "
+             f"{'state first':>12s} {'state last':>12s} {'recompute ms':>13s} {'x faster':>9s}"]
+    for r in rows:
+        extra = (f"{1e3 * r['recompute_s']:13.2f} {r['speedup']:9.1f}" if math.isfinite(r["recompute_s"])
+                 else f"{'-':>13s} {'-':>9s}")
+        lines.append(f"{r['name']:22s} {1e3 * r['first_s']:14.3f} {1e3 * r['last_s']:14.3f} {r['ratio']:10.2f} "
+                     f"{r['size_first']:12d} {r['size_last']:12d} {extra}")
+    return "\n".join(lines)

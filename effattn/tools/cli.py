@@ -22,6 +22,7 @@ stdout closed early   141     nothing (``python -m effattn list | head -1``)
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -141,6 +142,8 @@ def cmd_bench(args):
 
     if args.backend:
         backend.set_backend(args.backend)
+    if args.decode:
+        return _decode_bench(args, bench)
     ns = args.n or (bench.QUICK_N if args.quick else bench.DEFAULT_N)
     rows, summary = bench.run(args.names, ns, d=args.d, causal=args.causal, repeats=1 if args.quick else args.repeats,
                               full_max_n=args.full_max_n, max_seconds=args.max_seconds, clock=args.clock,
@@ -151,6 +154,26 @@ def cmd_bench(args):
     print("wrote " + ", ".join(paths))
     if args.json:
         print(json.dumps(summary))
+    return 0
+
+
+def _decode_bench(args, bench):
+    """``bench --decode``: time per generated token and state size against the position."""
+    from ..figures.scaling import decode_figures
+
+    prompt, steps = (256, 256) if args.quick else (args.prompt, args.steps)
+    rows, traces = bench.decode_run(args.names, prompt=prompt, steps=steps, d=args.d, clock=args.clock,
+                                    window=max(1, min(256, steps // 4)))
+    print(bench.format_decode_table(rows))
+    path = os.path.join(args.out, "decode.csv")
+    os.makedirs(args.out, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print("wrote " + ", ".join([path] + decode_figures(traces, args.out, d=args.d)))
+    if args.json:
+        print(json.dumps(rows))
     return 0
 
 
@@ -208,6 +231,10 @@ def build_parser():
     s.add_argument("--backend", choices=["numpy", "cupy"])
     s.add_argument("--out", default="figures", type=out_folder)
     s.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    s.add_argument("--decode", action="store_true",
+                   help="instead: decode --steps tokens after a --prompt-token prefill, time per token and state size")
+    s.add_argument("--prompt", type=positive_int, default=4096, help="--decode: prompt length (default 4096)")
+    s.add_argument("--steps", type=positive_int, default=4096, help="--decode: tokens generated (default 4096)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("train", help="train a small transformer with any attention (see --help)")
