@@ -24,16 +24,48 @@ The backward pass is hand-written by chaining the modules' backwards in
 reverse order; the residual ``x + f(x)`` passes ``dx + f'(dx)``. Shapes:
 B batch, N (target) length, M source length, D model width, V vocabulary,
 C classes.
+
+Decoding (issue 17): the causal stacks also run one token at a time, layer by layer, with a
+state per layer (:class:`StackState`: each block's self-attention state -- the kernel's own, e.g.
+full attention's KV cache -- and, in the encoder-decoder, its cross-attention's projected
+memory). Layer norms, feed-forwards and residuals are per token; token t gets the position
+vector of its absolute position t::
+
+    state = lm.init_state(B)                           # Decoder; EncoderDecoder: init_state(src, src_mask=...)
+    logits, state = lm.prefill(prompt, state)          # (B, P, V): the prompt in one pass
+    logits_t, state = lm.step(ids_t, state)            # (B, V): the next token's logits
+
+The logits equal the causal forward's (over ``max_len`` tokens: the kernel configuration the
+state is built with, see :meth:`MultiHeadAttention.init_state`). ``generate`` decodes this way
+when every self-attention kernel offers ``step`` (and cross-attention is ``full``), and falls back
+to re-running the forward for every token otherwise (``by_steps=False`` forces that path).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from .. import backend
 from ..backend import get_namespace, to_numpy
-from ..validate import check_choice, check_int
+from ..validate import check_bool, check_choice, check_int, check_nonnegative_float
 from ..nn import functional as F
 from ..nn.functional import IGNORE
 from ..nn.modules import Embedding, FeedForward, LayerNorm, Linear, Module
-from .attention import MultiHeadAttention
+from .attention import CrossAttentionState, MultiHeadAttention, SelfAttentionState
+
+
+class BlockState(NamedTuple):
+    """One block's decoder state."""
+
+    attn: SelfAttentionState           # the causal self-attention's (the kernel's state inside)
+    xattn: CrossAttentionState | None  # the cross-attention's projected memory, or None
+
+
+class StackState(NamedTuple):
+    """A causal :class:`Stack`'s decoder state: one :class:`BlockState` per layer."""
+
+    blocks: tuple
+    batch: int       # B
+    t: int           # tokens seen: the absolute position of the next one
 
 
 
@@ -59,6 +91,30 @@ class Block(Module):
         if self.cross:
             x = x + self.xattn.forward(self.ln2.forward(x), kv=memory, key_mask=memory_mask)  # (B, N, D)
         return x + self.ff.forward(self.ln3.forward(x))                                      # (B, N, D)
+
+    def init_state(self, batch, memory=None, memory_mask=None):
+        """A :class:`BlockState`: the self-attention's state, and the cross-attention's memory."""
+        if self.cross != (memory is not None):
+            raise ValueError("memory: a block with cross-attention needs the encoder's output (B, M, D)" if self.cross
+                             else "memory is given, but this block has no cross-attention")
+        xattn = self.xattn.init_state(batch, memory=memory, memory_mask=memory_mask) if self.cross else None
+        return BlockState(self.attn.init_state(batch), xattn)
+
+    def prefill(self, x, state, key_mask=None):
+        """``forward`` on the first P tokens x (B, P, D), filling the state: (y (B, P, D), state)."""
+        a, sa = self.attn.prefill(self.ln1.forward(x), state.attn, key_mask=key_mask)
+        x = x + a
+        if self.cross:
+            x = x + self.xattn.prefill(self.ln2.forward(x), state.xattn)[0]
+        return x + self.ff.forward(self.ln3.forward(x)), state._replace(attn=sa)
+
+    def step(self, x_t, state, key_mask_t=None):
+        """One token x_t (B, D): (y_t (B, D), state); the same sublayers as ``forward``."""
+        a, sa = self.attn.step(self.ln1.forward(x_t), state.attn, key_mask_t=key_mask_t)
+        x_t = x_t + a
+        if self.cross:
+            x_t = x_t + self.xattn.step(self.ln2.forward(x_t), state.xattn)[0]
+        return x_t + self.ff.forward(self.ln3.forward(x_t)), state._replace(attn=sa)
 
     def backward(self, dy):
         """Returns (dx, dmemory); dmemory is None without cross-attention."""
@@ -104,8 +160,7 @@ class Stack(Module):
         n = ids.shape[1]
         if n > self.max_len:
             raise ValueError(f"sequence length {n} exceeds max_len={self.max_len} (the positions the model has)")
-        pos = self.params["pos"] if self.positions == "learned" else self.pe
-        x = self.embed.forward(ids) + pos[:n]                # (B, N, D) + (N, D)
+        x = self.embed.forward(ids) + self._positions()[:n]  # (B, N, D) + (N, D)
         for blk in self.blocks:
             x = blk.forward(x, key_mask=key_mask, memory=memory, memory_mask=memory_mask)
         self.cache = n
@@ -124,6 +179,73 @@ class Stack(Module):
             self.grads["pos"][:n] += dx.sum(axis=0)
         self.embed.backward(dx)
         return dmem
+
+    # ----------------------------------------------------------------------- decoding
+    def why_no_step(self):
+        """None when this stack decodes token by token (causal, every self-attention kernel with
+        ``step``, cross-attention ``full``), else the reason."""
+        for i, blk in enumerate(self.blocks):
+            why = blk.attn.why_no_step() or (blk.xattn.why_no_step(cross=True) if blk.cross else None)
+            if why:
+                return f"blocks.{i}: {why}"
+        return None
+
+    def init_state(self, batch, *, memory=None, memory_mask=None):
+        """The empty :class:`StackState` for ``batch`` sequences (``memory`` (B, M, D) and
+        ``memory_mask`` (B, M): the encoder's output and the source mask, with cross-attention).
+        It takes at most ``max_len`` tokens (the positions the model has)."""
+        why = self.why_no_step()
+        if why:
+            raise ValueError(f"cannot decode step by step: {why}")
+        batch = check_int("batch", batch)
+        return StackState(tuple(blk.init_state(batch, memory, memory_mask) for blk in self.blocks), batch, 0)
+
+    def prefill(self, ids, state, *, key_mask=None):
+        """The prompt ids (B, P) in one pass, into a fresh state: (states (B, P, D), state) -- the
+        rows of ``forward``; ``key_mask`` (B, P) bool or None."""
+        state = self._check_state(state)
+        if not hasattr(ids, "ndim") or ids.ndim != 2 or ids.shape[0] != state.batch or ids.shape[1] < 1:
+            raise ValueError(f"ids must have shape ({state.batch}, P) with P >= 1 (B from the state), "
+                             f"got {tuple(getattr(ids, 'shape', ()))}")
+        if state.t != 0:
+            raise ValueError(f"prefill needs a fresh state (from init_state), this one is at position {state.t}")
+        n = ids.shape[1]
+        if n > self.max_len:
+            raise ValueError(f"prompt length {n} exceeds max_len={self.max_len} (the positions the model has)")
+        x = self.embed.forward(ids) + self._positions()[:n]                                 # (B, P, D)
+        blocks = []
+        for blk, st in zip(self.blocks, state.blocks):
+            x, st = blk.prefill(x, st, key_mask=key_mask)
+            blocks.append(st)
+        return self.ln_f.forward(x), StackState(tuple(blocks), state.batch, n)
+
+    def step(self, ids_t, state, *, key_mask_t=None):
+        """One token ids_t (B,) at position t = ``state.t``: (state (B, D), state) -- row t of
+        ``forward``; ``key_mask_t`` (B,) bool or None."""
+        state = self._check_state(state)
+        if not hasattr(ids_t, "ndim") or tuple(ids_t.shape) != (state.batch,):
+            raise ValueError(f"ids_t must have shape ({state.batch},) (one token per sequence), "
+                             f"got {tuple(getattr(ids_t, 'shape', ()))}")
+        t = state.t
+        if t >= self.max_len:
+            raise ValueError(f"position {t} is past the max_len={self.max_len} positions the model has")
+        x = self.embed.forward(ids_t) + self._positions()[t]                                # (B, D)
+        blocks = []
+        for blk, st in zip(self.blocks, state.blocks):
+            x, st = blk.step(x, st, key_mask_t=key_mask_t)
+            blocks.append(st)
+        return self.ln_f.forward(x), StackState(tuple(blocks), state.batch, t + 1)
+
+    def _check_state(self, state):
+        if not isinstance(state, StackState):
+            raise TypeError(f"state must come from init_state (or a previous prefill/step), got {type(state).__name__}")
+        if len(state.blocks) != self.n_layers:
+            raise ValueError(f"state has {len(state.blocks)} layers, this stack {self.n_layers}: "
+                             f"it comes from another model")
+        return state
+
+    def _positions(self):
+        return self.params["pos"] if self.positions == "learned" else self.pe               # (max_len, D)
 
     def attention_layers(self):
         """[(name, MultiHeadAttention)] of every block, for attention maps."""
@@ -235,16 +357,60 @@ class Decoder(Model):
     def forward_batch(self, batch):
         return self.forward(batch["x"], batch.get("mask"))
 
-    def generate(self, prompt, steps, *, temperature=0.0, rng=None):
-        """Continue ``prompt`` (B, P) by ``steps`` tokens: greedy (temperature 0) or sampled
-        from softmax(logits / temperature) with the host generator ``rng``. Re-runs the
-        causal forward on the last ``max_len`` tokens each step. Returns (B, P + steps)."""
-        ids = prompt
-        xp = get_namespace(prompt)
-        for _ in range(check_int("steps", steps, minimum=0)):
-            ctx = ids[:, -self.stack.max_len:]
-            nxt = _pick(self.forward(ctx)[:, -1], temperature, rng)             # (B,)
-            ids = xp.concatenate([ids, xp.asarray(nxt, dtype=ids.dtype)[:, None]], axis=1)
+    def init_state(self, batch):
+        """The empty decoder state (:meth:`Stack.init_state`) for ``batch`` sequences."""
+        return self.stack.init_state(batch)
+
+    def prefill(self, ids, state, *, key_mask=None):
+        """The prompt ids (B, P) in one pass: (logits (B, P, V), state)."""
+        h, state = self.stack.prefill(ids, state, key_mask=key_mask)
+        return self.head.forward(h), state
+
+    def step(self, ids_t, state, *, key_mask_t=None):
+        """The next token ids_t (B,): (its next-token logits (B, V), state)."""
+        h, state = self.stack.step(ids_t, state, key_mask_t=key_mask_t)
+        return self.head.forward(h), state
+
+    def generate(self, prompt, steps, *, temperature=0.0, rng=None, by_steps=None):
+        """Continue ``prompt`` (B, P), P >= 1, by ``steps`` tokens: greedy (temperature 0) or
+        sampled from softmax(logits / temperature) with the host generator ``rng`` (one
+        ``rng.random(B)`` draw per token, in both paths). Returns (B, P + steps).
+
+        ``by_steps=None`` (default) decodes by steps when the attention kernel offers ``step``
+        (:meth:`Stack.why_no_step` is None): the prompt is prefilled in one pass, then each new
+        token costs one step (O(state) attention per layer, not a forward over the context).
+        ``by_steps=False`` re-runs the causal forward on the context for every token (the
+        original path, kept for comparison); ``by_steps=True`` refuses a kernel without step.
+
+        Past ``max_len``: a context longer than the model's ``max_len`` positions is cut to its
+        last ``max_len`` tokens, renumbered from position 0, and recomputed for every token. A
+        KV-cache state cannot reproduce that sliding window (its keys carry their positions and
+        every earlier token), so decoding by steps goes as far as the positions go -- every
+        token predicted from a context of at most ``max_len`` tokens -- and the remaining ones
+        (and all of them when P > max_len) are recomputed on the sliding window, as before.
+
+        The two paths give the same tokens when the kernel's configuration does not depend on
+        the length (full; or sizes given in ``attn_config``); otherwise steps use the
+        configuration of ``max_len`` and the recomputation that of each context length
+        (:meth:`MultiHeadAttention.init_state`)."""
+        steps = check_int("steps", steps, minimum=0)
+        if not hasattr(prompt, "ndim") or prompt.ndim != 2 or prompt.shape[1] < 1:
+            raise ValueError(f"prompt must have shape (B, P) with P >= 1, got {tuple(getattr(prompt, 'shape', ()))}")
+        _check_sampling(temperature, rng)
+        use_steps = _use_steps(self.stack, by_steps)
+        n_max = self.stack.max_len
+        ids, done = prompt, 0
+        if use_steps and steps and prompt.shape[1] <= n_max:
+            logits, state = self.prefill(prompt, self.init_state(prompt.shape[0]))
+            last = logits[:, -1]                                                # (B, V)
+            while True:
+                ids = _append(ids, _pick(last, temperature, rng))
+                done += 1
+                if done == steps or ids.shape[1] > n_max:                      # no position left for a step
+                    break
+                last, state = self.step(ids[:, -1], state)
+        for _ in range(steps - done):                                           # recompute: the last max_len tokens
+            ids = _append(ids, _pick(self.forward(ids[:, -n_max:])[:, -1], temperature, rng))
         return ids
 
 
@@ -280,26 +446,86 @@ class EncoderDecoder(Model):
     def forward_batch(self, batch):
         return self.forward(batch["src"], batch["tgt"], batch.get("src_mask"), batch.get("tgt_mask"))
 
-    def generate(self, src, bos, steps, *, src_mask=None, temperature=0.0, rng=None):
+    def init_state(self, src, *, src_mask=None):
+        """Encode ``src`` (B, M) once (``src_mask`` (B, M) bool or None) and return the decoder's
+        empty state (:meth:`Stack.init_state`): its cross-attentions hold the projected memory."""
+        memory = self.encoder.forward(src, key_mask=src_mask)                               # (B, M, D)
+        return self.decoder.init_state(src.shape[0], memory=memory, memory_mask=src_mask)
+
+    def prefill(self, tgt, state, *, tgt_mask=None):
+        """The target prefix tgt (B, P) in one pass: (logits (B, P, V), state)."""
+        h, state = self.decoder.prefill(tgt, state, key_mask=tgt_mask)
+        return self.head.forward(h), state
+
+    def step(self, tgt_t, state, *, tgt_mask_t=None):
+        """The next target token tgt_t (B,): (its next-token logits (B, V), state)."""
+        h, state = self.decoder.step(tgt_t, state, key_mask_t=tgt_mask_t)
+        return self.head.forward(h), state
+
+    def generate(self, src, bos, steps, *, src_mask=None, temperature=0.0, rng=None, by_steps=None):
         """Decode ``steps`` tokens after ``bos`` for each source: greedy or sampled
-        (see :meth:`Decoder.generate`). Returns (B, steps), without the bos column."""
+        (see :meth:`Decoder.generate`). Returns (B, steps), without the bos column.
+
+        ``by_steps`` as in :meth:`Decoder.generate`: by steps (default when the decoder's
+        self-attention offers ``step`` and its cross-attention is ``full``), the source is
+        encoded once, the cross-attentions' keys and values are projected once, and each token
+        is one step; ``by_steps=False`` re-runs the encoder and the decoder for every token. The
+        decoder reads bos and the tokens before the last, so ``steps`` may be at most the
+        decoder's ``max_len`` (a ValueError up front otherwise, in both paths)."""
+        steps = check_int("steps", steps, minimum=0)
+        if steps > self.decoder.max_len:
+            raise ValueError(f"steps={steps} needs {steps} decoder positions (bos and the tokens before the last), "
+                             f"more than max_len={self.decoder.max_len}")
+        _check_sampling(temperature, rng)
+        use_steps = _use_steps(self.decoder, by_steps)
         xp = get_namespace(src)
         ids = xp.full((src.shape[0], 1), bos, dtype=src.dtype)
-        for _ in range(check_int("steps", steps, minimum=0)):
-            nxt = _pick(self.forward(src, ids, src_mask)[:, -1], temperature, rng)
-            ids = xp.concatenate([ids, xp.asarray(nxt, dtype=ids.dtype)[:, None]], axis=1)
+        if use_steps and steps:
+            logits, state = self.prefill(ids, self.init_state(src, src_mask=src_mask))
+            last = logits[:, -1]                                                # (B, V)
+            for i in range(steps):
+                ids = _append(ids, _pick(last, temperature, rng))
+                if i + 1 < steps:
+                    last, state = self.step(ids[:, -1], state)
+        else:
+            for _ in range(steps):
+                ids = _append(ids, _pick(self.forward(src, ids, src_mask)[:, -1], temperature, rng))
         return ids[:, 1:]
+
+
+def _use_steps(stack, by_steps):
+    """Whether ``generate`` decodes by steps: ``by_steps`` None (when the stack can), True (it
+    must: a ValueError saying why not) or False (recompute)."""
+    why = stack.why_no_step()
+    if by_steps is None:
+        return why is None
+    if check_bool("by_steps", by_steps) and why:
+        raise ValueError(f"by_steps=True, but {why}; use by_steps=False (or None) to recompute instead")
+    return by_steps
+
+
+def _append(ids, nxt):
+    """ids (B, L) and the next tokens (B,) -> (B, L + 1)."""
+    xp = get_namespace(ids)
+    return xp.concatenate([ids, xp.asarray(nxt, dtype=ids.dtype)[:, None]], axis=1)
+
+
+def _check_sampling(temperature, rng):
+    """temperature None or 0 (greedy) or > 0 with a host ``rng``; returns it as a float."""
+    if temperature is None:
+        return 0.0
+    temperature = check_nonnegative_float("temperature", temperature)
+    if temperature > 0 and rng is None:
+        raise ValueError("rng (a numpy.random.Generator) is needed to sample with temperature > 0")
+    return temperature
 
 
 def _pick(logits, temperature, rng):
     """Greedy argmax (temperature 0) or a host draw from softmax(logits / T). logits (B, V) -> (B,)."""
-    if temperature is None or temperature == 0:
+    temperature = _check_sampling(temperature, rng)
+    if temperature == 0:
         return logits.argmax(axis=-1)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    if rng is None:
-        raise ValueError("rng (a numpy.random.Generator) is needed to sample with temperature > 0")
-    z = to_numpy(logits).astype("float64") / float(temperature)         # host (B, V)
+    z = to_numpy(logits).astype("float64") / temperature                # host (B, V)
     z = z - z.max(axis=-1, keepdims=True)
     p = (2.718281828459045 ** z)
     cdf = (p / p.sum(axis=-1, keepdims=True)).cumsum(axis=-1)
