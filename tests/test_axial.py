@@ -6,12 +6,14 @@ attention masked by the rule, and central finite differences.
 """
 import numpy as np
 import pytest
+from test_contract import decode
 
 import effattn
 from effattn.attention import axial
 from effattn.figures import FIGURES
 from effattn.gradcheck import check_gradients
 from effattn.nn.image import default_image_shape
+from effattn.registry import Case
 
 FULL = effattn.get("full")
 
@@ -134,3 +136,51 @@ def test_figures(tmp_path):
     paths = FIGURES["axial"](str(tmp_path), np.random.default_rng(0))
     assert [p.split("/")[-1] for p in paths] == ["axial_grid.png", "axial_masks.png"]
     assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)
+
+
+# --------------------------------------------------------------------------- decoding
+def stepped(q, k, v, prompt, key_mask=None, **config):
+    """Prefill + token-by-token steps (the contract's driver): out and the state sizes."""
+    return decode(effattn.get("axial"), Case(inputs={"q": q, "k": k, "v": v}, config=config), key_mask, prompt)
+
+
+@pytest.mark.parametrize("shape,axis,ragged", [((7, 9), "row", 0), ((7, 9), "column", 0), ((7, 9), "both", 0),
+                                              ((7, 9), "both", 4), ((3, 4, 5), (0, 2), 0), ((3, 4, 5), 1, 0)])
+def test_decoding_keeps_exactly_the_keys_a_later_query_reaches(shape, axis, ragged):
+    """Stepping equals the causal forward (padded grids and key masks included), and on a full
+    grid the window holds exactly the keys some later cell of their lines reads -- counted from
+    build_pattern: the current row for axis="row" (at most c - 1 keys), every earlier key for the
+    column axis of a 2-D grid (each column stays reachable until the last row)."""
+    n = int(np.prod(shape)) - ragged
+    b, heads, d, dv = 2, 2, 4, 3
+    rng = np.random.default_rng(n)
+    q, k, v = qkv(rng, b, heads, n, d, dv)
+    km = np.broadcast_to(rng.random((b, 1, n)) > 0.3, (b, heads, n))
+    cfg = {"shape": shape, "axis": axis}
+    want, _ = axial.forward(q, k, v, causal=True, key_mask=km, **cfg)
+    for prompt in (1, shape[-1] + 2, n - 1):
+        got, sizes = stepped(q, k, v, prompt, km, **cfg)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        rows = [s // (b * heads * (d + dv + 1)) for s in sizes]
+        if not ragged:
+            pat = axial.build_pattern(n, causal=True, xp=np, **cfg)
+            assert rows == [int(pat[t:, :t].any(axis=0).sum()) for t in range(prompt, n + 1)]
+        if axis == "row":
+            assert max(rows) <= shape[-1] - 1
+        if axis == "column" and len(shape) == 2:
+            assert rows[:n - shape[-1] - prompt] == list(range(prompt, n - shape[-1]))   # t keys up to the last row
+
+
+def test_decoding_stops_at_the_last_cell_and_needs_the_grid():
+    rng = np.random.default_rng(1)
+    q, k, v = qkv(rng, 1, 1, 7)
+    state = axial.init_state(lead=(1, 1), d=4, dv=3, shape=(2, 3), axis="both")
+    with pytest.raises(ValueError, match="^q brings 7"):
+        axial.prefill(q, k, v, state)
+    out, state = axial.prefill(q[..., :6, :], k[..., :6, :], v[..., :6, :], state)
+    with pytest.raises(ValueError, match="^q_t brings 1 token"):
+        axial.step(q[..., 6, :], k[..., 6, :], v[..., 6, :], state)
+    with pytest.raises(ValueError, match="^shape must be given"):
+        axial.init_state(lead=(1, 1), d=4, dv=3)
+    with pytest.raises(ValueError, match="^axis"):
+        axial.init_state(lead=(1, 1), d=4, dv=3, shape=(2, 3), axis="diagonal")

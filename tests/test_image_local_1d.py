@@ -3,13 +3,16 @@ paper's rule written pair by pair, the pattern helper, the tensor2tensor convent
 validation and figures."""
 import numpy as np
 import pytest
+from test_contract import decode
 
 import effattn
 from effattn.attention import image_local_1d as il1
 from effattn.attention import local
 from effattn.figures import FIGURES
 from effattn.gradcheck import check_gradients
+from effattn.nn.decode import MIN_CAPACITY, state_size
 from effattn.nn.loops import masked_loop
+from effattn.registry import Case
 
 
 def qkv(rng, lead, n, d=4, dv=3):
@@ -75,3 +78,44 @@ def test_registry_entry_and_figures(tmp_path):
     assert spec.notebook == "01_fixed_patterns" and spec.classes == ("FP",) and spec.complexity == "O(N·m)"
     paths = FIGURES["image_local_1d"](str(tmp_path), np.random.default_rng(0))
     assert paths and all("image_local_1d_" in p for p in paths)
+
+
+# --------------------------------------------------------------------------- decoding
+@pytest.mark.parametrize("lq,lm,prompt", [(7, 11, 1), (7, 11, 40), (5, 0, 13), (16, 3, 100)])
+def test_decoding_holds_the_block_and_its_memory_only(lq, lm, prompt):
+    """A sequence many windows long: stepping equals the causal forward (key mask included), and
+    before token t the state holds exactly the keys [floor(t / l_q) l_q - l_m, t): never more than
+    l_m + l_q - 1, whatever t is."""
+    n, (b, h, d, dv) = 300, (2, 2, 4, 3)
+    rng = np.random.default_rng(lq + lm + prompt)
+    q, k, v = qkv(rng, (b, h), n, d, dv)
+    km = rng.random((b, 1, n)) > 0.3
+    cfg = {"block_length": lq, "memory_length": lm}
+    want, _ = il1.forward(q, k, v, causal=True, key_mask=km, **cfg)
+    got, sizes = decode(effattn.get("image_local_1d"), Case(inputs={"q": q, "k": k, "v": v}, config=cfg),
+                        np.broadcast_to(km, (b, h, n)), prompt)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    rows = [s // (b * h * (d + dv + 1)) for s in sizes]
+    expected = [t - max(0, t // lq * lq - lm) for t in range(prompt, n + 1)]
+    assert rows == expected
+    assert max(rows) <= lm + lq - 1
+
+
+def test_decoding_buffers_stay_bounded():
+    """The buffers behind the window are compacted: their capacity does not grow with t either."""
+    lq, lm, n = 4, 6, 500
+    rng = np.random.default_rng(0)
+    q, k, v = qkv(rng, (1, 1), n)
+    state = il1.init_state(lead=(1, 1), d=4, dv=3, block_length=lq, memory_length=lm)
+    out, state = il1.prefill(q[..., :2, :], k[..., :2, :], v[..., :2, :], state)
+    for t in range(2, n):
+        _, state = il1.step(q[..., t, :], k[..., t, :], v[..., t, :], state)
+        assert state.k.shape[-2] <= 2 * (2 * (lq + lm) + MIN_CAPACITY), t
+    assert state_size(state) == (n - (n // lq * lq - lm)) * (4 + 3 + 1)
+
+
+def test_decoding_refuses_bad_configuration():
+    with pytest.raises(ValueError, match="block_length"):
+        il1.init_state(lead=(1,), d=2, dv=2, block_length=0)
+    with pytest.raises(ValueError, match="memory_length"):
+        il1.init_state(lead=(1,), d=2, dv=2, memory_length=-1)

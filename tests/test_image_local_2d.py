@@ -3,6 +3,7 @@ paper's rule written in pixel coordinates, the image layouts of effattn.nn.image
 fancy-index gathers, the default image shape, ragged images, validation and figures."""
 import numpy as np
 import pytest
+from test_contract import decode
 
 import effattn
 from effattn.attention import image_local_1d as il1
@@ -11,6 +12,7 @@ from effattn.figures import FIGURES
 from effattn.gradcheck import check_gradients
 from effattn.nn import image
 from effattn.nn.loops import masked_loop
+from effattn.registry import Case
 
 
 def qkv(rng, lead, n, d=4, dv=3):
@@ -124,3 +126,63 @@ def test_registry_entry_and_figures(tmp_path):
     assert spec.notebook == "01_fixed_patterns" and spec.classes == ("FP",) and spec.complexity == "O(N·m)"
     paths = FIGURES["image_local_2d"](str(tmp_path), np.random.default_rng(0))
     assert paths and all("image_local_2d_" in p for p in paths)
+
+
+# --------------------------------------------------------------------------- decoding
+def stepped(q, k, v, prompt, key_mask=None, **config):
+    """Prefill + token-by-token steps (the contract's driver): out and the state sizes."""
+    return decode(effattn.get("image_local_2d"), Case(inputs={"q": q, "k": k, "v": v}, config=config),
+                  key_mask, prompt)
+
+
+@pytest.mark.parametrize("shape,qs,fl,ragged", [((12, 11), (2, 3), (3, 2), 0), ((12, 11), (3, 2), (1, 4), 5),
+                                               ((9, 8), (4, 8), (0, 0), 3), ((6, 5), (1, 1), (2, 2), 0)])
+def test_decoding_keeps_exactly_the_keys_a_later_query_reaches(shape, qs, fl, ragged):
+    """Stepping equals the causal forward (ragged images and key masks included; the prompt's own
+    rows are the image's first rows), and on a full image the window holds exactly the keys some
+    later query's memory holds -- counted from build_pattern -- never more than (h_q + h_m) W."""
+    h, w = shape
+    n = h * w - ragged
+    b, heads, d, dv = 2, 2, 4, 3
+    rng = np.random.default_rng(n + qs[0] + fl[1])
+    q, k, v = qkv(rng, (b, heads), n, d, dv)
+    km = np.broadcast_to(rng.random((b, 1, n)) > 0.3, (b, heads, n))
+    cfg = {"image_shape": shape, "query_shape": qs, "memory_flange": fl}
+    want, _ = il2.forward(q, k, v, causal=True, key_mask=km, **cfg)
+    for prompt in (1, w + 2, n - 1):
+        got, sizes = stepped(q, k, v, prompt, km, **cfg)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        rows = [s // (b * heads * (d + dv + 1)) for s in sizes]
+        assert max(rows) <= (qs[0] + fl[0]) * w
+        if not ragged:
+            pat = il2.build_pattern(n, causal=True, xp=np, **cfg)
+            assert rows == [int(pat[t:, :t].any(axis=0).sum()) for t in range(prompt, n + 1)]
+
+
+def test_decoding_state_is_bounded_by_the_image_width():
+    """A tall image (many row blocks): the window's size repeats with every row block."""
+    shape, qs, fl = (40, 6), (2, 2), (1, 1)
+    n = shape[0] * shape[1]
+    rng = np.random.default_rng(0)
+    q, k, v = qkv(rng, (1, 1), n)
+    _, sizes = stepped(q, k, v, 3, image_shape=shape, query_shape=qs, memory_flange=fl)
+    rows = [s // 8 for s in sizes]
+    period = qs[0] * shape[1]
+    assert max(rows[2 * period:]) == max(rows[2 * period:3 * period]) <= (qs[0] + fl[0]) * shape[1]
+
+
+def test_decoding_stops_at_the_last_cell_of_the_image():
+    rng = np.random.default_rng(1)
+    q, k, v = qkv(rng, (1,), 7)
+    cfg = {"image_shape": (2, 3), "query_shape": (1, 2), "memory_flange": (1, 1)}
+    state = il2.init_state(lead=(1,), d=4, dv=3, **cfg)
+    with pytest.raises(ValueError, match="^q brings 7"):
+        il2.prefill(q, k, v, state)
+    out, state = il2.prefill(q[..., :5, :], k[..., :5, :], v[..., :5, :], state)
+    out, state = il2.step(q[..., 5, :], k[..., 5, :], v[..., 5, :], state)
+    with pytest.raises(ValueError, match="^q_t brings 1 token"):
+        il2.step(q[..., 6, :], k[..., 6, :], v[..., 6, :], state)
+    with pytest.raises(ValueError, match="image_shape"):
+        il2.init_state(lead=(1,), d=4, dv=3, image_shape=(0, 3))
+    with pytest.raises(ValueError, match="memory_flange"):
+        il2.init_state(lead=(1,), d=4, dv=3, image_shape=(2, 3), memory_flange=(-1, 0))

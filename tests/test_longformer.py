@@ -2,10 +2,12 @@
 convention, per-head dilation, gradients of the separate global projections."""
 import numpy as np
 import pytest
+from test_contract import decode
 
 import effattn
 from effattn.attention import longformer as lf
 from effattn.gradcheck import check_gradients
+from effattn.registry import Case
 
 SPEC = effattn.get("longformer")
 
@@ -224,3 +226,66 @@ def test_neighbour_blocks_backward_is_the_adjoint():
         assert abs(lhs - rhs) < 1e-10
         w = neighbour_blocks(np.arange(5.0)[:, None, None] * np.ones((5, 3, 1)), before, after)   # block ids
         assert w[2, 0, 0] == 2 - before and w[2, -1, 0] == 2 + after
+
+
+# --------------------------------------------------------------------------- decoding
+def stepped(q, k, v, prompt, key_mask=None, **config):
+    """Prefill + token-by-token steps (the contract's driver): out and the state sizes."""
+    return decode(SPEC, Case(inputs={"q": q, "k": k, "v": v}, config=config), key_mask, prompt)
+
+
+@pytest.mark.parametrize("w,dils,gpos", [(3, (1, 3), (0, 5, 77)), (4, 2, ()), (2, (1, 2), (1,)), (500, 1, (7,))])
+def test_decoding_keeps_everything_until_the_last_global_then_the_band(w, dils, gpos):
+    """Stepping equals the causal forward (per-head dilation, key masks, globals before, inside and
+    after the prompt). While a global position lies ahead the state holds every key; after the
+    last one only the band of w delta_max positions and the g global keys -- bounded over a long
+    sequence."""
+    n, b, heads, d, dv = 200, 2, 2, 4, 3
+    rng = np.random.default_rng(w + len(gpos))
+    q, k, v = (rng.standard_normal((b, heads, n, x)) for x in (d, d, dv))
+    km = np.broadcast_to(rng.random((b, 1, n)) > 0.3, (b, heads, n))
+    cfg = {"w": w, "dilation": dils, "global_positions": gpos}
+    want, _ = lf.forward(q, k, v, causal=True, key_mask=km, **cfg)
+    reach = w * max(np.atleast_1d(dils))
+    last = max(gpos, default=-1)
+    for prompt in (1, 6, 90):
+        got, sizes = stepped(q, k, v, prompt, km, **cfg)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        rows = [s // (b * heads * (d + dv + 1)) for s in sizes]
+        for t, r in zip(range(prompt, n + 1), rows):
+            if t <= last:
+                assert r == t, (t, r)                      # a global query ahead reads every key
+            else:
+                assert r == min(t, reach + sum(p < t - reach for p in gpos)), (t, r)
+
+
+def test_decoding_a_global_set_per_batch_element():
+    """global_mask (B, N): each element's own global rows and keys, stepping equals the forward; the
+    window keeps the union of the elements' global keys beside the band."""
+    n, w = 60, 2
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((3, 2, n, 4)) for _ in range(3))
+    gm = np.zeros((3, n), bool)
+    gm[0, [0, 1]] = True
+    gm[1, [10, 30]] = True                                    # element 2: no global position
+    km = np.broadcast_to(rng.random((3, 1, n)) > 0.3, (3, 2, n))
+    cfg = {"w": w, "dilation": (1, 2), "global_mask": gm}
+    want, _ = lf.forward(q, k, v, causal=True, key_mask=km, **cfg)
+    for prompt in (1, 5, 20, 45):
+        got, sizes = stepped(q, k, v, prompt, km, **cfg)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        assert sizes[-1] // (3 * 2 * 9) == 2 * w + 4
+
+
+def test_decoding_refuses_separate_global_projections_and_bad_globals():
+    q = np.zeros((1, 2, 5, 4))
+    with pytest.raises(ValueError, match="^q_global, k_global, v_global: separate global projections"):
+        lf.init_state(lead=(1, 2), d=4, dv=4, w=2, q_global=q, k_global=q, v_global=q)
+    with pytest.raises(ValueError, match="^global_positions must be >= 0"):
+        lf.init_state(lead=(1, 2), d=4, dv=4, w=2, global_positions=(-1, 3))
+    with pytest.raises(ValueError, match="^global_mask must have shape"):
+        lf.init_state(lead=(1, 2), d=4, dv=4, w=2, global_mask=np.zeros((2, 5), bool))
+    with pytest.raises(ValueError, match="not both"):
+        lf.init_state(lead=(1, 2), d=4, dv=4, w=2, global_positions=(0,), global_mask=np.zeros((1, 5), bool))
+    with pytest.raises(ValueError, match="^dilation has 3 entries but lead"):
+        lf.init_state(lead=(1, 2), d=4, dv=4, w=2, dilation=(1, 2, 3))

@@ -86,3 +86,16 @@ def test_bad_rotations():
     with pytest.raises(ValueError, match="n_buckets"):
         lsh.draw_rotations(rng, 4, 5)
     assert lsh.draw_rotations(rng, 4, 6, 2, heads=3).shape == (3, 2, 4, 3)
+
+
+def test_bucket_ranks_count_the_earlier_tokens_of_each_bucket():
+    """rank[t] = how many tokens before t share its bucket; count = tokens per bucket (plain Python)."""
+    rng = np.random.default_rng(5)
+    n, nb = 31, 4
+    buckets = rng.integers(0, nb + 1, (2, 3, n))
+    rank, count = lsh.bucket_ranks(buckets, nb)
+    assert rank.shape == buckets.shape and count.shape == (2, 3, nb + 1)
+    for idx in np.ndindex(*buckets.shape[:-1]):
+        b = buckets[idx].tolist()
+        assert rank[idx].tolist() == [b[:t].count(b[t]) for t in range(n)]
+        assert count[idx].tolist() == [b.count(h) for h in range(nb + 1)]

@@ -9,6 +9,7 @@ from effattn.attention import memory_compressed as mc
 from effattn.attention.full import forward as full_forward
 from effattn.figures import FIGURES
 from effattn.gradcheck import check_gradients
+from effattn.nn.decode import state_size
 
 
 def make(rng, lead, n, m, d, dv, k):
@@ -57,10 +58,11 @@ def test_k_equal_one_with_identity_is_full_attention():
 
 
 def test_causal_slot_visibility_rule():
-    n, k = 14, 4                                                              # slots end at 3, 7, 11, 13
+    n, k = 14, 4                                                              # slots end at 3, 7, 11; 12..13 partial
     vis = mc.slot_visibility(n, n, k, True, np)
-    ends = [3, 7, 11, 13]
+    ends = [3, 7, 11, 15]                                                     # the partial slot never completes
     assert np.array_equal(vis, np.array([[e <= i for e in ends] for i in range(n)]))
+    assert not vis[:, 3].any()
     assert mc.slot_visibility(n, n, k, False, np) is None
     # queries before the end of the first slot see nothing: zero output, zero gradient
     rng = np.random.default_rng(2)
@@ -180,3 +182,90 @@ def test_local_block_gradients_causality_and_validation():
         mc.forward(q, kk, v, local_block=0, **p)
     with pytest.raises(ValueError, match="local_block"):
         mc.forward(q[..., :5, :], kk, v, local_block=2, **p)
+
+
+# --------------------------------------------------------------------------- decoding
+def _decode(q, kk, v, p, prompt, km=None, **config):
+    """prefill the first ``prompt`` tokens, then step; returns the rows and the states after each token."""
+    lead, d, dv = q.shape[:-2], q.shape[-1], v.shape[-1]
+    state = mc.init_state(lead=lead, d=d, dv=dv, **p, **config)
+    kmb = None if km is None else np.broadcast_to(km, q.shape[:-1])
+    out, state = mc.prefill(q[..., :prompt, :], kk[..., :prompt, :], v[..., :prompt, :], state,
+                            key_mask=None if kmb is None else kmb[..., :prompt])
+    rows, states = [out], [state]
+    for t in range(prompt, q.shape[-2]):
+        o, state = mc.step(q[..., t, :], kk[..., t, :], v[..., t, :], state,
+                           key_mask_t=None if kmb is None else kmb[..., t])
+        rows.append(o[..., None, :])
+        states.append(state)
+    return np.concatenate(rows, axis=-2), states
+
+
+@pytest.mark.parametrize("n,k,b,prompt", [(17, 3, None, 1), (17, 3, None, 6), (17, 4, 3, 2), (17, 2, 5, 9),
+                                          (12, 5, 1, 3), (10, 3, 40, 4), (8, 1, None, 1)])
+def test_decoding_equals_the_causal_forward(n, k, b, prompt):
+    rng = np.random.default_rng(n + k + prompt)
+    q, kk, v, p = make(rng, (2, 3), n, n, 4, 3, k)
+    km = rng.random((2, 1, n)) > 0.3
+    km[..., 0] = True
+    for mask in (None, km):
+        want, _ = mc.forward(q, kk, v, causal=True, key_mask=mask, local_block=b, **p)
+        got, _ = _decode(q, kk, v, p, prompt, mask, local_block=b)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_decoding_state_is_the_completed_slots_and_the_incomplete_block():
+    """After t tokens: floor(t / k) slots, each compressed once when its k-th position arrives (equal to the
+    forward's K^c, V^c), and the raw rows from the start of the incomplete slot (or the local block) to t - 1."""
+    rng = np.random.default_rng(8)
+    n, k, d, dv = 23, 4, 3, 2
+    q, kk, v, p = make(rng, (1, 2), n, n, d, dv, k)
+    _, states = _decode(q, kk, v, p, 5)
+    _, _, kc, vc, _ = mc._compress(kk, v, p["conv_k"], p["conv_v"], None)
+    for state in states:
+        t = state.t
+        assert state.kc.shape[-2] == t // k and state.start == (t // k) * k
+        assert state.tail_k.shape[-2] == t % k
+        np.testing.assert_allclose(state.kc, kc[..., :t // k, :], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(state.vc, vc[..., :t // k, :], rtol=0, atol=1e-12)
+        assert state_size(state) == 2 * (t // k + t % k) * (d + dv + 1)
+    for before, after in zip(states, states[1:]):                             # a slot, once made, is kept as is
+        assert np.array_equal(after.kc[..., :before.kc.shape[-2], :], before.kc)
+    _, states = _decode(q, kk, v, p, 2, local_block=6)                        # the local block reaches back further
+    for state in states:
+        t = state.t
+        assert state.start == min((t // k) * k, (t // 6) * 6)
+        assert state.tail_k.shape[-2] == t - state.start < max(k, 6)
+
+
+def test_decoding_a_partial_slot_is_never_seen():
+    """Row t does not depend on whether tokens follow it: the forward over the first t + 1 tokens gives
+    the same row t as the forward over all of them (the partial slot at the end stays invisible)."""
+    rng = np.random.default_rng(9)
+    n, k = 14, 4
+    q, kk, v, p = make(rng, (1, 1), n, n, 3, 2, k)
+    out, _ = mc.forward(q, kk, v, causal=True, **p)
+    for t in range(n):
+        short, _ = mc.forward(q[..., :t + 1, :], kk[..., :t + 1, :], v[..., :t + 1, :], causal=True, **p)
+        np.testing.assert_allclose(short[..., t, :], out[..., t, :], rtol=0, atol=1e-12)
+
+
+def test_decoding_validation():
+    rng = np.random.default_rng(10)
+    q, kk, v, p = make(rng, (1, 2), 6, 6, 3, 2, 2)
+    with pytest.raises(ValueError, match="conv_k"):
+        mc.init_state(lead=(1, 2), d=4, dv=2, **p)
+    with pytest.raises(ValueError, match="conv_v"):
+        mc.init_state(lead=(1, 2), d=3, dv=2, conv_k=p["conv_k"], conv_v=np.zeros(3))
+    with pytest.raises(ValueError, match="local_block"):
+        mc.init_state(lead=(1, 2), d=3, dv=2, local_block=0, **p)
+    state = mc.init_state(lead=(1, 2), d=3, dv=2, **p)
+    with pytest.raises(ValueError, match="q must have shape"):
+        mc.prefill(q[0], kk[0], v[0], state)
+    _, state = mc.prefill(q[..., :3, :], kk[..., :3, :], v[..., :3, :], state)
+    with pytest.raises(ValueError, match="fresh"):
+        mc.prefill(q, kk, v, state)
+    with pytest.raises(ValueError, match="v_t"):
+        mc.step(q[..., 3, :], kk[..., 3, :], v[..., 3, :1], state)
+    with pytest.raises(TypeError, match="state"):
+        mc.step(q[..., 3, :], kk[..., 3, :], v[..., 3, :], (state.kc, state.vc))

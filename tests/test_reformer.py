@@ -1,11 +1,14 @@
 """Reformer LSH attention: independent oracles (dense masked attention, a loop over chunks,
 the paper's round-combination formula). The hash and the sorted layout: tests/test_lsh.py."""
+import itertools
+
 import numpy as np
 import pytest
 
 import effattn
 from effattn.attention import reformer as R
 from effattn.gradcheck import check_gradients
+from effattn.nn.decode import state_size
 
 full = effattn.get("full").forward
 
@@ -171,3 +174,85 @@ def test_bad_arguments():
         R.forward(q, k, v, rotations=rot, chunk_size=4, combine="max")
     with pytest.raises(ValueError, match="n_buckets"):
         R.draw_rotations(rng, 4, 5)
+
+
+# --------------------------------------------------------------------------- decoding
+def _decode(q, k, v, prompt, km=None, **config):
+    """prefill the first ``prompt`` tokens, then step: the rows and the states after each token."""
+    state = R.init_state(lead=q.shape[:-2], d=q.shape[-1], dv=v.shape[-1], **config)
+    kmb = None if km is None else np.broadcast_to(km, q.shape[:-1])
+    out, state = R.prefill(q[..., :prompt, :], k[..., :prompt, :], v[..., :prompt, :], state,
+                           key_mask=None if kmb is None else kmb[..., :prompt])
+    snapshot = lambda s: s._replace(pos=s.pos.copy(), count=s.count.copy())  # noqa: E731  (steps write in place)
+    rows, states = [out], [snapshot(state)]
+    for t in range(prompt, q.shape[-2]):
+        o, state = R.step(q[..., t, :], k[..., t, :], v[..., t, :], state,
+                          key_mask_t=None if kmb is None else kmb[..., t])
+        rows.append(o[..., None, :])
+        states.append(snapshot(state))
+    return np.concatenate(rows, axis=-2), states
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"rounds": 3}, {"rounds": 3, "combine": "mean"}, {"rounds": 3, "dedupe": False}, {"shared_qk": False},
+    {"chunks_before": 0}, {"chunks_before": 3, "chunk_size": 2}, {"chunk_size": 50}, {"self_penalty": None},
+    {"buckets": 2, "n": 60}, {"per_head": False, "rounds": 2},
+])
+def test_decoding_equals_the_causal_forward(options):
+    """Prefill + steps = the causal forward (chunking "bucket"), key masks included, whatever the prompt
+    length; with 2 buckets and n = 60 the rings wrap many times."""
+    options = dict(options)
+    shape = {key: options.pop(key) for key in ("rounds", "buckets", "n", "per_head") if key in options}
+    rng = np.random.default_rng(len(str(options)) + len(str(shape)))
+    q, k, v, rot = make(rng, **{"rounds": 2, **shape})
+    config = {"rotations": rot, "chunk_size": 4, **options}
+    km = rng.random((2, 1, q.shape[-2])) > 0.3
+    km[..., 0] = True
+    for mask in (None, km):
+        want, _ = R.forward(q, k, v, causal=True, key_mask=mask, **config)
+        for prompt in (1, 7, q.shape[-2] - 1):
+            got, _ = _decode(q, k, v, prompt, mask, **config)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=f"prompt {prompt}")
+
+
+def test_decoding_state_holds_the_last_keys_of_every_bucket():
+    """After t tokens, ring (round r, bucket h) holds exactly the last S = (chunks_before + 1) c real tokens
+    hashed to h in round r (by plain Python counting), and the state's size never changes."""
+    rng = np.random.default_rng(21)
+    n, c, before = 40, 3, 1
+    q, k, v, rot = make(rng, b=1, h=2, n=n, rounds=2, buckets=4)
+    km = rng.random((1, 1, n)) > 0.2
+    km[..., 0] = True
+    _, states = _decode(q, k, v, 5, km, rotations=rot, chunk_size=c, chunks_before=before)
+    buckets = np.asarray(R._hash(k, rot, np.broadcast_to(km, (1, 2, n)), (1, 2)))    # (1, 2, R, N)
+    s = (before + 1) * c
+    sizes = {state_size(state) for state in states}
+    assert sizes == {2 * (2 * 4 * s * (4 + 4 + 1 + 2 * 2) + 2 * 4)}                 # R b S (d + dv + 1 + 2R) + R b
+    for state in states:
+        t = state.t
+        for h, r, bucket in itertools.product(range(2), range(2), range(4)):
+            members = [j for j in range(t) if buckets[0, h, r, j] == bucket]
+            held = sorted(p for p in state.pos[0, h, r, bucket] if p >= 0)
+            assert held == members[-s:]
+            assert state.count[0, h, r, bucket] == len(members)
+
+
+def test_decoding_refuses_sorted_chunking_and_checks_its_inputs():
+    rng = np.random.default_rng(22)
+    q, k, v, rot = make(rng)
+    with pytest.raises(ValueError, match="chunking='sorted' cannot decode"):
+        R.init_state(lead=(2, 2), d=4, dv=4, rotations=rot, chunking="sorted")
+    with pytest.raises(ValueError, match="chunks_after"):
+        R.init_state(lead=(2, 2), d=4, dv=4, rotations=rot, chunks_after=1)
+    with pytest.raises(ValueError, match="rotations"):
+        R.init_state(lead=(2, 3), d=4, dv=4, rotations=rot)
+    with pytest.raises(ValueError, match="rotations"):
+        R.init_state(lead=(2, 2), d=4, dv=4)
+    state = R.init_state(lead=(2, 2), d=4, dv=4, rotations=rot, chunk_size=4)
+    with pytest.raises(ValueError, match="k must have shape"):
+        R.prefill(q, k[..., :3], v, state)
+    _, state = R.prefill(q[..., :3, :], k[..., :3, :], v[..., :3, :], state)
+    with pytest.raises(ValueError, match="fresh"):
+        R.prefill(q, k, v, state)
+    with pytest.raises(ValueError, match="key_mask_t"):
+        R.step(q[..., 3, :], k[..., 3, :], v[..., 3, :], state, key_mask_t=np.ones((2, 2)))

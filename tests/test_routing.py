@@ -1,11 +1,14 @@
 """Routing Transformer: balanced clusters, the online k-means step, the mean-of-clusters rule,
 the decoding-safe causal selection, and gradients of the non-default options."""
+import itertools
+
 import numpy as np
 import pytest
 
 import effattn
 from effattn.attention import routing as RT
 from effattn.gradcheck import check_gradients
+from effattn.nn.decode import state_size
 
 full = effattn.get("full").forward
 
@@ -187,3 +190,75 @@ def test_bad_arguments():
         RT.forward(q, k, v, centroids=mu, selection="nearest")
     with pytest.raises(ValueError, match="decay"):
         RT.update_centroids(mu, ln(q), ln(k), decay=2.0)
+
+
+# --------------------------------------------------------------------------- decoding
+def _decode(q, k, v, prompt, km=None, **config):
+    """prefill the first ``prompt`` tokens, then step: the rows and (copies of) the states after each token."""
+    state = RT.init_state(lead=q.shape[:-2], d=q.shape[-1], dv=v.shape[-1], **config)
+    kmb = None if km is None else np.broadcast_to(km, q.shape[:-1])
+    snapshot = lambda s: s._replace(k=s.k.copy(), filled=s.filled.copy(), count=s.count.copy())  # noqa: E731
+    out, state = RT.prefill(q[..., :prompt, :], k[..., :prompt, :], v[..., :prompt, :], state,
+                            key_mask=None if kmb is None else kmb[..., :prompt])
+    rows, states = [out], [snapshot(state)]
+    for t in range(prompt, q.shape[-2]):
+        o, state = RT.step(q[..., t, :], k[..., t, :], v[..., t, :], state,
+                           key_mask_t=None if kmb is None else kmb[..., t])
+        rows.append(o[..., None, :])
+        states.append(snapshot(state))
+    return np.concatenate(rows, axis=-2), states
+
+
+@pytest.mark.parametrize("per_head,window,c", [(True, 6, 5), (False, 6, 5), (True, 1, 3), (True, 2, 2), (False, 50, 4)])
+def test_decoding_equals_the_causal_forward(per_head, window, c):
+    rng = np.random.default_rng(window + c)
+    q, k, v, mu = make(rng, n=33, c=c, per_head=per_head)
+    km = rng.random((2, 1, 33)) > 0.3
+    km[..., 0] = True
+    for mask in (None, km):
+        want, _ = RT.forward(q, k, v, centroids=mu, window=window, causal=True, key_mask=mask)
+        for prompt in (1, 10, 32):
+            got, _ = _decode(q, k, v, prompt, mask, centroids=mu, window=window)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=f"prompt {prompt}")
+
+
+def test_decoding_state_is_the_last_w_keys_of_every_cluster():
+    """After t tokens each cluster's ring holds the layer-normalised keys of its last w real members (by plain
+    Python), and the state's size is c w (d + dv + 1) + c per head from the start."""
+    rng = np.random.default_rng(31)
+    n, c, w, d = 30, 3, 4, 5
+    q, k, v, mu = make(rng, b=1, h=2, n=n, d=d, c=c)
+    km = rng.random((1, 1, n)) > 0.25
+    km[..., 0] = True
+    _, states = _decode(q, k, v, 4, km, centroids=mu, window=w)
+    kn = ln(k)
+    cluster = np.einsum("bhnd,hcd->bhnc", kn, mu).argmax(-1)
+    assert {state_size(s) for s in states} == {2 * (c * w * (d + d + 1) + c)}
+    for state in states:
+        for h, a in itertools.product(range(2), range(c)):
+            members = [j for j in range(state.t) if km[0, 0, j] and cluster[0, h, j] == a][-w:]
+            held = state.k[0, h, a][state.filled[0, h, a]]
+            want = kn[0, h, members]
+            assert held.shape == want.shape
+            np.testing.assert_allclose(held[np.lexsort(held.T)], want[np.lexsort(want.T)], rtol=0, atol=1e-14)
+
+
+def test_decoding_refuses_topk_and_a_default_window():
+    rng = np.random.default_rng(32)
+    q, k, v, mu = make(rng)
+    with pytest.raises(ValueError, match="selection='topk' with causal=True cannot decode"):
+        RT.init_state(lead=(2, 2), d=5, dv=5, centroids=mu, window=4, selection="topk")
+    with pytest.raises(ValueError, match="window must be given"):
+        RT.init_state(lead=(2, 2), d=5, dv=5, centroids=mu)
+    with pytest.raises(ValueError, match="centroids"):
+        RT.init_state(lead=(2, 3), d=5, dv=5, centroids=mu, window=4)
+    with pytest.raises(ValueError, match="window"):
+        RT.init_state(lead=(2, 2), d=5, dv=5, centroids=mu, window=0)
+    state = RT.init_state(lead=(2, 2), d=5, dv=5, centroids=mu, window=4)
+    with pytest.raises(ValueError, match="v must have shape"):
+        RT.prefill(q, k, v[..., :2], state)
+    _, state = RT.prefill(q[..., :3, :], k[..., :3, :], v[..., :3, :], state)
+    with pytest.raises(ValueError, match="fresh"):
+        RT.prefill(q, k, v, state)
+    with pytest.raises(ValueError, match="q_t"):
+        RT.step(q[..., 3, :2], k[..., 3, :], v[..., 3, :], state)

@@ -8,12 +8,14 @@ tested on both patterns in tests/test_factorized.py.
 """
 import numpy as np
 import pytest
+from test_contract import decode
 from test_factorized import combined_mask, qkv, to_mask
 
 import effattn
 from effattn.attention import sparse_fixed as sf
 from effattn.figures import FIGURES
 from effattn.nn.factorized import receptive_field
+from effattn.registry import Case
 
 FULL = effattn.get("full")
 FIXED = effattn.get("sparse_fixed")
@@ -129,3 +131,47 @@ def test_figures(tmp_path):
     paths = FIGURES["sparse_fixed"](str(tmp_path), np.random.default_rng(0))
     assert [p.split("/")[-1] for p in paths] == ["sparse_fixed_heads.png"]
     assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)
+
+
+# --------------------------------------------------------------------------- decoding
+def stepped(q, k, v, prompt, key_mask=None, **config):
+    """Prefill + token-by-token steps (the contract's driver): out and the state sizes."""
+    return decode(effattn.get("sparse_fixed"), Case(inputs={"q": q, "k": k, "v": v}, config=config),
+                  key_mask, prompt)
+
+
+@pytest.mark.parametrize("combine,part,heads", [("merged", 1, 2), ("heads", 1, 3), ("heads", 1, 1),
+                                                ("layers", 1, 2), ("layers", 2, 2)])
+def test_decoding_every_combine_mode(combine, part, heads):
+    """Stepping equals the causal forward in every combine mode (per-head rules for "heads"), key
+    masks included; the state holds the current block up to t and every summary cell,
+    (t mod l) + c floor(t / l) keys, growing as c t / l (A(1) alone: the current block only;
+    A(2) alone: the summary cells only)."""
+    n, block, summary, (b, d, dv) = 100, 8, 3, (2, 4, 3)
+    rng = np.random.default_rng(heads + part)
+    q, k, v = qkv(rng, b, heads, n, d, dv)
+    km = np.broadcast_to(rng.random((b, 1, n)) > 0.3, (b, heads, n))
+    cfg = {"block": block, "summary": summary, "combine": combine, "part": part}
+    want, _ = sf.forward(q, k, v, causal=True, key_mask=km, **cfg)
+    own = lambda t: t % block                                                  # noqa: E731
+    cells = lambda t: summary * (t // block) + max(0, t % block - (block - summary))  # noqa: E731
+    if (combine, part) == ("layers", 1) or (combine == "heads" and heads == 1):
+        held = own
+    elif (combine, part) == ("layers", 2):
+        held = cells
+    else:
+        held = lambda t: own(t) + summary * (t // block)                       # noqa: E731
+    for prompt in (1, 21):
+        got, sizes = stepped(q, k, v, prompt, km, **cfg)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        rows = [s // (b * heads * (d + dv + 1)) for s in sizes]
+        assert rows == [held(t) for t in range(prompt, n + 1)]
+
+
+def test_decoding_needs_the_block():
+    with pytest.raises(ValueError, match="^block must be given"):
+        sf.init_state(lead=(1, 2), d=4, dv=4)
+    with pytest.raises(ValueError, match="^summary"):
+        sf.init_state(lead=(1, 2), d=4, dv=4, block=4, summary=5)
+    with pytest.raises(ValueError, match="^part"):
+        sf.init_state(lead=(1, 2), d=4, dv=4, block=4, combine="layers", part=3)

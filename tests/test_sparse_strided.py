@@ -8,12 +8,14 @@ tested on both patterns in tests/test_factorized.py.
 """
 import numpy as np
 import pytest
+from test_contract import decode
 from test_factorized import combined_mask, qkv, to_mask
 
 import effattn
 from effattn.attention import sparse_strided as ss
 from effattn.figures import FIGURES
 from effattn.nn.factorized import default_stride, receptive_field
+from effattn.registry import Case
 
 FULL = effattn.get("full")
 STRIDED = effattn.get("sparse_strided")
@@ -137,3 +139,40 @@ def test_figures(tmp_path):
     paths = FIGURES["sparse_strided"](str(tmp_path), np.random.default_rng(0))
     assert [p.split("/")[-1] for p in paths] == ["sparse_strided_heads.png", "sparse_strided_receptive_field.png"]
     assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)
+
+
+# --------------------------------------------------------------------------- decoding
+def stepped(q, k, v, prompt, key_mask=None, **config):
+    """Prefill + token-by-token steps (the contract's driver): out and the state sizes."""
+    return decode(effattn.get("sparse_strided"), Case(inputs={"q": q, "k": k, "v": v}, config=config),
+                  key_mask, prompt)
+
+
+@pytest.mark.parametrize("combine,part,heads", [("merged", 1, 2), ("heads", 1, 3), ("heads", 1, 1),
+                                                ("layers", 1, 2), ("layers", 2, 2)])
+def test_decoding_every_combine_mode(combine, part, heads):
+    """Stepping equals the causal forward in every combine mode (per-head rules for "heads"), key
+    masks included. A(2) reaches every earlier key of the same residue, so with it the state
+    keeps all t keys; A(1) alone keeps the l - 1 keys before t, however long the sequence."""
+    n, stride, (b, d, dv) = 90, 5, (2, 4, 3)
+    rng = np.random.default_rng(heads + part)
+    q, k, v = qkv(rng, b, heads, n, d, dv)
+    km = np.broadcast_to(rng.random((b, 1, n)) > 0.3, (b, heads, n))
+    cfg = {"stride": stride, "combine": combine, "part": part}
+    want, _ = ss.forward(q, k, v, causal=True, key_mask=km, **cfg)
+    for prompt in (1, 17):
+        got, sizes = stepped(q, k, v, prompt, km, **cfg)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        rows = [s // (b * heads * (d + dv + 1)) for s in sizes]
+        a1_only = (combine, part) == ("layers", 1) or (combine == "heads" and heads == 1)
+        expected = [min(t, stride - 1) if a1_only else t for t in range(prompt, n + 1)]
+        assert rows == expected
+
+
+def test_decoding_needs_the_stride_and_a_head_axis_for_heads():
+    with pytest.raises(ValueError, match="^stride must be given"):
+        ss.init_state(lead=(1, 2), d=4, dv=4)
+    with pytest.raises(ValueError, match="^combine"):
+        ss.init_state(lead=(1, 2), d=4, dv=4, stride=4, combine="both")
+    with pytest.raises(ValueError, match="^combine='heads' needs a head axis"):
+        ss.init_state(lead=(), d=4, dv=4, stride=4, combine="heads")

@@ -70,15 +70,28 @@ square grid. Backward: the union backward (flash-attention
 dS = P * (dP - rowsum(dO * O)) per part plus the log-sum-exp merge terms).
 
 Cache: :class:`AxialCache` (the union cache and the grid).
+
+Decoding (:mod:`effattn.nn.decode`, the KV window, on a fixed ``shape``; raster order): token t
+sees the earlier keys on its lines along the attended axes. Key j is read by the cells of its
+lines after it, the last of which has coordinate s_a - 1 on axis a; the window keeps j until t
+passes the last such cell over the attended axes. With a the outermost attended axis, the
+window holds at most s_a s_{a+1} ... s_{k-1} - 1 keys. Along the rows alone (axis="row") that is
+the current row: at most c - 1 keys, bounded. Along the columns of a 2-D grid ("column", and the
+default "both") each column's earlier cells stay reachable until the last row, so the window
+holds all t keys at position t (draining only along the last row): it grows with t, up to the
+grid's r c cells, the KV cache of ``full`` on that grid. A step scores the held keys and masks
+those off its lines. Decoding stops at the grid's last cell.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..validate import check_bool, check_int, check_qkv, check_scale
+from ..validate import check_bool, check_float_array, check_int, check_qkv, check_scale
 from ..nn.image import default_image_shape, raster_coords
+from ..nn.decode import WindowState, check_state, window_prefill, window_state, window_step
 from ..nn.union import Part, union_backward, union_forward, union_weights
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
@@ -199,6 +212,83 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     return {}, {"shape": default_image_shape(n), "axis": "both"}
 
 
+# --------------------------------------------------------------------------- decoding
+class DecodeRule(NamedTuple):
+    """The causal axial rule on a fixed grid, as the KV window's ``reach`` and ``keep``."""
+
+    shape: tuple      # the grid
+    axes: tuple       # grid axes attended along
+
+    def _stride(self, a):
+        return math.prod(self.shape[a + 1:])          # raster distance of one step along axis a
+
+    def reach(self, i, pos):
+        """Keys pos <= i that share every coordinate of i except along one attended axis."""
+        xp = get_namespace(pos)
+        ci, cj = raster_coords(i, self.shape), raster_coords(pos, self.shape)
+        allowed = xp.zeros(pos.shape, dtype=bool)
+        for a in self.axes:
+            same = xp.ones(pos.shape, dtype=bool)
+            for b in range(len(self.shape)):
+                if b != a:
+                    same = same & (cj[b] == ci[b])
+            allowed = allowed | same
+        return allowed & (pos <= i)
+
+    def last_query(self, pos):
+        """The last raster position that reads key pos: on one of its lines, at the far end."""
+        xp = get_namespace(pos)
+        coords = raster_coords(pos, self.shape)
+        ends = [pos + (self.shape[a] - 1 - coords[a]) * self._stride(a) for a in self.axes]
+        return functools.reduce(xp.maximum, ends)
+
+    def keep(self, t, pos):
+        return self.last_query(pos) >= t
+
+
+def init_state(*, lead, d, dv, dtype="float64", shape=None, axis="both", scale=None):
+    """The KV window (:class:`effattn.nn.decode.WindowState`) of the causal axial pattern on the
+    fixed grid ``shape`` (:class:`DecodeRule`): a key is kept while a later cell of one of its
+    attended lines is still to come: at most s_a ... s_{k-1} - 1 keys (with their values and mask
+    bits) per batch element and head, a the outermost attended axis. axis="row": the current row
+    up to t, at most c - 1 keys, bounded; with the column axis of a 2-D grid ("column", "both")
+    every earlier key, t keys at position t (growing with t, draining along the last row).
+    ``shape`` is required (its default depends on N)."""
+    if shape is None:
+        raise ValueError("shape must be given to decode: its default (a near-square grid of N cells) depends "
+                         "on the sequence length N, which a decoder does not know")
+    shape = _check_shape(shape, 1)
+    axes = _resolve_axes(axis, len(shape))
+    scale = check_scale(scale, d)
+    rule = DecodeRule(shape, axes)
+    return window_state(lead=lead, d=d, dv=dv, dtype=dtype, scale=scale, reach=rule.reach, keep=rule.keep,
+                        forward=lambda q, k, v, km: forward(q, k, v, causal=True, key_mask=km, shape=shape,
+                                                            axis=axes, scale=scale)[0])
+
+
+def _check_room(state, n_new, name):
+    """The state's grid must have room for n_new more tokens (``name``: the argument bringing them)."""
+    check_state(state, WindowState, "axial")
+    shape = state.reach.__self__.shape
+    if state.t + n_new > math.prod(shape):
+        raise ValueError(f"{name} brings {n_new} token(s) at position {state.t}, beyond the {math.prod(shape)} "
+                         f"cells of shape {shape}")
+
+
+def prefill(q, k, v, state, *, key_mask=None):
+    """The first T tokens (at most the grid's cells) in one pass: the causal forward on them."""
+    check_float_array("q", q, min_ndim=2, finite=False)
+    _check_room(state, q.shape[-2], "q")
+    return window_prefill(q, k, v, state, key_mask=key_mask)
+
+
+def step(q_t, k_t, v_t, state, *, key_mask_t=None):
+    """One token: (out_t, state), token t's row of the causal forward; refuses a token beyond
+    the grid's last cell."""
+    _check_room(state, 1, "q_t")
+    return window_step(q_t, k_t, v_t, state, key_mask_t=key_mask_t)
+
+
 MECHANISM = register(Mechanism(
     name="axial",
     title="Axial attention",
@@ -215,5 +305,8 @@ MECHANISM = register(Mechanism(
     weights=weights,
     setup=setup,
     pattern=pattern,
+    init_state=init_state,
+    prefill=prefill,
+    step=step,
     summary="The sequence as a grid; attend along its rows and columns: O(N sqrt N) on a square grid.",
 ))

@@ -50,12 +50,19 @@ Conventions next to the well-known implementations:
   positions. This kernel is channel-agnostic: its positions are raster
   positions, so the paper's sequence is the 3 H W intensities in raster order
   (the channel fastest).
+
+Decoding (:mod:`effattn.nn.decode`, the KV window): query t sees the keys j <= t of its block
+g = floor(t / l_q) and the l_m positions before the block, so a key j stays reachable exactly while
+j >= floor(t / l_q) l_q - l_m. Before token t the window holds the keys [floor(t / l_q) l_q - l_m, t):
+l_m of them at a block border, l_m + l_q - 1 before the block's last token, whatever t is (a
+bounded state).
 """
 from __future__ import annotations
 
 from ..backend import get_namespace
 from ..validate import check_bool, check_int, check_qkv, check_scale
 from ..nn.blockwise import band_pattern, blockwise_backward, blockwise_forward, blockwise_weights
+from ..nn.decode import window_prefill, window_state, window_step
 from ..nn.loops import masked_loop
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
@@ -120,12 +127,35 @@ def loop(q, k, v, *, block_length, memory_length, causal=False, key_mask=None, s
 
 def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     """No parameters. l_q = l_m = 128 for long sequences (tensor2tensor's default
-    block_length); for short ones l_q ~ n / 4 and l_m = 1.5 l_q, so that memories cross
-    block borders at positions that are not block-aligned and padding is exercised."""
+    block_length); for short ones l_q ~ n / 8 and l_m = 1.5 l_q, so that memories cross
+    block borders at positions that are not block-aligned, padding is exercised, and a decoder's
+    window reaches its steady size (l_m + l_q - 1 keys) within the first quarter of the sequence."""
     if n >= 512:
         return {}, {"block_length": 128, "memory_length": 128}
-    lq = max(2, n // 4)
+    lq = max(2, n // 8)
     return {}, {"block_length": lq, "memory_length": (3 * lq) // 2}
+
+
+# --------------------------------------------------------------------------- decoding
+def init_state(*, lead, d, dv, dtype="float64", block_length=128, memory_length=128, scale=None):
+    """A bounded KV window (:class:`effattn.nn.decode.WindowState`): query i (block
+    g = floor(i / l_q)) sees the keys j <= i with j >= g l_q - l_m, so only the keys
+    j >= floor(t / l_q) l_q - l_m are kept: before token t, the keys [floor(t / l_q) l_q - l_m, t),
+    at most l_m + l_q - 1 keys (with their values and mask bits) per batch element and head,
+    whatever t is."""
+    block_length, memory_length, _ = _check(block_length, memory_length, True)
+    scale = check_scale(scale, d)
+    first_key = lambda i: i // block_length * block_length - memory_length  # noqa: E731  block start - l_m
+    return window_state(lead=lead, d=d, dv=dv, dtype=dtype, scale=scale,
+                        reach=lambda i, pos: (pos <= i) & (pos >= first_key(i)),
+                        keep=lambda t, pos: pos >= first_key(t),
+                        forward=lambda q, k, v, km: forward(q, k, v, causal=True, key_mask=km, scale=scale,
+                                                            block_length=block_length,
+                                                            memory_length=memory_length)[0])
+
+
+prefill = window_prefill
+step = window_step
 
 
 MECHANISM = register(Mechanism(
@@ -144,6 +174,10 @@ MECHANISM = register(Mechanism(
     weights=weights,
     setup=setup,
     pattern=pattern,
+    init_state=init_state,
+    prefill=prefill,
+    step=step,
+    bounded_state=True,
     sizes=("block_length",),
     windows=("block_length", "memory_length"),
     summary="Raster-order query blocks of l_q attend to the block and the l_m positions before it.",

@@ -60,6 +60,14 @@ Conventions next to the well-known implementations:
   (never attended, no output). ``setup`` uses this to give any N a near-square
   shape W = ceil(sqrt(N)), H = ceil(N / W)
   (:func:`effattn.nn.image.default_image_shape`).
+
+Decoding (:mod:`effattn.nn.decode`, the KV window, on the fixed ``image_shape``): token t sees the
+keys j <= t of its block's memory rectangle. Key j at (r', c') lies in the memories of the query
+blocks (R, C) with r' // h_q <= R <= (r' + h_m) // h_q and C up to (c' + w_m) // w_q, so the last
+query that can reach it is the last pixel of block (min((r' + h_m) // h_q, last row block),
+min((c' + w_m) // w_q, last column block)); the window drops j once t has passed that pixel. Every
+key it holds lies in the current row block or the h_m rows above it: at most (h_q + h_m) W keys,
+bounded by the image width, not by t. Decoding stops at the H W cells of the image.
 """
 from __future__ import annotations
 
@@ -67,9 +75,10 @@ import numbers
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..validate import check_bool, check_int, check_qkv, check_scale
+from ..validate import check_bool, check_float_array, check_int, check_qkv, check_scale
 from ..nn.image import (default_image_shape, memory_blocks_2d, memory_blocks_2d_backward, positions_2d,
                         query_blocks_2d, query_blocks_2d_backward, raster_coords)
+from ..nn.decode import WindowState, check_state, window_prefill, window_state, window_step
 from ..nn.loops import masked_loop
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
@@ -200,6 +209,80 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
                 "memory_flange": (1, 1) if small else (4, 4)}
 
 
+# --------------------------------------------------------------------------- decoding
+class DecodeRule(NamedTuple):
+    """The causal 2-D rule on a fixed image, as the KV window's ``reach`` and ``keep``."""
+
+    image_shape: tuple     # (H, W)
+    query_shape: tuple     # (h_q, w_q)
+    memory_flange: tuple   # (h_m, w_m)
+
+    def reach(self, i, pos):
+        """Keys pos <= i inside the memory rectangle of query i's block."""
+        (_, w), (hq, wq), (hm, wm) = self.image_shape, self.query_shape, self.memory_flange
+        top, left = i // w // hq * hq, i % w // wq * wq          # first row / column of i's block
+        r, c = pos // w, pos % w
+        return (pos <= i) & (r >= top - hm) & (r < top + hq) & (c >= left - wm) & (c < left + wq + wm)
+
+    def last_query(self, pos):
+        """The last raster position whose block's memory holds key pos: the last pixel of the
+        block (R, C) with the largest R and C that reach it."""
+        (h, w), (hq, wq), (hm, wm) = self.image_shape, self.query_shape, self.memory_flange
+        xp = get_namespace(pos)
+        big_r = xp.minimum((pos // w + hm) // hq, (h - 1) // hq)             # the last row block reaching it
+        big_c = xp.minimum((pos % w + wm) // wq, (w - 1) // wq)              # the last column block
+        return (xp.minimum((big_r + 1) * hq, h) - 1) * w + xp.minimum((big_c + 1) * wq, w) - 1
+
+    def keep(self, t, pos):
+        return self.last_query(pos) >= t
+
+
+def init_state(*, lead, d, dv, dtype="float64", image_shape, query_shape=(8, 8), memory_flange=(4, 4),
+               scale=None):
+    """A bounded KV window (:class:`effattn.nn.decode.WindowState`) on the fixed ``image_shape``
+    (H, W): a key is kept until the last pixel of the last query block whose memory holds it
+    (:class:`DecodeRule`): the keys of the current row block and the h_m rows above it, at most
+    (h_q + h_m) W keys (with their values and mask bits) per batch element and head, whatever t
+    is. A prompt and the tokens after it fill at most the H W cells."""
+    image_shape = _pair("image_shape", image_shape, 1)
+    _, query_shape, memory_flange, _ = _check(image_shape[0] * image_shape[1], image_shape, query_shape,
+                                              memory_flange, True)
+    scale = check_scale(scale, d)
+    rule = DecodeRule(image_shape, query_shape, memory_flange)
+
+    def prompt_forward(q, k, v, km):
+        n = q.shape[-2]
+        rows = -(-n // image_shape[1])                      # the prompt's rows: the same blocks as in the image
+        return forward(q, k, v, causal=True, key_mask=km, image_shape=(rows, image_shape[1]),
+                       query_shape=query_shape, memory_flange=memory_flange, scale=scale)[0]
+
+    return window_state(lead=lead, d=d, dv=dv, dtype=dtype, scale=scale, reach=rule.reach, keep=rule.keep,
+                        forward=prompt_forward)
+
+
+def _check_room(state, n_new, name):
+    """The state's image must have room for n_new more tokens (``name``: the argument bringing them)."""
+    check_state(state, WindowState, "image_local_2d")
+    h, w = state.reach.__self__.image_shape
+    if state.t + n_new > h * w:
+        raise ValueError(f"{name} brings {n_new} token(s) at position {state.t}, beyond the {h * w} cells of "
+                         f"image_shape ({h}, {w})")
+
+
+def prefill(q, k, v, state, *, key_mask=None):
+    """The first T <= H W tokens in one pass (the causal forward on the prompt's rows)."""
+    check_float_array("q", q, min_ndim=2, finite=False)
+    _check_room(state, q.shape[-2], "q")
+    return window_prefill(q, k, v, state, key_mask=key_mask)
+
+
+def step(q_t, k_t, v_t, state, *, key_mask_t=None):
+    """One token: (out_t, state), token t's row of the causal forward; refuses a token beyond
+    the H W cells of the image."""
+    _check_room(state, 1, "q_t")
+    return window_step(q_t, k_t, v_t, state, key_mask_t=key_mask_t)
+
+
 MECHANISM = register(Mechanism(
     name="image_local_2d",
     title="Image Transformer, 2-D local attention",
@@ -216,6 +299,10 @@ MECHANISM = register(Mechanism(
     weights=weights,
     setup=setup,
     pattern=pattern,
+    init_state=init_state,
+    prefill=prefill,
+    step=step,
+    bounded_state=True,
     sizes=("query_shape", "image_shape"),
     summary="h_q x w_q query blocks attend to a memory extended h_m rows up and w_m columns left and right.",
 ))

@@ -75,6 +75,19 @@ Shapes: q, k, q_global, k_global (..., N, d); v, v_global (..., N, dv);
 key_mask (..., N) bool; out (..., N, dv). Blocks: G = Np / w with Np >= N
 the padded, reordered length.
 
+Decoding (:mod:`effattn.nn.decode`, the KV window; causal): token t sees the band
+j = t - u delta (0 <= u <= w) of its head's dilation, the global keys j <= t, and, if t is itself
+global, every j <= t. So while a global position lies ahead every key stays reachable (the window
+holds all t keys, like ``full``); after the last global position only the band (the w delta_max
+positions before t: the band of every residue, for the largest dilation) and the g global keys
+are kept, w delta_max + g keys at most. The state is bounded, by max(G) + 1 up to the last global
+position and by w delta_max + g after it: it does not grow with t (with globals only at the start,
+[CLS] and a question, it is the band from the start). The global set is ``global_positions`` (any
+non-negative positions; those beyond the tokens decoded never matter) or ``global_mask`` (B, N),
+one set per batch element (positions >= N are not global). Separate global projections
+(``q_global``, ``k_global``, ``v_global``) are refused: a global row attends with k_global and
+v_global of every earlier token, which a step (one q, k, v per token) is not given.
+
 Complexity: O(N (3w + g) d) time and O(N (3w + g)) memory for the band, plus
 O(g N d) for the global rows: O(N (w + g)) — the survey's O(n(k + m)).
 
@@ -95,14 +108,16 @@ from ..backend import asarray, get_namespace, to_numpy
 from ..validate import check_bool, check_float_array, check_int, check_qkv, check_scale
 from ..nn.functional import softmax_forward
 from ..nn.blockwise import neighbour_blocks, neighbour_blocks_backward
+from ..nn.decode import window_prefill, window_state, window_step
 from ..nn.global_tokens import global_keys, global_keys_backward, global_rows_forward, index_set, membership
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, gather_rows, group_mask, pad_axis, round_up
 from ..registry import Case, Mechanism, backward_of, forward_of, reads_cache, register
 
 
 # --------------------------------------------------------------------------- configuration
-def _dilations(dilation, q):
-    """dilation: int (all heads) or a sequence of one int per head (axis -3 of q) -> tuple."""
+def _dilations(dilation, q=None, *, lead=None):
+    """dilation: int (all heads) or a sequence of one int per head (axis -3 of q, or the last
+    axis of a decoder's ``lead``) -> tuple."""
     if isinstance(dilation, numbers.Integral) and not isinstance(dilation, bool):
         return (check_int("dilation", dilation),)
     try:
@@ -110,9 +125,12 @@ def _dilations(dilation, q):
     except TypeError:
         raise ValueError(f"dilation must be an integer >= 1 or one integer per head, got {dilation!r}") from None
     dils = tuple(check_int("dilation", x) for x in dils)
-    if q.ndim < 3 or q.shape[-3] != len(dils):
+    if q is not None and (q.ndim < 3 or q.shape[-3] != len(dils)):
         raise ValueError(f"dilation has {len(dils)} entries but q has shape {tuple(q.shape)} "
                          f"(one dilation per head, heads on axis -3)")
+    if lead is not None and (len(lead) < 1 or lead[-1] != len(dils)):
+        raise ValueError(f"dilation has {len(dils)} entries but lead is {tuple(lead)} "
+                         f"(one dilation per head, heads last in lead)")
     if len(set(dils)) == 1:
         return dils[:1]
     return dils
@@ -466,6 +484,107 @@ def reference(q, k, v, *, w, dilation=1, global_positions=(), global_mask=None, 
     return xp.where(is_g[..., :, None], pg @ vg, out)
 
 
+# --------------------------------------------------------------------------- decoding
+class DecodeRule(NamedTuple):
+    """The causal Longformer rule as the KV window's ``reach`` and ``keep``: the dilated band,
+    the global keys, and every earlier key for a global query."""
+
+    w: int
+    dil: object          # int array (H, 1) of per-head dilations, or (1,) shared
+    back: int            # w delta_max: how far back the band of a later query reaches
+    table: object        # bool (B', P): position p < P is global in batch element b (B' = 1: one set)
+    last_global: int     # the largest global position (-1: none)
+    lead: tuple
+
+    def _lift(self, x):
+        """(B', L) -> broadcastable to lead + (L,)."""
+        if not self.lead:
+            return x[0]
+        return x.reshape((x.shape[0],) + (1,) * (len(self.lead) - 1) + (x.shape[-1],))
+
+    def is_global(self, pos):
+        """Whether key pos is global (per batch element): (B', 1.., L)."""
+        xp = get_namespace(pos)
+        p = self.table.shape[-1]
+        return self._lift(self.table[:, xp.minimum(pos, p - 1)] & (pos < p))
+
+    def reach(self, i, pos):
+        d = i - pos
+        band = (d <= self.w * self.dil) & (d % self.dil == 0)                          # (H, L) or (L,)
+        row = self.table[:, min(i, self.table.shape[-1] - 1)] & (i < self.table.shape[-1])  # (B',): i global?
+        row = self._lift(row[:, None])
+        return (pos <= i) & (band | self.is_global(pos) | row)
+
+    def keep(self, t, pos):
+        if t <= self.last_global:                  # a global query is still ahead: it reads every key
+            return pos >= 0
+        return (pos >= t - self.back) | self.is_global(pos).reshape(-1, pos.shape[0]).any(axis=0)
+
+
+def _decode_globals(global_positions, global_mask, lead, xp):
+    """The global table (B', P) and the last global position of a decoder."""
+    if global_mask is None:
+        if global_positions is None:
+            global_positions = ()
+        try:
+            gpos = sorted({int(x) for x in (global_positions.tolist() if hasattr(global_positions, "tolist")
+                                           else global_positions)})
+        except (TypeError, ValueError):
+            raise ValueError(f"global_positions must be a sequence of integer positions, got "
+                             f"{global_positions!r}") from None
+        if gpos and gpos[0] < 0:
+            raise ValueError(f"global_positions must be >= 0, got {[p for p in gpos if p < 0]}")
+        table = membership(gpos, (gpos[-1] + 1) if gpos else 1, xp)[None, :]
+        return table, (gpos[-1] if gpos else -1)
+    if global_positions not in (None, ()):
+        raise ValueError("give global_positions (one set for all) or global_mask (one per batch element), not both")
+    if not hasattr(global_mask, "dtype") or global_mask.dtype.kind != "b":
+        raise ValueError(f"global_mask must be a boolean array (B, N), got "
+                         f"{getattr(global_mask, 'dtype', type(global_mask).__name__)}")
+    if len(lead) < 1 or global_mask.ndim != 2 or global_mask.shape[0] != lead[0]:
+        raise ValueError(f"global_mask must have shape (B, N) with B = lead[0] (lead {tuple(lead)}), got "
+                         f"{tuple(global_mask.shape)}")
+    hits = to_numpy(global_mask).any(axis=0).nonzero()[0]
+    return xp.asarray(global_mask), (int(hits[-1]) if hits.size else -1)
+
+
+def init_state(*, lead, d, dv, dtype="float64", w, dilation=1, global_positions=(), global_mask=None,
+               q_global=None, k_global=None, v_global=None, scale=None):
+    """The KV window (:class:`effattn.nn.decode.WindowState`) of causal Longformer attention
+    (:class:`DecodeRule`): every key while a global position lies ahead (t keys at position t, up
+    to max(G) + 1), then the band of the last w delta_max positions and the g global keys
+    (at most w delta_max + g keys, with their values and mask bits, per batch element and
+    head): bounded, whatever t is. ``global_mask`` (B, N) gives one global set per batch element;
+    separate global projections (q_global, k_global, v_global) cannot be decoded."""
+    if any(x is not None for x in (q_global, k_global, v_global)):
+        raise ValueError("q_global, k_global, v_global: separate global projections cannot be decoded -- a "
+                         "global row attends with k_global and v_global of every earlier token, and a step "
+                         "receives one q, k, v per token; decode without them")
+    lead = tuple(int(x) for x in lead)
+    w = check_int("w", w)
+    dils = _dilations(dilation, lead=lead)
+    scale = check_scale(scale, d)
+    xp = get_namespace()
+    table, last_global = _decode_globals(global_positions, global_mask, lead, xp)
+    dil = xp.asarray(dils).reshape(-1, 1) if len(dils) > 1 else xp.asarray(dils)
+    rule = DecodeRule(w, dil, w * max(dils), table, last_global, lead)
+
+    def prompt_forward(q, k, v, km):
+        n = q.shape[-2]
+        if global_mask is None:                     # the global positions inside the prompt
+            globals_ = {"global_positions": [int(p) for p in xp.nonzero(table[0, :n])[0].tolist()]}
+        else:
+            globals_ = {"global_mask": pad_axis(table[:, :n], n, axis=-1, value=False)}
+        return forward(q, k, v, w=w, dilation=dilation, causal=True, key_mask=km, scale=scale, **globals_)[0]
+
+    return window_state(lead=lead, d=d, dv=dv, dtype=dtype, scale=scale, reach=rule.reach, keep=rule.keep,
+                        forward=prompt_forward)
+
+
+prefill = window_prefill
+step = window_step
+
+
 # --------------------------------------------------------------------------- setup and examples
 def default_config(n, heads):
     """Defaults: w = 3 below N = 128 (so tests pad), 64 from N = 1024; the last head dilated by 2
@@ -507,6 +626,10 @@ MECHANISM = register(Mechanism(
     setup=setup,
     pattern=pattern,
     reference=reference,
+    init_state=init_state,
+    prefill=prefill,
+    step=step,
+    bounded_state=True,
     sizes=("w", "dilation"),
     windows=("w",),
     summary="Dilated sliding window (per head) plus symmetric global attention on chosen positions, "

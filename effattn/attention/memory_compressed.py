@@ -27,15 +27,18 @@ for masked and padding positions):
     P_i   = softmax_s(S_is)  over visible, non-empty slots
     o_i   = sum_s P_is V^c_s
 
-Causal (decoder) version: slot s is visible to query i only once every
-position it summarises is <= i, i.e. e_s = min((s + 1) k, M) - 1 <= i. A
-query before the end of the first slot sees no slot and outputs zeros (the
-lucidrains implementation adds a learned null key/value for this; here it is
-an empty row, which the contract allows). Key mask: masked positions are
-zeroed before the convolution, so they contribute nothing to their slot, and a
-slot whose positions are all masked is itself masked out. N (M) not divisible
-by k: padded with zeros at the end (right), and the last slot summarises only
-its real positions (its end e_s is the last real position).
+Causal (decoder) version: slot s is visible to query i only once it is
+*complete*, i.e. once all k positions it summarises are <= i:
+e_s = (s + 1) k - 1 <= i. A query before the end of the first slot sees no
+slot and outputs zeros (the lucidrains implementation adds a learned null
+key/value for this; here it is an empty row, which the contract allows). Key
+mask: masked positions are zeroed before the convolution, so they contribute
+nothing to their slot, and a slot whose positions are all masked is itself
+masked out. N (M) not divisible by k: padded with zeros at the end (right),
+and the last slot summarises only its real positions; causally that partial
+slot is never complete, so no query sees it (if the last query saw it, row
+N - 1 would change when a token N is appended: the row would depend on the
+length, not only on the tokens <= N - 1, and decoding could not reproduce it).
 
 Why conv_v is a per-offset scalar, not a (k, dv, dv) convolution like the
 paper's / tensor2tensor's (a Conv1d with d_model filters applied to the
@@ -83,16 +86,26 @@ and shows slot s to query i when its last position is <= i; we pad on the
 right (slots aligned with position 0, like the local blocks) with the same
 visibility rule.
 
+Decoding (:func:`init_state`, :func:`prefill`, :func:`step`): a slot is
+compressed once, when its k-th position arrives, and stays visible to every
+later query, so the state holds the completed slots K^c, V^c (and whether each
+has a real key) plus the raw keys and values of the positions not yet in a
+complete slot (the incomplete block; with ``local_block`` also the current
+local block). The state grows as t / k slots: memory compression shortens the
+KV cache k times, it does not bound it. A step attends to t / k + b keys.
+
 Taxonomy: Table 1 of the survey lists Memory Compressed as FP+M (a fixed
 pattern of slots, and the slots act as a compressed neural memory), hence
 ``classes=("FP", "M")``.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from ..backend import asarray, get_namespace
-from ..validate import broadcast_shapes, check_bool, check_int, check_param, check_qkv, check_scale
+from ..validate import broadcast_shapes, check_bool, check_float_array, check_int, check_param, check_qkv, check_scale
+from ..nn.decode import check_state, check_step_inputs
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask, pad_axis
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
@@ -110,13 +123,14 @@ class MemoryCompressedCache(NamedTuple):
 
 
 def slot_ends(m, k, xp):
-    """(M_c,) last real position of each slot: min((s + 1) k, M) - 1."""
+    """(M_c,) last position of each slot, (s + 1) k - 1 (beyond M - 1 for a partial last slot)."""
     n_slots = -(-m // k)
-    return xp.minimum((xp.arange(n_slots) + 1) * k, m) - 1
+    return (xp.arange(n_slots) + 1) * k - 1
 
 
 def slot_visibility(n, m, k, causal, xp):
-    """(N, M_c) bool: slot s visible to query i (causal: e_s <= i), or None when all are."""
+    """(N, M_c) bool: slot s visible to query i (causal: complete, e_s = (s + 1) k - 1 <= i), or None
+    when all are."""
     if not causal:
         return None
     return slot_ends(m, k, xp)[None, :] <= xp.arange(n)[:, None]
@@ -289,7 +303,7 @@ def reference(q, k, v, *, conv_k, conv_v, causal=False, key_mask=None, scale=Non
     visible = xp.zeros((n, n_slots), dtype=bool)
     for i in range(n):
         for s in range(n_slots):
-            last = min((s + 1) * ks, m) - 1
+            last = (s + 1) * ks - 1                                           # causal: only complete slots
             visible[i, s] = (not causal) or last <= i
     mask = visible & real[..., None, :]
     if local_block is None:
@@ -325,6 +339,152 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64", compression=None):
     return init_compression(rng, ks, d, dtype=dtype), {}
 
 
+# --------------------------------------------------------------------------- decoding
+class MemoryCompressedState(NamedTuple):
+    """What a decoder carries after t tokens (``t`` the next position): the completed slots and the
+    raw rows of the positions [start, t) that a complete slot or the local block still needs."""
+
+    kc: object           # (..., S, d) K^c of the S = floor(t / k) completed slots
+    vc: object           # (..., S, dv) V^c of those slots
+    slot_real: object    # (..., S) bool: the slot has a real (unmasked) key
+    tail_k: object       # (..., L, d) raw keys of positions start .. t - 1
+    tail_v: object       # (..., L, dv) raw values
+    tail_real: object    # (..., L) bool: a real key
+    start: int           # position of the first tail row
+    t: int
+    conv_k: object       # (k, d, d) configuration: the compression, the scale, the local block
+    conv_v: object       # (k,)
+    scale: float
+    local_block: object  # None or b
+
+    def held(self):
+        """Numbers the state holds: S slots and L raw rows of d + dv + 1 numbers, per batch entry and head
+        (the configuration conv_k, conv_v is not state)."""
+        lead = math.prod(self.kc.shape[:-2])
+        rows = self.kc.shape[-2] + self.tail_k.shape[-2]
+        return lead * rows * (self.kc.shape[-1] + self.vc.shape[-1] + 1)
+
+
+def _tail_start(t, ks, local_block):
+    """The first position a query from t on needs raw: the start of t's incomplete slot, or of its
+    local block if that is earlier."""
+    start = (t // ks) * ks
+    return start if local_block is None else min(start, (t // local_block) * local_block)
+
+
+def init_state(*, lead, d, dv, dtype="float64", conv_k, conv_v, scale=None, local_block=None):
+    """The empty decoder state (:class:`MemoryCompressedState`).
+
+    After t tokens it holds the floor(t / k) completed slots K^c_s (d), V^c_s (dv) and their
+    real-key bits, and the raw keys, values and mask bits of the positions from the start of
+    the incomplete slot (or of the local block of b positions, if earlier) to t - 1: fewer
+    than max(k, b) rows. Size (floor(t / k) + L) (d + dv + 1) numbers per batch entry and head,
+    L < max(k, b): it grows as t / k (not bounded)."""
+    xp = get_namespace()
+    lead = tuple(int(x) for x in lead)
+    d, dv = check_int("d", d), check_int("dv", dv)
+    check_param("conv_k", conv_k, (None, d, d), dtype=dtype)
+    ks = conv_k.shape[0]
+    if ks < 1:
+        raise ValueError(f"conv_k must have shape (k, {d}, {d}) with k >= 1, got {tuple(conv_k.shape)}")
+    check_param("conv_v", conv_v, (ks,), dtype=dtype)
+    if local_block is not None:
+        local_block = check_int("local_block", local_block)
+    empty = lambda *shape, dt=dtype: xp.zeros(lead + shape, dtype=dt)  # noqa: E731
+    return MemoryCompressedState(empty(0, d), empty(0, dv), empty(0, dt=bool), empty(0, d), empty(0, dv),
+                                 empty(0, dt=bool), 0, 0, conv_k, conv_v, check_scale(scale, d), local_block)
+
+
+def _compress_rows(k, v, real, conv_k, conv_v):
+    """The slots of whole blocks of raw rows k (..., S k, d), v (..., S k, dv), real (..., S k):
+    K^c (..., S, d), V^c (..., S, dv), slot_real (..., S) (the forward's compression)."""
+    ks = conv_k.shape[0]
+    _, _, kc, vc, _ = _compress(k, v, conv_k, conv_v, real)
+    slot_real = real.reshape(real.shape[:-1] + (real.shape[-1] // ks, ks)).any(axis=-1)
+    return kc, vc, slot_real
+
+
+def _finalise(state, t):
+    """Compress the slots completed before position t (:func:`_compress_complete`) and drop the raw rows no
+    query from t on needs; ``t`` becomes the state's position."""
+    state = _compress_complete(state, t)
+    start = _tail_start(t, state.conv_k.shape[0], state.local_block)
+    cut = start - state.start
+    return state._replace(tail_k=state.tail_k[..., cut:, :], tail_v=state.tail_v[..., cut:, :],
+                          tail_real=state.tail_real[..., cut:], start=start, t=t)
+
+
+def _compress_complete(state, t):
+    """The state with every slot that ends before position t compressed (computed once, from the tail)."""
+    xp = get_namespace(state.tail_k)
+    ks = state.conv_k.shape[0]
+    done = state.kc.shape[-2]                                                  # slots already compressed
+    whole = t // ks                                                            # slots complete before t
+    kc, vc, slot_real = state.kc, state.vc, state.slot_real
+    if whole > done:
+        a, b = done * ks - state.start, whole * ks - state.start               # their rows in the tail
+        new = _compress_rows(state.tail_k[..., a:b, :], state.tail_v[..., a:b, :], state.tail_real[..., a:b],
+                             state.conv_k, state.conv_v)
+        kc = xp.concatenate([kc, new[0]], axis=-2)
+        vc = xp.concatenate([vc, new[1]], axis=-2)
+        slot_real = xp.concatenate([slot_real, new[2]], axis=-1)
+    return state._replace(kc=kc, vc=vc, slot_real=slot_real)
+
+
+def _check_prompt(q, k, v, state):
+    lead, d, dv = tuple(state.kc.shape[:-2]), state.kc.shape[-1], state.vc.shape[-1]
+    for name, x, last in (("q", q, d), ("k", k, d), ("v", v, dv)):
+        check_float_array(name, x, min_ndim=2)
+        if tuple(x.shape[:-2]) != lead or x.shape[-1] != last:
+            raise ValueError(f"{name} must have shape {lead + ('T', last)} (the state's), got {tuple(x.shape)}")
+
+
+def prefill(q, k, v, state, *, key_mask=None):
+    """The first T tokens in one pass: out (..., T, dv), the rows of the causal :func:`forward`, and the
+    state after them (the floor(T / k) complete slots compressed at once, the rest kept raw)."""
+    state = check_state(state, MemoryCompressedState, "memory_compressed")
+    if state.t != 0:
+        raise ValueError(f"state must be fresh (from init_state) for prefill, this one is at position {state.t}")
+    _check_prompt(q, k, v, state)
+    out, _ = forward(q, k, v, conv_k=state.conv_k, conv_v=state.conv_v, causal=True, key_mask=key_mask,
+                     scale=state.scale, local_block=state.local_block)
+    xp = get_namespace(q, k, v)
+    lead, n = tuple(q.shape[:-2]), q.shape[-2]
+    real = xp.ones(lead + (n,), dtype=bool) if key_mask is None else xp.broadcast_to(key_mask, lead + (n,))
+    state = state._replace(tail_k=k, tail_v=v, tail_real=real)
+    return out, _finalise(state, n)
+
+
+def step(q_t, k_t, v_t, state, *, key_mask_t=None):
+    """One token: out_t (..., dv), equal to row t of the causal :func:`forward`, and the new state.
+
+    (k_t, v_t) join the raw tail; q_t attends, in one softmax, to the real raw keys of its own local
+    block up to t (with ``local_block``) and to every completed slot with a real key; a slot that
+    completes at t is compressed first (it is visible to t)."""
+    state = check_state(state, MemoryCompressedState, "memory_compressed")
+    xp = get_namespace(q_t, k_t, v_t)
+    lead, d, dv = tuple(state.kc.shape[:-2]), state.kc.shape[-1], state.vc.shape[-1]
+    check_step_inputs(q_t, k_t, v_t, key_mask_t, lead, d, dv)
+    t = state.t
+    real = xp.ones(lead + (1,), dtype=bool) if key_mask_t is None else xp.broadcast_to(key_mask_t, lead)[..., None]
+    state = state._replace(tail_k=xp.concatenate([state.tail_k, k_t[..., None, :]], axis=-2),
+                           tail_v=xp.concatenate([state.tail_v, v_t[..., None, :]], axis=-2),
+                           tail_real=xp.concatenate([state.tail_real, real], axis=-1))
+    state = _compress_complete(state, t + 1)                                   # the slot ending at t is visible to t
+    keys, values, allowed = state.kc, state.vc, state.slot_real
+    b = state.local_block
+    if b is not None:                                                          # raw keys of t's block, j <= t
+        a = (t // b) * b - state.start
+        keys = xp.concatenate([state.tail_k[..., a:, :], keys], axis=-2)
+        values = xp.concatenate([state.tail_v[..., a:, :], values], axis=-2)
+        allowed = xp.concatenate([state.tail_real[..., a:], allowed], axis=-1)
+    state = _finalise(state, t + 1)
+    if keys.shape[-2] == 0:                                                    # before the first slot: an empty row
+        return xp.zeros(lead + (dv,), dtype=q_t.dtype), state
+    out, _, _ = attend_forward(q_t[..., None, :], keys, values, allowed[..., None, :], state.scale)
+    return out[..., 0, :], state
+
+
 MECHANISM = register(Mechanism(
     name="memory_compressed",
     title="Memory-compressed attention",
@@ -341,6 +501,9 @@ MECHANISM = register(Mechanism(
     weights=weights,
     setup=setup,
     reference=reference,
+    init_state=init_state,
+    prefill=prefill,
+    step=step,
     windows=("local_block",),
     summary="Keys and values shortened k times by a strided convolution; queries attend the N/k slots.",
 ))

@@ -93,6 +93,19 @@ some round differ (up to 1.38 with 3 causal rounds, 0.40 with 1 round, non-causa
 query that sees no real key (causal, early in the sequence) gets its own value from HF, whose
 self logit -1e5 beats its mask -1e9; here it gets 0.
 
+Decoding (:func:`init_state`, :func:`prefill`, :func:`step`; causal ``chunking="bucket"``): in
+round r query t sees the earlier keys of its own bucket whose rank in the bucket is in the same
+chunk of c or in the ``chunks_before`` = n_b chunks before, so only the last S = (n_b + 1) c keys
+of each bucket can still be reached. The state keeps, per round and bucket, a ring of S slots
+(the key of rank r in slot r mod S) with the key, value, position and the key's bucket and chunk
+in every round (for the duplicate correction N_tj): R b S (d + dv + 1 + 2R) + R b numbers per
+batch entry and head, bounded (note b ~ N / c buckets in :func:`setup`). A step hashes k_t in
+every round, puts a real token into its rings, attends from q_t to each round's ring with the
+same biases as the forward (self penalty, -log N_tj) and combines the rounds like it:
+O(R S (d + dv + R) + R d b). ``chunking="sorted"`` is refused (``WHY_SORTED_CANNOT_DECODE``: its
+chunk boundaries depend on later tokens). A masked token is no key and, like the forward's
+padding bucket, sees nothing (out_t = 0).
+
 Shapes: q, k (..., N, d), v (..., N, dv); self-attention only (M = N).
 R rounds, b buckets, c chunk length, P slots per round (N rounded up to c;
 up to N + b (c - 1) with ``chunking="bucket"``), G = P / c chunks, w = (before +
@@ -123,8 +136,9 @@ from typing import NamedTuple
 from ..backend import asarray, get_namespace, to_numpy
 from ..validate import (check_bool, check_choice, check_float_array, check_int, check_positive_float, check_qkv,
                         check_scale)
-from ..nn.lsh import (chunk_windows, chunk_windows_backward, draw_rotations, hash_buckets, lsh_layout, put_slot_rows,
-                      put_slots, take_slot_rows)
+from ..nn.decode import check_state, check_step_inputs
+from ..nn.lsh import (bucket_ranks, chunk_windows, chunk_windows_backward, draw_rotations, hash_buckets, lsh_layout,
+                      put_slot_rows, put_slots, take_slot_rows)
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
@@ -202,18 +216,18 @@ def _check_options(d, *, causal, shared_qk, dedupe, chunk_size, chunks_before, c
     return _Options(causal, shared_qk, dedupe, c, before, after, combine, chunking, scale, penalty)
 
 
-def _check_rotations(rotations, q):
+def _check_rotations(rotations, d, lead, xp):
+    """rotations (R, d, b/2), or (H, R, d, b/2) for inputs with leading axes lead = (..., H): as an ``xp`` array."""
     if rotations is None:
         raise ValueError("rotations is required: draw them with draw_rotations(rng, d, n_buckets, n_rounds[, heads])")
     check_float_array("rotations", rotations, min_ndim=3)
-    d = q.shape[-1]
     if rotations.ndim not in (3, 4) or rotations.shape[-2] != d:
         raise ValueError(f"rotations must have shape (n_rounds, d={d}, n_buckets/2) or (H, n_rounds, d, n_buckets/2), "
                          f"got {tuple(rotations.shape)}")
-    if rotations.ndim == 4 and (q.ndim < 3 or q.shape[-3] != rotations.shape[0]):
-        raise ValueError(f"rotations per head {tuple(rotations.shape)} need q with a head axis of H = "
-                         f"{rotations.shape[0]} entries (..., H, N, d), got q {tuple(q.shape)}")
-    return get_namespace(q).asarray(rotations)
+    if rotations.ndim == 4 and (len(lead) < 1 or lead[-1] != rotations.shape[0]):
+        raise ValueError(f"rotations per head {tuple(rotations.shape)} need inputs with a head axis of H = "
+                         f"{rotations.shape[0]} entries (..., H, N, d), got leading axes {tuple(lead)}")
+    return xp.asarray(rotations)
 
 
 def _normalise_keys(k, eps):
@@ -332,7 +346,7 @@ def forward(q, k, v, *, causal=False, key_mask=None, rotations=None, chunk_size=
     o = _check_options(d, causal=causal, shared_qk=shared_qk, dedupe=dedupe, chunk_size=chunk_size,
                        chunks_before=chunks_before, chunks_after=chunks_after, combine=combine, chunking=chunking,
                        scale=scale, self_penalty=self_penalty)
-    rot = _check_rotations(rotations, q)
+    rot = _check_rotations(rotations, q.shape[-1], q.shape[:-2], get_namespace(q))
     o = o._replace(chunk=min(o.chunk, n))                                 # a chunk longer than N holds all of N
     lead, c = q.shape[:-2], o.chunk
     n_rounds, n_buckets = rot.shape[-3], 2 * rot.shape[-1]
@@ -458,7 +472,7 @@ def reference(q, k, v, *, causal=False, key_mask=None, rotations=None, chunk_siz
     """
     d = q.shape[-1]
     scale, penalty, chunking = _defaults(shared_qk, scale, self_penalty, d, causal, chunking)
-    rot = _check_rotations(rotations, q)
+    rot = _check_rotations(rotations, q.shape[-1], q.shape[:-2], get_namespace(q))
     n_rounds, half = rot.shape[-3], rot.shape[-1]
     if n_rounds > 1 and not (combine == "logsumexp" and dedupe):
         raise ValueError("reference is only exact for combine='logsumexp' with dedupe=True")
@@ -532,6 +546,170 @@ def loop(q, k, v, *, rotations, chunk_size, causal=False, scale=1.0):
     return out
 
 
+# --------------------------------------------------------------------------- decoding
+WHY_SORTED_CANNOT_DECODE = ("chunking='sorted' cannot decode: with causal=True its chunk boundaries depend on how many "
+                            "later tokens hash to lower buckets, so row t of the parallel forward is not a function of "
+                            "tokens <= t; decode with chunking='bucket' (the causal default)")
+
+
+class ReformerState(NamedTuple):
+    """Per batch entry, head, round and bucket, a ring of S = (chunks_before + 1) c slots: the key of rank r
+    in its bucket sits in slot r mod S (a query of rank r' reaches ranks from (floor(r' / c) - before) c on,
+    never more than S back). Every slot also records its key's bucket and chunk in *every* round, for the
+    duplicate correction N_tj."""
+
+    k: object            # (..., R, b, S, d) keys as attended (k_hat for shared QK)
+    v: object            # (..., R, b, S, dv)
+    pos: object          # (..., R, b, S) int position of the key (-1: empty slot)
+    key_bucket: object   # (..., R, b, S, R) int h^(r')(k_j) of the key, every round r'
+    key_chunk: object    # (..., R, b, S, R) int its chunk rank // c in its bucket, every round r'
+    count: object        # (..., R, b) int real tokens hashed to each bucket so far
+    t: int
+    rotations: object    # configuration
+    options: object      # _Options (causal, chunking "bucket", c, before, scale, penalty, ...)
+    norm_eps: float
+
+    def held(self):
+        """Numbers held: R b S (d + dv + 1 + 2R) + R b per batch entry and head, from the first token on."""
+        rounds = self.count.shape[-2]
+        slots = math.prod(self.pos.shape)
+        return int(slots * (self.k.shape[-1] + self.v.shape[-1] + 1 + 2 * rounds) + self.count.size)
+
+
+def init_state(*, lead, d, dv, dtype="float64", rotations=None, chunk_size=64, shared_qk=True, scale=None,
+               self_penalty="default", combine="logsumexp", dedupe=True, chunking=None, chunks_before=1,
+               chunks_after=0, norm_eps=1e-6):
+    """The empty decoder state (:class:`ReformerState`) of causal ``chunking="bucket"`` LSH attention.
+
+    In round r query t sees the keys j <= t of its own bucket whose chunk (rank in the bucket // c) is
+    at most ``chunks_before`` before its own. So per round and bucket only the last
+    S = (chunks_before + 1) c keys can still be reached: the state holds, for each of the R rounds and
+    b buckets, S keys, values and positions, with each key's bucket and chunk in every round (for the
+    duplicate correction): R b S (d + dv + 1 + 2R) + R b numbers per batch entry and head, allocated
+    at once and constant in t (bounded). ``chunking="sorted"`` is refused
+    (:data:`WHY_SORTED_CANNOT_DECODE`)."""
+    xp = get_namespace()
+    lead = tuple(int(x) for x in lead)
+    d, dv = check_int("d", d), check_int("dv", dv)
+    o = _check_options(d, causal=True, shared_qk=shared_qk, dedupe=dedupe, chunk_size=chunk_size,
+                       chunks_before=chunks_before, chunks_after=chunks_after, combine=combine, chunking=chunking,
+                       scale=scale, self_penalty=self_penalty)
+    if o.chunking != "bucket":
+        raise ValueError(WHY_SORTED_CANNOT_DECODE)
+    rot = _check_rotations(rotations, d, lead, xp)
+    norm_eps = check_positive_float("norm_eps", norm_eps)
+    n_rounds, n_buckets = rot.shape[-3], 2 * rot.shape[-1]
+    ring = lead + (n_rounds, n_buckets, (o.before + 1) * o.chunk)
+    return ReformerState(xp.zeros(ring + (d,), dtype=dtype), xp.zeros(ring + (dv,), dtype=dtype),
+                         xp.full(ring, -1, dtype=xp.int64), xp.zeros(ring + (n_rounds,), dtype=xp.int64),
+                         xp.zeros(ring + (n_rounds,), dtype=xp.int64),
+                         xp.zeros(lead + (n_rounds, n_buckets), dtype=xp.int64), 0, rot, o, norm_eps)
+
+
+def _rings(state):
+    """The state's buffers with the lead axes flattened (L, R, b, S, ...) (views: writing them writes the state)."""
+    rounds, buckets, slots = state.pos.shape[-3:]
+    flat = lambda x, extra: x.reshape((-1, rounds, buckets, slots) + extra)  # noqa: E731
+    return (flat(state.k, state.k.shape[-1:]), flat(state.v, state.v.shape[-1:]), flat(state.pos, ()),
+            flat(state.key_bucket, (rounds,)), flat(state.key_chunk, (rounds,)))
+
+
+def _insert(state, keys, v, pos, bucket, rank, where):
+    """Tokens of the flattened lead rows into the rings: keys (L, T, d), v (L, T, dv), pos (T,), their bucket
+    and rank (L, R, T) in every round; token j goes into ring (r, bucket) at slot rank mod S where ``where``
+    (L, R, T) is True (ranks distinct mod S per ring)."""
+    xp = get_namespace(keys)
+    kk, vv, pp, kb, kc = _rings(state)
+    rows, rounds, cols = xp.nonzero(where)
+    at = (rows, rounds, bucket[rows, rounds, cols], rank[rows, rounds, cols] % kk.shape[-2])
+    kk[at] = keys[rows, cols]
+    vv[at] = v[rows, cols]
+    pp[at] = pos[cols]
+    kb[at] = bucket[rows, :, cols]
+    kc[at] = rank[rows, :, cols] // state.options.chunk
+
+
+def _check_prompt(q, k, v, state):
+    lead, d, dv = tuple(state.count.shape[:-2]), state.k.shape[-1], state.v.shape[-1]
+    for name, x, last in (("q", q, d), ("k", k, d), ("v", v, dv)):
+        check_float_array(name, x, min_ndim=2)
+        if tuple(x.shape[:-2]) != lead or x.shape[-1] != last:
+            raise ValueError(f"{name} must have shape {lead + ('T', last)} (the state's), got {tuple(x.shape)}")
+
+
+def _config(state):
+    o = state.options
+    return dict(rotations=state.rotations, chunk_size=o.chunk, shared_qk=o.shared_qk, scale=o.scale,
+                self_penalty=o.penalty, combine=o.combine, dedupe=o.dedupe, chunking=o.chunking,
+                chunks_before=o.before, chunks_after=0, norm_eps=state.norm_eps)
+
+
+def prefill(q, k, v, state, *, key_mask=None):
+    """The first T tokens in one pass: out (..., T, dv), the rows of the causal :func:`forward`, and the
+    state: in every round, the last S real tokens of every bucket, with their ranks."""
+    state = check_state(state, ReformerState, "reformer")
+    if state.t != 0:
+        raise ValueError(f"state must be fresh (from init_state) for prefill, this one is at position {state.t}")
+    _check_prompt(q, k, v, state)
+    out, _ = forward(q, k, v, causal=True, key_mask=key_mask, **_config(state))
+    xp = get_namespace(q, k, v)
+    lead, n = tuple(q.shape[:-2]), q.shape[-2]
+    n_buckets = state.count.shape[-1]
+    keys = _normalise_keys(k, state.norm_eps)[0] if state.options.shared_qk else k
+    buckets = _hash(k, state.rotations, key_mask, lead)                      # (..., R, T); masked: bucket b
+    rank, count = bucket_ranks(buckets, n_buckets)                           # (..., R, T), (..., R, b + 1)
+    slots = state.pos.shape[-1]
+    last = (rank >= xp.take_along_axis(count, buckets, axis=-1) - slots) & (buckets < n_buckets)
+    flat = lambda x: x.reshape((-1,) + x.shape[len(lead):])  # noqa: E731
+    _insert(state, flat(keys), flat(v), xp.arange(n), flat(buckets), flat(rank), flat(last))
+    state.count[...] = count[..., :n_buckets]
+    return out, state._replace(t=n)
+
+
+def step(q_t, k_t, v_t, state, *, key_mask_t=None):
+    """One token: out_t (..., dv), equal to row t of the causal :func:`forward`, and the state.
+
+    A real token is hashed in every round and joins its bucket's ring; in each round q_t attends to the
+    keys of its bucket's ring within ``chunks_before`` chunks of its own (itself with the self penalty,
+    every key with the duplicate correction -log N_tj), and the rounds are combined as in the forward.
+    A masked token joins nothing and, in the padding bucket of the forward, sees nothing: out_t = 0."""
+    state = check_state(state, ReformerState, "reformer")
+    xp = get_namespace(q_t, k_t, v_t)
+    o = state.options
+    lead = tuple(state.count.shape[:-2])
+    check_step_inputs(q_t, k_t, v_t, key_mask_t, lead, state.k.shape[-1], state.v.shape[-1])
+    t = state.t
+    real = (xp.ones(lead, dtype=bool) if key_mask_t is None else xp.broadcast_to(key_mask_t, lead)).reshape(-1)
+    n_rounds = state.count.shape[-2]
+    keys = _normalise_keys(k_t, state.norm_eps)[0] if o.shared_qk else k_t
+    bucket = hash_buckets(k_t[..., None, :], state.rotations).reshape(-1, n_rounds)     # (L, R)
+    count = state.count.reshape((-1,) + state.count.shape[-2:])                         # (L, R, b)
+    rank = xp.take_along_axis(count, bucket[..., None], axis=-1)[..., 0]                # (L, R)
+    flat = lambda x: x.reshape(-1, 1, x.shape[-1])  # noqa: E731
+    _insert(state, flat(keys), flat(v_t), xp.asarray([t]), bucket[..., None], rank[..., None],
+            xp.broadcast_to(real[:, None, None], rank.shape + (1,)))
+    rows, rounds = xp.arange(rank.shape[0])[:, None], xp.arange(n_rounds)[None, :]
+    count[rows, rounds, bucket] += real[:, None]
+    # each round's ring of t's bucket: (L, R, S, ...)
+    kk, vv, pp, kb, kc = (x[rows, rounds, bucket] for x in _rings(state))
+    chunk = rank // o.chunk                                                             # (L, R) t's chunks
+    reach = (kb == bucket[:, None, None, :]) & (kc >= (chunk - o.before)[:, None, None, :])   # (L, R, S, R')
+    own = xp.diagonal(reach, axis1=1, axis2=3).swapaxes(-1, -2)                         # (L, R, S): in round r
+    allowed = own & (pp >= 0) & real[:, None, None]
+    bias = None
+    if o.dedupe and o.combine == "logsumexp" and n_rounds > 1:
+        bias = -xp.log(xp.maximum(reach.sum(axis=-1), 1).astype(q_t.dtype))           # - log N_tj
+    if o.penalty is not None:
+        penalty = xp.where(pp == t, o.penalty, 0.0).astype(q_t.dtype)
+        bias = -penalty if bias is None else bias - penalty                             # - m_tt
+    qq = xp.broadcast_to(q_t.reshape(-1, 1, 1, q_t.shape[-1]), (kk.shape[0], n_rounds, 1, q_t.shape[-1]))
+    bias = None if bias is None else bias[..., None, :]
+    out_r, lse, _ = attend_forward(qq, kk, vv, allowed[..., None, :], o.scale, bias)     # (L, R, 1, dv), (L, R, 1)
+    wr = _round_weights(lse, o.combine, q_t.dtype)                                      # (L, R, 1)
+    out = (wr[..., None] * out_r).sum(axis=-3)[..., 0, :]                               # (L, dv)
+    return out.reshape(lead + (out.shape[-1],)), state._replace(t=t + 1)
+
+
 # --------------------------------------------------------------------------- registry
 def default_sizes(n):
     """Chunk length c ~ sqrt(N) capped at 32 (HF's default is 64), and about N / c buckets (even; the paper / HF
@@ -566,6 +744,10 @@ MECHANISM = register(Mechanism(
     setup=setup,
     pattern=pattern,
     reference=reference,
+    init_state=init_state,
+    prefill=prefill,
+    step=step,
+    bounded_state=True,
     sizes=("chunk_size",),
     windows=("chunk_size", "chunks_before", "chunks_after"),
     summary="Shared-QK angular LSH: sort by bucket, attend within a chunk and the previous one; "

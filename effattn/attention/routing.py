@@ -58,6 +58,16 @@ matched: raw q, k (we layer-normalise: 1.8 measured), ``shared_qk=True`` (2.8), 
 (it selects masked keys into a cluster's top-w and then masks them; ours ranks them last: 1.5).
 Fixtures ``routing__lucidrains_routing_transformer__*``.
 
+Decoding (:func:`init_state`, :func:`prefill`, :func:`step`; ``selection="recent"``): query t
+attends to the w most recent real keys of its nearest cluster, so the state is, per cluster, a
+ring of the last w layer-normalised keys and their values (the key of rank r in its cluster in
+slot r mod w): c w (d + dv + 1) + c numbers per batch entry and head, bounded. A step
+layer-normalises q_t and k_t, routes both by the nearest centroid, puts a real k_t into its
+cluster's ring and attends from q_t to its own cluster's ring: O(c d + w d). The decoder needs
+``window`` given (its default depends on the final N); ``selection="topk"`` with ``causal=True``
+is refused (``WHY_TOPK_CANNOT_DECODE``: its rows depend on later tokens). The centroids are
+those of the parallel call (an :func:`update_centroids` between steps would change the rule).
+
 Shapes: q, k (..., N, d), v (..., N, dv) (self-attention, M = N); centroids
 (c, d) shared by the heads or (H, c, d) one set per head.
 
@@ -78,7 +88,9 @@ from typing import NamedTuple
 from ..backend import asarray, get_namespace, to_numpy
 from ..validate import (check_bool, check_choice, check_float_array, check_int, check_positive_float, check_qkv,
                         check_scale)
+from ..nn.decode import check_state, check_step_inputs
 from ..nn.functional import NEG_INF, layer_norm_backward, layer_norm_forward
+from ..nn.lsh import bucket_ranks
 from ..nn.sparse import (attend_backward, attend_forward, combine_masks, dense_from_groups, gather_rows, group_mask,
                          scatter_rows)
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
@@ -216,16 +228,16 @@ def _recent_members(qn, kn, mu, w, key_mask):
 
 
 # --------------------------------------------------------------------------- kernel
-def _check_centroids(centroids, q):
+def _check_centroids(centroids, d, lead, dtype, xp):
+    """centroids (c, d), or (H, c, d) with lead = (..., H): as an ``xp`` array of ``dtype``."""
     if centroids is None:
         raise ValueError("centroids is required: draw them with draw_centroids(rng, c, d[, heads])")
     check_float_array("centroids", centroids, min_ndim=2)
-    d = q.shape[-1]
     if centroids.ndim not in (2, 3) or centroids.shape[-1] != d:
         raise ValueError(f"centroids must have shape (c, d={d}) or (H, c, d), got {tuple(centroids.shape)}")
-    if centroids.ndim == 3 and (q.ndim < 3 or q.shape[-3] != centroids.shape[0]):
+    if centroids.ndim == 3 and (len(lead) < 1 or lead[-1] != centroids.shape[0]):
         raise ValueError(f"centroids per head must have H = q.shape[-3] entries, got {tuple(centroids.shape)}")
-    return get_namespace(q).asarray(centroids).astype(q.dtype, copy=False)
+    return xp.asarray(centroids).astype(dtype, copy=False)
 
 
 def default_window(n, c):
@@ -239,7 +251,7 @@ def forward(q, k, v, *, causal=False, key_mask=None, centroids=None, window=None
     """Routing attention. Returns out (..., N, dv) and a :class:`RoutingCache`."""
     n, m, d, _ = check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
     causal = check_bool("causal", causal)
-    mu = _check_centroids(centroids, q)
+    mu = _check_centroids(centroids, q.shape[-1], q.shape[:-2], q.dtype, get_namespace(q))
     c = mu.shape[-2]
     w = default_window(n, c) if window is None else check_int("window", window)
     w = min(w, n)
@@ -316,7 +328,7 @@ def reference(q, k, v, *, causal=False, key_mask=None, centroids=None, window=No
     ("topk"), or full attention masked to its w most recent same-cluster keys ("recent")."""
     xp = get_namespace(q, k, v)
     n, d = q.shape[-2:]
-    mu = _check_centroids(centroids, q)
+    mu = _check_centroids(centroids, q.shape[-1], q.shape[:-2], q.dtype, get_namespace(q))
     c = mu.shape[-2]
     w = min(default_window(n, c) if window is None else window, n)
     selection = selection or ("recent" if causal else "topk")
@@ -376,6 +388,137 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     return {}, {"centroids": mu, "window": default_window(n, c)}
 
 
+# --------------------------------------------------------------------------- decoding
+WHY_TOPK_CANNOT_DECODE = ("selection='topk' with causal=True cannot decode: whether an early key is among a "
+                          "cluster's top-w depends on later tokens, so row t of the parallel forward is not a "
+                          "function of tokens <= t; decode with selection='recent' (the causal default)")
+
+
+class RoutingState(NamedTuple):
+    """Per batch entry, head and cluster, the w most recent real keys assigned to the cluster (a ring
+    buffer: the key with rank r in its cluster sits in slot r mod w)."""
+
+    k: object          # (..., c, w, d) layer-normalised keys
+    v: object          # (..., c, w, dv) values
+    filled: object     # (..., c, w) bool: the slot holds a key
+    count: object      # (..., c) int: real keys assigned to the cluster so far
+    t: int
+    centroids: object  # (c, d) or (H, c, d) configuration
+    scale: float
+    eps: float
+
+    def held(self):
+        """Numbers held: c w (d + dv + 1) + c per batch entry and head, from the first token on."""
+        return int(math.prod(self.k.shape[:-1]) * (self.k.shape[-1] + self.v.shape[-1] + 1) + self.count.size)
+
+
+def init_state(*, lead, d, dv, dtype="float64", centroids=None, window=None, scale=None, selection=None, eps=1e-5):
+    """The empty decoder state (:class:`RoutingState`) of ``selection="recent"``.
+
+    Query t joins its nearest centroid's cluster and attends to the w most recent real keys j <= t
+    assigned to that cluster, so the state keeps, per cluster, the last w layer-normalised keys and
+    their values: c w (d + dv + 1) + c numbers per batch entry and head, allocated at once and
+    constant in t (bounded). ``window`` must be given: its default ceil(N / c) depends on the final
+    length N, which a decoder does not know. ``selection="topk"`` is refused
+    (:data:`WHY_TOPK_CANNOT_DECODE`)."""
+    xp = get_namespace()
+    lead = tuple(int(x) for x in lead)
+    d, dv = check_int("d", d), check_int("dv", dv)
+    mu = _check_centroids(centroids, d, lead, dtype, xp)
+    selection = check_choice("selection", selection, (None, "topk", "recent")) or "recent"
+    if selection == "topk":
+        raise ValueError(WHY_TOPK_CANNOT_DECODE)
+    if window is None:
+        raise ValueError("window must be given to decode: its default ceil(N / c) depends on the final length N, "
+                         "which a decoder does not know (pass the window the parallel forward uses)")
+    w = check_int("window", window)
+    c = mu.shape[-2]
+    return RoutingState(xp.zeros(lead + (c, w, d), dtype=dtype), xp.zeros(lead + (c, w, dv), dtype=dtype),
+                        xp.zeros(lead + (c, w), dtype=bool), xp.zeros(lead + (c,), dtype=xp.int64), 0, mu,
+                        check_scale(scale, d), check_positive_float("eps", eps))
+
+
+def _rings(state):
+    """The state's buffers with the lead axes flattened: k (L, c, w, d), v (L, c, w, dv), filled (L, c, w),
+    count (L, c) (views: writing to them writes the state)."""
+    c, w = state.k.shape[-3:-1]
+    return (state.k.reshape((-1, c, w, state.k.shape[-1])), state.v.reshape((-1, c, w, state.v.shape[-1])),
+            state.filled.reshape((-1, c, w)), state.count.reshape((-1, c)))
+
+
+def _insert(state, kn, v, cluster, rank, where):
+    """Keys kn (L, T, d) and values v (L, T, dv) of the flattened lead rows into their cluster's ring, at slot
+    rank mod w, where ``where`` (L, T) is True (ranks distinct mod w per cluster)."""
+    xp = get_namespace(kn)
+    kk, vv, ff, _ = _rings(state)
+    rows, cols = xp.nonzero(where)
+    at = (rows, cluster[rows, cols], rank[rows, cols] % kk.shape[-2])
+    kk[at] = kn[rows, cols]
+    vv[at] = v[rows, cols]
+    ff[at] = True
+
+
+def _nearest(x_normed, mu):
+    """Nearest centroid (..., T) of rows x_normed (..., T, d), as the forward assigns them."""
+    return (x_normed @ mu.swapaxes(-1, -2)).argmax(axis=-1)
+
+
+def _check_prompt(q, k, v, state):
+    lead, d, dv = tuple(state.count.shape[:-1]), state.k.shape[-1], state.v.shape[-1]
+    for name, x, last in (("q", q, d), ("k", k, d), ("v", v, dv)):
+        check_float_array(name, x, min_ndim=2)
+        if tuple(x.shape[:-2]) != lead or x.shape[-1] != last:
+            raise ValueError(f"{name} must have shape {lead + ('T', last)} (the state's), got {tuple(x.shape)}")
+
+
+def prefill(q, k, v, state, *, key_mask=None):
+    """The first T tokens in one pass: out (..., T, dv), the rows of the causal :func:`forward`
+    (``selection="recent"``), and the state: the last w real keys of every cluster among them."""
+    state = check_state(state, RoutingState, "routing")
+    if state.t != 0:
+        raise ValueError(f"state must be fresh (from init_state) for prefill, this one is at position {state.t}")
+    _check_prompt(q, k, v, state)
+    c, w = state.k.shape[-3:-1]
+    out, _ = forward(q, k, v, causal=True, key_mask=key_mask, centroids=state.centroids, window=w,
+                     scale=state.scale, selection="recent", eps=state.eps)
+    xp = get_namespace(q, k, v)
+    n, lead = q.shape[-2], tuple(q.shape[:-2])
+    kn = layer_norm_forward(k, None, None, state.eps)[0]
+    cluster = _nearest(kn, state.centroids)                                    # (..., T)
+    if key_mask is not None:
+        cluster = xp.where(key_mask, cluster, c)                               # masked keys: cluster c (none)
+    rank, total = bucket_ranks(cluster, c)                                     # rank in the cluster, (..., c + 1)
+    recent = (cluster < c) & (rank >= xp.take_along_axis(total, cluster, axis=-1) - w)   # the cluster's last w
+    flat = lambda x: x.reshape((-1,) + x.shape[len(lead):])  # noqa: E731
+    _insert(state, flat(kn), flat(v), flat(xp.minimum(cluster, c - 1)), flat(rank), flat(recent))
+    state.count[...] = total[..., :c]
+    return out, state._replace(t=n)
+
+
+def step(q_t, k_t, v_t, state, *, key_mask_t=None):
+    """One token: out_t (..., dv), equal to row t of the causal :func:`forward` (``selection="recent"``),
+    and the state. A real k_t joins its nearest cluster's ring (evicting the cluster's oldest key once it
+    holds w); q_t attends to the keys of its own nearest cluster's ring."""
+    state = check_state(state, RoutingState, "routing")
+    xp = get_namespace(q_t, k_t, v_t)
+    lead = tuple(state.count.shape[:-1])
+    check_step_inputs(q_t, k_t, v_t, key_mask_t, lead, state.k.shape[-1], state.v.shape[-1])
+    real = xp.ones(lead, dtype=bool) if key_mask_t is None else xp.broadcast_to(key_mask_t, lead)
+    qn = layer_norm_forward(q_t[..., None, :], None, None, state.eps)[0]      # (..., 1, d)
+    kn = layer_norm_forward(k_t[..., None, :], None, None, state.eps)[0]
+    kk, vv, ff, count = _rings(state)
+    ck = _nearest(kn, state.centroids).reshape(-1, 1)                          # (L, 1) the key's cluster
+    rank = xp.take_along_axis(count, ck, axis=-1)                              # (L, 1)
+    where = real.reshape(-1, 1)
+    _insert(state, kn.reshape(-1, 1, kn.shape[-1]), v_t.reshape(-1, 1, v_t.shape[-1]), ck, rank, where)
+    rows = xp.arange(count.shape[0])
+    count[rows, ck[:, 0]] += where[:, 0]
+    cq = _nearest(qn, state.centroids).reshape(-1)                             # (L,) the query's cluster
+    out, _, _ = attend_forward(qn.reshape(-1, 1, qn.shape[-1]), kk[rows, cq], vv[rows, cq], ff[rows, cq][:, None, :],
+                               state.scale)                                    # (L, 1, dv)
+    return out.reshape(lead + (out.shape[-1],)), state._replace(t=state.t + 1)
+
+
 MECHANISM = register(Mechanism(
     name="routing",
     title="Routing Transformer (k-means attention)",
@@ -393,6 +536,10 @@ MECHANISM = register(Mechanism(
     setup=setup,
     pattern=pattern,
     reference=reference,
+    init_state=init_state,
+    prefill=prefill,
+    step=step,
+    bounded_state=True,
     sizes=("window",),
     summary="Online k-means shared by queries and keys; each balanced cluster of w = N / c nearest "
             "tokens attends within itself (exact given the memberships).",

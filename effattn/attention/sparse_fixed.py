@@ -69,13 +69,24 @@ dS = P * (dP - rowsum(dO * O)), plus the log-sum-exp terms of the merge).
 
 Cache: :class:`effattn.nn.factorized.FactorizedCache` (the union caches of the
 one or two head slices, and the sizes that ``pattern`` needs).
+
+Decoding (:mod:`effattn.nn.decode`, the KV window): token t sees the keys j <= t of its own block
+(A(1)) and the summary cells j mod l >= l - c (A(2)). A key of an earlier block that is not a
+summary cell is never seen again, so the window keeps the current block up to t and every summary
+cell: (t mod l) + c floor(t / l) keys at position t ("merged"; also "heads" with an odd head,
+"layers" with part 2 alone keeps only the c floor(t / l) + max(0, t mod l - (l - c)) summary
+cells). The state grows as c t / l, a factor l / c below the KV cache of ``full``; with A(1)
+alone ("layers", part 1) it is the current block, at most l - 1 keys (bounded). The block
+must be given: its default depends on the sequence length N.
 """
 from __future__ import annotations
 
 from ..backend import get_namespace
-from ..validate import check_bool, check_choice, check_int, check_qkv
+from ..validate import check_bool, check_choice, check_int, check_qkv, check_scale
 from ..nn.factorized import (default_stride, factorized_backward, factorized_forward, factorized_pattern,
                              factorized_weights, position_grid, rule_mask)
+from ..nn.decode import window_prefill, window_state, window_step
+from ..nn.factorized import COMBINE
 from ..nn.union import Part
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
@@ -190,6 +201,55 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     return {}, {"block": block, "summary": default_summary(block)}
 
 
+# --------------------------------------------------------------------------- decoding
+def decode_rule(block, summary, combine="merged", part=1, heads=1):
+    """``reach(i, pos)`` and ``keep(t, pos)`` of the causal pattern for the KV window: A(1) is
+    floor(j / l) = floor(i / l), A(2) is j mod l >= l - c (both j <= i), combined as ``combine``
+    says; for "heads", reach is (heads, L): even heads A(1), odd heads A(2)."""
+    a1 = lambda i, pos: pos // block == i // block   # noqa: E731  my own block
+    a2 = lambda i, pos: pos % block >= block - summary  # noqa: E731  the summary cells
+    keep1 = lambda t, pos: pos // block >= t // block  # noqa: E731  the current block (j < t)
+    keep2 = lambda t, pos: a2(t, pos)                # noqa: E731  a summary cell is read by every later query
+    if combine == "merged":
+        return (lambda i, pos: (pos <= i) & (a1(i, pos) | a2(i, pos))), (lambda t, pos: keep1(t, pos) | keep2(t, pos))
+    if combine == "layers":
+        return (lambda i, pos: (pos <= i) & (a1 if part == 1 else a2)(i, pos)), (keep1 if part == 1 else keep2)
+
+    def reach(i, pos):
+        even = get_namespace(pos).arange(heads)[:, None] % 2 == 0                       # (H, 1)
+        return (pos <= i) & ((even & a1(i, pos)) | (~even & a2(i, pos)))                # (H, L)
+    return reach, ((lambda t, pos: keep1(t, pos) | keep2(t, pos)) if heads > 1 else keep1)
+
+
+def init_state(*, lead, d, dv, dtype="float64", block=None, summary=None, combine="merged", part=1, scale=None):
+    """The KV window (:class:`effattn.nn.decode.WindowState`) of the causal fixed pattern
+    (:func:`decode_rule`): the current block up to t and every summary cell, (t mod l) +
+    c floor(t / l) keys (with their values and mask bits) per batch element and head at
+    position t, growing as c t / l (with A(1) alone, "layers" part 1: the current block, bounded
+    by l - 1). ``block`` l is required (its default depends on N); summary defaults to
+    :func:`default_summary`; combine="heads" needs lead = (..., H)."""
+    if block is None:
+        raise ValueError("block must be given to decode: its default (~sqrt N) depends on the sequence "
+                         "length N, which a decoder does not know")
+    block = check_int("block", block)
+    summary = default_summary(block) if summary is None else _check_summary(block, summary)
+    combine = check_choice("combine", combine, COMBINE)
+    part = check_choice("part", part, (1, 2))
+    if combine == "heads" and len(tuple(lead)) < 1:
+        raise ValueError(f"combine='heads' needs a head axis: lead = (..., H), got {tuple(lead)}")
+    heads = int(tuple(lead)[-1]) if combine == "heads" else 1
+    scale = check_scale(scale, d)
+    reach, keep = decode_rule(block, summary, combine, part, heads)
+    return window_state(lead=lead, d=d, dv=dv, dtype=dtype, scale=scale, reach=reach, keep=keep,
+                        forward=lambda q, k, v, km: forward(q, k, v, causal=True, key_mask=km, block=block,
+                                                            summary=summary, combine=combine, part=part,
+                                                            scale=scale)[0])
+
+
+prefill = window_prefill
+step = window_step
+
+
 MECHANISM = register(Mechanism(
     name="sparse_fixed",
     title="Sparse Transformer (fixed)",
@@ -206,6 +266,9 @@ MECHANISM = register(Mechanism(
     weights=weights,
     setup=setup,
     pattern=pattern,
+    init_state=init_state,
+    prefill=prefill,
+    step=step,
     sizes=("block", "summary"),
     windows=("block",),
     summary="Own block of l plus the last c 'summary' cells of every block.",

@@ -58,13 +58,23 @@ dS = P * (dP - rowsum(dO * O)), plus the log-sum-exp terms of the merge).
 
 Cache: :class:`effattn.nn.factorized.FactorizedCache` (the union caches of the
 one or two head slices, and the sizes that ``pattern`` needs).
+
+Decoding (:mod:`effattn.nn.decode`, the KV window): token t sees the keys j <= t with t - j < l
+(A(1)) or (t - j) mod l = 0 (A(2)). A(2) reaches every earlier position of the same residue, and
+every residue comes round again, so once A(2) is in use ("merged", "heads" with an odd head,
+"layers" with part 2) NO key ever becomes unreachable: the window keeps everything, t keys at
+position t, like the KV cache of ``full`` (a step scores them all and masks the ones off the
+pattern: O(t d)). With A(1) alone ("layers", part 1) it is a bounded band of l - 1 keys.
+The stride must be given: its default depends on the sequence length N.
 """
 from __future__ import annotations
 
 from ..backend import get_namespace
-from ..validate import check_bool, check_choice, check_int, check_qkv
+from ..validate import check_bool, check_choice, check_int, check_qkv, check_scale
 from ..nn.factorized import (default_stride, factorized_backward, factorized_forward, factorized_pattern,
                              factorized_weights, position_grid, rule_mask)
+from ..nn.decode import window_prefill, window_state, window_step
+from ..nn.factorized import COMBINE
 from ..nn.union import Part
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
@@ -163,6 +173,52 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     return {}, {"stride": default_stride(n)}
 
 
+# --------------------------------------------------------------------------- decoding
+def decode_rule(stride, combine="merged", part=1, heads=1):
+    """``reach(i, pos)`` and ``keep(t, pos)`` of the causal pattern for the KV window: A(1) is
+    i - l < j, A(2) is (i - j) mod l = 0 (both j <= i), combined as ``combine`` says; for
+    "heads", reach is (heads, L): even heads A(1), odd heads A(2)."""
+    a1 = lambda i, pos: i - pos < stride             # noqa: E731  the previous l positions
+    a2 = lambda i, pos: (i - pos) % stride == 0      # noqa: E731  every l-th position back
+    keep1 = lambda t, pos: pos > t - stride          # noqa: E731  a later query's band still holds it
+    keep2 = lambda t, pos: pos >= 0                  # noqa: E731  its residue comes round again
+    if combine == "merged":
+        return (lambda i, pos: (pos <= i) & (a1(i, pos) | a2(i, pos))), keep2
+    if combine == "layers":
+        return (lambda i, pos: (pos <= i) & (a1 if part == 1 else a2)(i, pos)), (keep1 if part == 1 else keep2)
+
+    def reach(i, pos):
+        even = get_namespace(pos).arange(heads)[:, None] % 2 == 0                       # (H, 1)
+        return (pos <= i) & ((even & a1(i, pos)) | (~even & a2(i, pos)))                # (H, L)
+    return reach, (keep2 if heads > 1 else keep1)
+
+
+def init_state(*, lead, d, dv, dtype="float64", stride=None, combine="merged", part=1, scale=None):
+    """The KV window (:class:`effattn.nn.decode.WindowState`) of the causal strided pattern
+    (:func:`decode_rule`). With A(2) in use every key stays reachable (same residue), so the
+    state holds all t keys (t (d + dv + 1) numbers per batch element and head, growing with t);
+    with A(1) alone ("layers", part 1) the l - 1 keys before t (bounded). ``stride`` l is
+    required (its default depends on N); combine="heads" needs lead = (..., H)."""
+    if stride is None:
+        raise ValueError("stride must be given to decode: its default (~sqrt N) depends on the sequence "
+                         "length N, which a decoder does not know")
+    stride = check_int("stride", stride)
+    combine = check_choice("combine", combine, COMBINE)
+    part = check_choice("part", part, (1, 2))
+    if combine == "heads" and len(tuple(lead)) < 1:
+        raise ValueError(f"combine='heads' needs a head axis: lead = (..., H), got {tuple(lead)}")
+    heads = int(tuple(lead)[-1]) if combine == "heads" else 1
+    scale = check_scale(scale, d)
+    reach, keep = decode_rule(stride, combine, part, heads)
+    return window_state(lead=lead, d=d, dv=dv, dtype=dtype, scale=scale, reach=reach, keep=keep,
+                        forward=lambda q, k, v, km: forward(q, k, v, causal=True, key_mask=km, stride=stride,
+                                                            combine=combine, part=part, scale=scale)[0])
+
+
+prefill = window_prefill
+step = window_step
+
+
 MECHANISM = register(Mechanism(
     name="sparse_strided",
     title="Sparse Transformer (strided)",
@@ -179,6 +235,9 @@ MECHANISM = register(Mechanism(
     weights=weights,
     setup=setup,
     pattern=pattern,
+    init_state=init_state,
+    prefill=prefill,
+    step=step,
     sizes=("stride",),
     windows=("stride",),
     summary="The previous l positions plus every l-th position back (l ~ sqrt N): two hops reach everything.",

@@ -97,14 +97,8 @@ def lsh_layout(buckets, n_buckets, chunk, chunking="sorted"):
         order = xp.argsort(padded, axis=-1, kind="stable")               # (..., R, P): token at each slot
         token_slot = xp.argsort(order, axis=-1, kind="stable")[..., :n]  # inverse permutation
         return xp.minimum(order, n), token_slot
-    order = xp.argsort(buckets, axis=-1, kind="stable")                  # (..., R, N)
-    sb = xp.take_along_axis(buckets, order, axis=-1)                     # sorted buckets
+    order, sb, rank = _sorted_ranks(buckets, n_buckets)
     s = xp.arange(n)
-    rows = math.prod(lead)
-    key = (sb + (xp.arange(rows) * (n_buckets + 1)).reshape(lead + (1,)))  # row-unique, sorted
-    first = xp.searchsorted(key.reshape(-1), key.reshape(-1), side="left").reshape(lead + (n,))
-    first = first - (xp.arange(rows) * n).reshape(lead + (1,))
-    rank = s - first                                                     # rank inside the bucket
     is_end = xp.ones(lead + (n,), dtype=bool)
     is_end[..., :-1] = sb[..., 1:] != sb[..., :-1]
     gap = xp.where(is_end, (-(rank + 1)) % chunk, 0)                     # padding after each bucket
@@ -113,6 +107,34 @@ def lsh_layout(buckets, n_buckets, chunk, chunking="sorted"):
     token_slot = xp.take_along_axis(slot_sorted, xp.argsort(order, axis=-1, kind="stable"), axis=-1)
     slot_token = put_slots(order, slot_sorted, p, fill=n)
     return slot_token, token_slot
+
+
+def _sorted_ranks(buckets, n_buckets):
+    """The stable sort by bucket: order (..., N) (the token at each sorted place), the sorted buckets and
+    the rank of each sorted token inside its bucket (0 for its earliest token)."""
+    xp = get_namespace(buckets)
+    n = buckets.shape[-1]
+    lead = buckets.shape[:-1]
+    order = xp.argsort(buckets, axis=-1, kind="stable")                  # (..., R, N)
+    sb = xp.take_along_axis(buckets, order, axis=-1)                     # sorted buckets
+    rows = math.prod(lead)
+    key = (sb + (xp.arange(rows) * (n_buckets + 1)).reshape(lead + (1,)))  # row-unique, sorted
+    first = xp.searchsorted(key.reshape(-1), key.reshape(-1), side="left").reshape(lead + (n,))
+    first = first - (xp.arange(rows) * n).reshape(lead + (1,))
+    return order, sb, xp.arange(n) - first                               # rank inside the bucket
+
+
+def bucket_ranks(buckets, n_buckets):
+    """rank (..., N): how many earlier tokens share each token's bucket (its place in the bucket's run
+    of slots; it depends on earlier tokens only), and count (..., n_buckets + 1): tokens per bucket.
+    buckets (..., N) ints in [0, n_buckets]."""
+    xp = get_namespace(buckets)
+    order, _, rank_sorted = _sorted_ranks(buckets, n_buckets)
+    rank = xp.take_along_axis(rank_sorted, xp.argsort(order, axis=-1, kind="stable"), axis=-1)
+    rows = math.prod(buckets.shape[:-1])
+    count = xp.zeros((rows, n_buckets + 1), dtype=rank.dtype)
+    xp.add.at(count, (xp.arange(rows)[:, None], buckets.reshape(rows, -1)), 1)
+    return rank, count.reshape(buckets.shape[:-1] + (n_buckets + 1,))
 
 
 def put_slots(values, slots, p, fill):
@@ -198,5 +220,5 @@ def chunk_windows_backward(dwin, before, after):
     return out
 
 
-__all__ = ["chunk_windows", "chunk_windows_backward", "draw_rotations", "hash_buckets", "lsh_layout", "put_slot_rows",
-           "put_slots", "shift_chunks", "take_slot_rows"]
+__all__ = ["bucket_ranks", "chunk_windows", "chunk_windows_backward", "draw_rotations", "hash_buckets", "lsh_layout",
+           "put_slot_rows", "put_slots", "shift_chunks", "take_slot_rows"]
