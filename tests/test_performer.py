@@ -8,6 +8,7 @@ import pytest
 
 from effattn.attention import performer
 from effattn.gradcheck import check_gradients
+from effattn.nn.decode import state_size
 
 
 def softmax(s):
@@ -340,3 +341,74 @@ def test_causal_outputs_before_a_huge_key_are_bit_for_bit_unchanged(chunk):
             out2, _ = performer.forward(q2, k2, v2, features=w, causal=True, chunk=chunk)
             assert np.isfinite(out2).all()
             assert np.array_equal(out[..., :t, :], out2[..., :t, :]), (t, value)
+
+
+# --------------------------------------------------------------------------- decoding
+def _decode(q, k, v, km, prompt, **config):
+    """Prefill ``prompt`` tokens, then step: the rows and the state sizes after each token."""
+    lead = q.shape[:-2]
+    kmb = None if km is None else np.broadcast_to(km, q.shape[:-1])
+    state = performer.init_state(lead=lead, d=q.shape[-1], dv=v.shape[-1], **config)
+    out, state = performer.prefill(q[..., :prompt, :], k[..., :prompt, :], v[..., :prompt, :], state,
+                                   key_mask=None if kmb is None else kmb[..., :prompt])
+    rows, sizes = [out], [state_size(state)]
+    for t in range(prompt, q.shape[-2]):
+        o, state = performer.step(q[..., t, :], k[..., t, :], v[..., t, :], state,
+                                  key_mask_t=None if kmb is None else kmb[..., t])
+        rows.append(o[..., None, :])
+        sizes.append(state_size(state))
+    return np.concatenate(rows, axis=-2), sizes
+
+
+@pytest.mark.parametrize("kernel", ["positive", "hyperbolic", "trig"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_decoding_equals_the_causal_forward_for_every_kernel(kernel, shared):
+    """Prefill + steps equal the causal parallel forward for each feature map, with features shared
+    by the heads (m, d) or one draw per head (H, m, d), with key masks; the state holds m' (dv + 2)
+    numbers per head (S, z and the running max; trig: no max, m' (dv + 1)), m' = m or 2m."""
+    rng = np.random.default_rng(21)
+    q, k = rng.standard_normal((2, 2, 23, 4)) * 0.5, rng.standard_normal((2, 2, 23, 4)) * 0.5
+    v = rng.standard_normal((2, 2, 23, 3))
+    w = performer.draw_features(rng, 6, 4, heads=None if shared else 2)
+    km = rng.random((2, 1, 23)) > 0.3
+    km[..., 0] = True
+    want, _ = performer.forward(q, k, v, features=w, causal=True, key_mask=km, kernel=kernel, chunk=4)
+    mp = 6 if kernel == "positive" else 12
+    for prompt in (1, 4, 9, 22):
+        got, sizes = _decode(q, k, v, km, prompt, features=w, kernel=kernel, chunk=4)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10, err_msg=f"prompt {prompt}")
+        assert set(sizes) == {2 * 2 * mp * (3 + (1 if kernel == "trig" else 2))}
+
+
+@pytest.mark.parametrize("kernel", ["positive", "hyperbolic"])
+def test_decoding_rescales_when_the_running_max_grows(kernel):
+    """Huge keys that raise the running max now and then (and a first stretch of masked keys: the max
+    starts at -inf): each step rescales S and z by exp(s_old - s_new) <= 1, stays finite and equals
+    the causal forward (which scans such chunks exactly)."""
+    rng = np.random.default_rng(11)
+    q, k, v = (rng.standard_normal((2, 2, 29, 4)) for _ in range(3))
+    ordinary = np.zeros(29, dtype=bool)
+    ordinary[[4, 13, 22]] = True
+    k[..., ~ordinary, :] *= 100.0
+    q[1] *= 40.0
+    w = performer.draw_features(rng, 6, 4, heads=2)
+    km = rng.random((2, 1, 29)) > 0.25
+    km[0, :, :3] = False
+    want, _ = performer.forward(q, k, v, features=w, causal=True, key_mask=km, kernel=kernel, chunk=7)
+    for prompt in (1, 2, 10, 28):
+        got, _ = _decode(q, k, v, km, prompt, features=w, kernel=kernel, chunk=7)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10, err_msg=f"prompt {prompt}")
+
+
+def test_decoding_refuses_bad_configuration_and_states():
+    rng = np.random.default_rng(22)
+    w = performer.draw_features(rng, 6, 4)
+    with pytest.raises(ValueError, match="^features"):
+        performer.init_state(lead=(1, 2), d=3, dv=3, features=w)
+    with pytest.raises(ValueError, match="^kernel"):
+        performer.init_state(lead=(1, 2), d=4, dv=3, features=w, kernel="relu")
+    from effattn.attention import linear
+    q = rng.standard_normal((1, 2, 4))
+    with pytest.raises(TypeError, match="^state must come from performer"):
+        performer.step(q, q, q, linear.init_state(lead=(1, 2), d=4, dv=4))

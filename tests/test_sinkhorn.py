@@ -8,6 +8,7 @@ import effattn
 from effattn.attention import sinkhorn as sk
 from effattn.nn import sinkhorn as balancing
 from effattn.gradcheck import check_gradients, rel_error
+from effattn.nn.decode import state_size
 
 FULL = effattn.get("full")
 SPEC = effattn.get("sinkhorn")
@@ -335,3 +336,83 @@ def test_inside_multi_head_attention_at_shorter_lengths(causal):
         y = mha.forward(x)
         dx, _ = mha.backward(np.ones_like(y))
         assert y.shape == x.shape and np.isfinite(dx).all()
+
+
+# --------------------------------------------------------------------------- decoding
+def decode(q, k, v, km, prompt, params, config):
+    kmb = None if km is None else np.broadcast_to(km, q.shape[:-1])
+    state = sk.init_state(lead=q.shape[:-2], d=q.shape[-1], dv=v.shape[-1], **params, **config)
+    out, state = sk.prefill(q[..., :prompt, :], k[..., :prompt, :], v[..., :prompt, :], state,
+                            key_mask=None if kmb is None else kmb[..., :prompt])
+    rows, sizes = [out], [state_size(state)]
+    for t in range(prompt, q.shape[-2]):
+        o, state = sk.step(q[..., t, :], k[..., t, :], v[..., t, :], state,
+                           key_mask_t=None if kmb is None else kmb[..., t])
+        rows.append(o[..., None, :])
+        sizes.append(state_size(state))
+    return np.concatenate(rows, axis=-2), sizes
+
+
+@pytest.mark.parametrize("mode", ["soft", "no noise", "no padding bias", "hard", "perm"])
+def test_decoding_equals_the_causal_forward_at_every_block_boundary(mode):
+    """Row t of the causal forward depends on the completed blocks before its own (their summaries
+    give the sort logits of its block's row of P, balanced causally: rows above only) and on its
+    own block up to t, so the state steps exactly: prompts of 1 token, shorter than a block (where
+    the forward clips the block to the prompt), ending on a block boundary or inside a block,
+    with key masks, for soft, hard and given block choices."""
+    rng = np.random.default_rng(40)
+    n = 23
+    q, k, v, params, config = sinkhorn_inputs(rng, n, causal=True)
+    v = v[..., :3]
+    b = config["block"]
+    nb = -(-n // b)
+    if mode == "no noise":
+        config["gumbel"] = None
+    elif mode == "no padding bias":
+        config["padding_bias"] = False
+    elif mode == "hard":
+        config["hard"] = True
+    elif mode == "perm":
+        config["perm"] = np.array([[rng.integers(-1, i) if i else -1 for i in range(nb)] for _ in range(2)])  # (H, N_B)
+    km = rng.random((2, 1, n)) > 0.3
+    km[..., 0] = True
+    for key_mask in (None, km):
+        want, _ = SPEC.forward(q, k, v, **params, **config, causal=True, key_mask=key_mask)
+        for prompt in sorted({1, b - 1, b, b + 1, 2 * b, 3 * b + 2, n - 1}):
+            got, _ = decode(q, k, v, key_mask, prompt, params, config)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-10, err_msg=f"{mode}, prompt {prompt}")
+
+
+def test_decoding_state_size():
+    """After t tokens (g = ceil(t / b) blocks begun) the state holds, per head, every token's key,
+    value and mask bit, t (d + dv + 1), the running column log-sum-exps, n_iters (g - 1), and the
+    current sorted block, b (d + dv + 2): it grows with t."""
+    rng = np.random.default_rng(41)
+    n, d, dv = 30, 4, 3
+    q, k, v, params, config = sinkhorn_inputs(rng, n, d=d, causal=True)
+    v = v[..., :dv]
+    b, it = config["block"], config["n_iters"]
+    _, sizes = decode(q, k, v, None, 2, params, config)
+    want = [2 * 2 * (t * (d + dv + 1) + it * (-(-t // b) - 1) + b * (d + dv + 2)) for t in range(2, n + 1)]
+    assert sizes == want
+
+
+def test_decoding_refuses_what_the_forward_refuses():
+    rng = np.random.default_rng(42)
+    n = 12
+    q, k, v, params, config = sinkhorn_inputs(rng, n, causal=True)
+    with pytest.raises(ValueError, match="^causal=True is not supported with sortcut"):
+        sk.init_state(lead=(2, 2), d=4, dv=4, **params, **config, sortcut=2)
+    bad = np.array([0, 0, 1, 2])                               # block 0 drawing from itself
+    with pytest.raises(ValueError, match="^perm"):
+        sk.init_state(lead=(2, 2), d=4, dv=4, **params, **config, perm=bad)
+    # past the blocks the noise covers: the message names gumbel
+    nb = config["gumbel"].shape[-1]
+    b = config["block"]
+    short = dict(config, gumbel=config["gumbel"][..., :nb - 1, :nb - 1])
+    state = sk.init_state(lead=(2, 2), d=4, dv=4, **params, **short)
+    _, state = sk.prefill(q[..., :(nb - 1) * b, :], k[..., :(nb - 1) * b, :], v[..., :(nb - 1) * b, :], state)
+    with pytest.raises(ValueError, match="^gumbel must have at least"):
+        sk.step(q[..., 0, :], k[..., 0, :], v[..., 0, :], state)
+    with pytest.raises(ValueError, match="fresh state"):
+        sk.prefill(q, k, v, state)

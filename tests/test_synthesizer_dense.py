@@ -7,6 +7,7 @@ import pytest
 import effattn
 from effattn.attention import synthesizer_dense as SD
 from effattn.gradcheck import check_gradients
+from effattn.nn.decode import state_size
 
 DENSE = effattn.get("synthesizer_dense")
 
@@ -93,3 +94,51 @@ def test_bad_parameters():
     p = SD.init_params(rng, n_max=9, d=4, factorized=2)
     with pytest.raises(ValueError, match="Wb"):
         DENSE.forward(q, k, v, **{**p, "Wb": p["Wb"][:, :2], "bb": p["bb"][:2]}, factorized=2)   # 2 x 2 < 9 keys
+
+
+# --------------------------------------------------------------------------- decoding
+def decode(q, k, v, km, prompt, params, factorized=None):
+    kmb = None if km is None else np.broadcast_to(km, q.shape[:-1])
+    state = SD.init_state(lead=q.shape[:-2], d=q.shape[-1], dv=v.shape[-1], factorized=factorized, **params)
+    out, state = SD.prefill(q[..., :prompt, :], k[..., :prompt, :], v[..., :prompt, :], state,
+                            key_mask=None if kmb is None else kmb[..., :prompt])
+    rows, sizes = [out], [state_size(state)]
+    for t in range(prompt, q.shape[-2]):
+        o, state = SD.step(q[..., t, :], k[..., t, :], v[..., t, :], state,
+                           key_mask_t=None if kmb is None else kmb[..., t])
+        rows.append(o[..., None, :])
+        sizes.append(state_size(state))
+    return np.concatenate(rows, axis=-2), sizes, state
+
+
+@pytest.mark.parametrize("factorized", [None, 3])
+def test_decoding_equals_the_causal_forward_and_keeps_the_values(factorized):
+    """Row t's logits B_t[:t+1] from q_t alone (plain MLP or the rank-1 factorized row): prefill +
+    steps equal the causal forward with an N_max longer than the sequence; the state holds t (dv + 1)
+    numbers per head (values and mask bits), growing by dv + 1 per token."""
+    rng = np.random.default_rng(7)
+    q, k, v = qkv(rng, n=13, d=4)
+    v = v[..., :3]
+    params = SD.init_params(rng, n_max=16, d=4, factorized=factorized)
+    km = rng.random((2, 1, 13)) > 0.3
+    km[..., 0] = True
+    want, _ = SD.forward(q, k, v, causal=True, key_mask=km, factorized=factorized, **params)
+    for prompt in (1, 6, 12):
+        got, sizes, _ = decode(q, k, v, km, prompt, params, factorized)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+        assert sizes == [2 * 2 * t * (3 + 1) for t in range(prompt, 14)]
+
+
+@pytest.mark.parametrize("factorized", [None, 2])
+def test_decoding_stops_at_n_max(factorized):
+    rng = np.random.default_rng(8)
+    q, k, v = qkv(rng, n=6, d=4)
+    params = SD.init_params(rng, n_max=5, d=4, factorized=factorized)      # factorized: a = 2, c = 3 cover 6
+    length = 5 if factorized is None else 6
+    state = SD.init_state(lead=(2, 2), d=4, dv=4, factorized=factorized, **params)
+    _, state = SD.prefill(q[..., :length - 1, :], k[..., :length - 1, :], v[..., :length - 1, :], state)
+    _, state = SD.step(q[..., 0, :], k[..., 0, :], v[..., 0, :], state)
+    with pytest.raises(ValueError, match="^W2" if factorized is None else "^Wb"):
+        SD.step(q[..., 0, :], k[..., 0, :], v[..., 0, :], state)
+    with pytest.raises(ValueError, match="^W1 is required"):
+        SD.init_state(lead=(2, 2), d=4, dv=4)

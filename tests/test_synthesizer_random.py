@@ -7,6 +7,7 @@ import pytest
 import effattn
 from effattn.attention import synthesizer_random as SR
 from effattn.gradcheck import check_gradients
+from effattn.nn.decode import state_size
 
 RANDOM = effattn.get("synthesizer_random")
 
@@ -78,3 +79,53 @@ def test_bad_parameters():
     p = SR.init_params(rng, n_max=9, heads=2, factorized=2)
     with pytest.raises(ValueError, match="R1"):
         RANDOM.forward(q, k, v, **{**p, "R1": p["R1"][..., :1]}, factorized=2)
+
+
+# --------------------------------------------------------------------------- decoding
+def decode(q, k, v, km, prompt, params, factorized=None):
+    kmb = None if km is None else np.broadcast_to(km, q.shape[:-1])
+    state = SR.init_state(lead=q.shape[:-2], d=q.shape[-1], dv=v.shape[-1], factorized=factorized, **params)
+    out, state = SR.prefill(q[..., :prompt, :], k[..., :prompt, :], v[..., :prompt, :], state,
+                            key_mask=None if kmb is None else kmb[..., :prompt])
+    rows, sizes = [out], [state_size(state)]
+    for t in range(prompt, q.shape[-2]):
+        o, state = SR.step(q[..., t, :], k[..., t, :], v[..., t, :], state,
+                           key_mask_t=None if kmb is None else kmb[..., t])
+        rows.append(o[..., None, :])
+        sizes.append(state_size(state))
+    return np.concatenate(rows, axis=-2), sizes
+
+
+@pytest.mark.parametrize("factorized", [None, 3])
+@pytest.mark.parametrize("shared", [False, True])
+def test_decoding_equals_the_causal_forward_and_keeps_the_values(factorized, shared):
+    """Row t's logits R[t, :t+1] (or R1[t] R2[:t+1]^T), per head or one table shared by the heads:
+    prefill + steps equal the causal forward with an N_max longer than the sequence; the state
+    holds t (dv + 1) numbers per head (values and mask bits)."""
+    rng = np.random.default_rng(7)
+    q, k, v = qkv(rng, n=13, d=4)
+    v = v[..., :3]
+    params = SR.init_params(rng, n_max=16, heads=2, factorized=factorized)
+    if shared:
+        params = {name: x[0] for name, x in params.items()}
+    km = rng.random((2, 1, 13)) > 0.3
+    km[..., 0] = True
+    want, _ = SR.forward(q, k, v, causal=True, key_mask=km, factorized=factorized, **params)
+    for prompt in (1, 6, 12):
+        got, sizes = decode(q, k, v, km, prompt, params, factorized)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+        assert sizes == [2 * 2 * t * (3 + 1) for t in range(prompt, 14)]
+
+
+def test_decoding_stops_at_the_table_size():
+    rng = np.random.default_rng(8)
+    q, k, v = qkv(rng, n=6, d=4)
+    params = SR.init_params(rng, n_max=5, heads=2)
+    state = SR.init_state(lead=(2, 2), d=4, dv=4, **params)
+    _, state = SR.prefill(q[..., :5, :], k[..., :5, :], v[..., :5, :], state)
+    with pytest.raises(ValueError, match="^R: the table covers"):
+        SR.step(q[..., 0, :], k[..., 0, :], v[..., 0, :], state)
+    with pytest.raises(ValueError, match="^R must have shape"):
+        SR.prefill(q, k, v, SR.init_state(lead=(2, 2), d=4, dv=4, **params))
+    with pytest.raises(ValueError, match="^R "):
+        SR.init_state(lead=(2, 2), d=4, dv=4, R=rng.standard_normal((3, 5, 5)))

@@ -17,10 +17,15 @@ Equations (paper eq. 4-6, 8-9 and 16-20), phi(x) = elu(x) + 1 (> 0 elementwise):
     causal:     S_i = sum_{j<=i} phi(K_j) V_j^T,   Z_i = sum_{j<=i} phi(K_j)
                 V'_i = phi(Q_i)^T S_i / (phi(Q_i)^T Z_i + eps)
 
-The causal form is an RNN with state (S, Z) of size (d, dv) + (d,): a decoder
-calls :func:`init_state` once and :func:`step` per token at O(d dv) cost
-each, whatever the position. The parallel form uses chunked prefix sums
-(:mod:`effattn.nn.kernel_attention`): O(N C d + N d dv).
+The causal form is an RNN with state (S, Z) of size (d, dv) + (d,). The parallel
+form uses chunked prefix sums (:mod:`effattn.nn.kernel_attention`): O(N C d + N d dv).
+
+Decoding (:mod:`effattn.nn.decode`): the state is (S, Z) after the tokens so far, a
+:class:`effattn.nn.kernel_attention.KernelState` of d dv + d numbers per head, bounded.
+:func:`init_state` (config: ``eps``, ``chunk``) makes the empty one; :func:`prefill` runs the
+causal chunked forward over the prompt for its rows and adds S = phi(K)^T V, Z = phi(K)^T 1
+(masked keys: phi = 0); :func:`step` adds one token, S += phi(k_t) v_t^T, Z += phi(k_t), and
+returns phi(q_t)^T S / (phi(q_t)^T Z + eps), O(d dv) whatever the position.
 
 No 1/sqrt(d) scaling is used (as in the paper and fast-transformers).
 
@@ -57,10 +62,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..validate import check_causal, check_float_array, check_int, check_nonnegative_float, check_qkv
+from ..validate import check_causal, check_int, check_nonnegative_float, check_qkv
+from ..nn.decode import check_step_inputs
 from ..nn.functional import elu_backward, elu_forward
-from ..nn.kernel_attention import (kernel_attention_backward, kernel_attention_forward, kernel_attention_init_state,
-                                   kernel_attention_loop, kernel_attention_step, kernel_attention_weights)
+from ..nn.kernel_attention import (check_kernel_state, check_prompt, kernel_attention_backward,
+                                   kernel_attention_forward, kernel_attention_init_state, kernel_attention_loop,
+                                   kernel_attention_prefill, kernel_attention_step, kernel_attention_weights)
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 EPS = 1e-6
@@ -137,27 +144,42 @@ def loop(q, k, v, *, causal=False, key_mask=None, eps=EPS):
     return kernel_attention_loop(phi_q, phi_k, v, causal=causal, eps=eps)
 
 
-def init_state(lead, d, dv, *, dtype="float64"):
-    """The empty decoder state (S, Z): zeros (*lead, d, dv) and (*lead, d) on the active backend.
-    ``lead`` is the (batch, heads) shape."""
-    lead = tuple(check_int("lead", int(x), minimum=1) for x in lead)
-    return kernel_attention_init_state(lead, check_int("d", d), check_int("dv", dv), dtype=dtype)
+# --------------------------------------------------------------------------- decoding
+def init_state(*, lead, d, dv, dtype="float64", eps=EPS, chunk=128):
+    """The empty decoder state (S, Z) = (zeros (*lead, d, dv), zeros (*lead, d)) on the active
+    backend (:class:`effattn.nn.kernel_attention.KernelState`): d dv + d numbers per head
+    (m = d features), whatever the position. ``lead`` is the (batch, heads) shape; ``eps`` and
+    ``chunk`` are :func:`forward`'s (``chunk`` only shapes the prefill's parallel pass)."""
+    lead = tuple(check_int("lead", x) for x in lead)
+    d, dv = check_int("d", d), check_int("dv", dv)
+    eps = check_nonnegative_float("eps", eps)
+    chunk = check_int("chunk", chunk)
+    return kernel_attention_init_state(lead, d, dv, dtype=dtype, eps=eps, name="linear", config={"chunk": chunk})
 
 
-def step(q_t, k_t, v_t, state, *, eps=EPS):
-    """One causal decoding step: q_t, k_t (..., d), v_t (..., dv), state from :func:`init_state`
-    (or a previous step). Returns (out_t (..., dv), new_state); equals row t of the causal
-    parallel :func:`forward`."""
-    check_float_array("q_t", q_t)
-    check_float_array("k_t", k_t)
-    check_float_array("v_t", v_t)
-    if k_t.shape != q_t.shape:
-        raise ValueError(f"k_t must have the shape of q_t {tuple(q_t.shape)}, got {tuple(k_t.shape)}")
-    s, z = state
-    if tuple(s.shape) != tuple(q_t.shape) + (v_t.shape[-1],) or tuple(z.shape) != tuple(q_t.shape):
-        raise ValueError(f"state must be (S {tuple(q_t.shape) + (v_t.shape[-1],)}, Z {tuple(q_t.shape)}), "
-                         f"got S {tuple(s.shape)}, Z {tuple(z.shape)}")
-    return kernel_attention_step(feature_map(q_t)[0], feature_map(k_t)[0], v_t, state, check_nonnegative_float("eps", eps))
+def prefill(q, k, v, state, *, key_mask=None):
+    """The prompt q, k (..., T, d), v (..., T, dv) in one pass: its rows from the causal chunked
+    :func:`forward`, and the state S = phi(K)^T V, Z = phi(K)^T 1 after it (from that forward's
+    features). ``state`` must be fresh. Returns (out (..., T, dv), state)."""
+    check_kernel_state(state, "linear")
+    check_prompt(q, k, v, state.s.shape[:-2], state.s.shape[-2], state.s.shape[-1])
+    out, cache = forward(q, k, v, causal=True, key_mask=key_mask, eps=state.eps, chunk=state.config["chunk"])
+    return out, kernel_attention_prefill(cache.kernel, state)
+
+
+def step(q_t, k_t, v_t, state, *, key_mask_t=None):
+    """One causal decoding step: q_t, k_t (..., d), v_t (..., dv), key_mask_t (...) bool or None
+    (False: token t is no key for anyone), state from :func:`init_state`, :func:`prefill` or a
+    previous step. Returns (out_t (..., dv), state); equals row t of the causal parallel :func:`forward`."""
+    check_kernel_state(state, "linear")
+    lead, d, dv = state.s.shape[:-2], state.s.shape[-2], state.s.shape[-1]
+    check_step_inputs(q_t, k_t, v_t, key_mask_t, lead, d, dv)
+    if q_t.dtype != state.s.dtype:
+        raise ValueError(f"q_t must have the state's dtype {state.s.dtype}, got {q_t.dtype}")
+    phi_k = feature_map(k_t)[0]
+    if key_mask_t is not None:
+        phi_k = phi_k * get_namespace(phi_k).broadcast_to(key_mask_t, lead)[..., None]   # masked: zero features
+    return kernel_attention_step(feature_map(q_t)[0], phi_k, v_t, state)
 
 
 def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
@@ -181,6 +203,10 @@ MECHANISM = register(Mechanism(
     weights=weights,
     setup=setup,
     reference=reference,
+    init_state=init_state,
+    prefill=prefill,
+    step=step,
+    bounded_state=True,
     sizes=("chunk",),
     summary="phi(x) = elu(x) + 1 feature maps: attention in O(N d^2), an RNN when causal.",
 ))

@@ -108,6 +108,16 @@ which is not ``key_mask``.
 Shapes: q (..., N, d), k (..., M, d), v (..., M, dv); key_mask (..., M): masked
 keys' features are exactly zero (exactly zero weight).
 
+Decoding (:mod:`effattn.nn.decode`): the state is the causal form's carried state after the
+tokens so far, bounded: S (m', dv) and z (m') of the keys relative to their running max s (m')
+over the unmasked keys, and s itself, m' (dv + 2) numbers per head (:func:`init_state`). A step
+(:func:`_shifted_step`, also the recurrence of :func:`loop`) raises s to max(s, a_t), rescales S
+and z by exp(s_old - s_new) <= 1, adds exp(a_t - s) [v_t, 1] and reads out_t with the query
+features exp(b_t + s - t_t): every factor <= 1, so huge logits stay finite, and the result equals
+the causal parallel forward. :func:`prefill` runs that forward over the prompt and sets s = max_j a_j,
+S = exp(A - s)^T V, z = exp(A - s)^T 1 in one product. "trig" (no stabiliser) keeps S = phi(K)^T V,
+z = phi(K)^T 1 (m' (dv + 1) numbers) and steps as the Linear Transformer does.
+
 Complexity: O(N m d) for the features, O(N m dv) for the attention;
 memory O(N m). Causal adds chunked prefix sums: O(N C (m + dv)) time,
 O(N C + N m + (N / C) m dv) memory; each chunk that has to be scanned exactly
@@ -126,8 +136,10 @@ from typing import NamedTuple
 
 from ..backend import asarray, get_namespace
 from ..validate import check_bool, check_causal, check_choice, check_float_array, check_int, check_qkv
-from ..nn.kernel_attention import (kernel_attention_backward, kernel_attention_forward,
-                                   kernel_attention_loop, kernel_attention_weights)
+from ..nn.decode import check_step_inputs
+from ..nn.kernel_attention import (check_kernel_state, check_prompt, kernel_attention_backward,
+                                   kernel_attention_forward, kernel_attention_init_state, kernel_attention_loop,
+                                   kernel_attention_prefill, kernel_attention_step, kernel_attention_weights)
 from ..nn.sparse import pad_axis, round_up
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
@@ -552,26 +564,52 @@ def _causal_weights(cache):
     return xp.exp(e).sum(axis=-1) * _unchunk(cc.inv, n)
 
 
+def _shifted_step(b_t, a_t, v_t, state):
+    """One token of the running-max recurrence (the per-step form of :func:`_causal_forward`):
+
+        s_t = max(s_{t-1}, a_t),   S_t = exp(s_{t-1} - s_t) S_{t-1} + exp(a_t - s_t) v_t^T   (z_t alike)
+        out_t = phi_t^T S_t / phi_t^T z_t,   phi_t = exp(b_t + s_t - max_l (b_t + s_t))
+
+    b_t, a_t (..., m') query and key exponents (a_t = -inf for a masked key), v_t (..., dv), state a
+    :class:`effattn.nn.kernel_attention.KernelState` with ``shift`` = s_{t-1} (-inf before any key:
+    the rescale is then exp(-inf) = 0 of a zero S). Every factor is <= 1. O(m' dv)."""
+    xp = get_namespace(b_t, a_t, v_t)
+    shift = xp.maximum(state.shift, a_t)                           # (..., m')
+    sf = _finite_or_zero(shift)
+    rescale, key = xp.exp(state.shift - sf), xp.exp(a_t - sf)
+    s = state.s * rescale[..., None] + key[..., :, None] * v_t[..., None, :]    # (..., m', dv)
+    z = state.z * rescale + key                                    # (..., m')
+    phi, _ = _query_features(b_t, shift)
+    den = (phi * z).sum(axis=-1, keepdims=True)
+    out = (phi[..., None, :] @ s)[..., 0, :] * xp.where(den > 0, 1.0 / xp.where(den > 0, den, 1.0), 0.0)
+    return out, state._replace(s=s, z=z, shift=shift, t=state.t + 1)
+
+
 def _causal_loop(b, a, v):
     """The readable per-step form of :func:`_causal_forward` (the RNN view with a running max):
-    s_t = max(s_{t-1}, a_t), S_t = exp(s_{t-1} - s_t) S_{t-1} + exp(a_t - s_t) v_t^T (z_t alike),
-    out_t = phi_t^T S_t / phi_t^T z_t with phi_t = exp(b_t + s_t - max_l(b_t + s_t))."""
+    :func:`_shifted_step` once per position from the empty state."""
     xp = get_namespace(b, a, v)
     lead = (b[..., :1, :1] + a[..., :1, :1] + v[..., :1, :1]).shape[:-2]
-    s_prev = xp.full(lead + (a.shape[-1],), -xp.inf, dtype=a.dtype)
-    st = xp.zeros(lead + (a.shape[-1], v.shape[-1]), dtype=v.dtype)
-    z = xp.zeros(lead + (a.shape[-1],), dtype=v.dtype)
+    state = kernel_attention_init_state(lead, a.shape[-1], v.shape[-1], dtype=v.dtype, shifted=True, xp=xp)
     outs = []
     for i in range(a.shape[-2]):
-        s = xp.maximum(s_prev, a[..., i, :])
-        rescale, key = xp.exp(s_prev - _finite_or_zero(s)), xp.exp(a[..., i, :] - _finite_or_zero(s))
-        st = st * rescale[..., None] + key[..., :, None] * v[..., i, None, :]
-        z = z * rescale + key
-        phi, _ = _query_features(b[..., i, :], s)
-        den = (phi * z).sum(axis=-1, keepdims=True)
-        outs.append((phi[..., None, :] @ st)[..., 0, :] * xp.where(den > 0, 1.0 / xp.where(den > 0, den, 1.0), 0.0))
-        s_prev = s
+        o, state = _shifted_step(b[..., i, :], a[..., i, :], v[..., i, :], state)
+        outs.append(o)
     return xp.stack(outs, axis=-2)
+
+
+def _causal_positive(q, k, v, features, kernel, key_mask, chunk):
+    """The causal forward of positive / hyperbolic features: out, the PerformerCache and the key
+    exponents a (..., N, m') (-inf at masked keys), which :func:`prefill` turns into the state."""
+    d = q.shape[-1]
+    w = _check_features(features, d, q.shape[:-2], q.dtype)
+    scale = d ** -0.25
+    xq, xk = q * scale, k * scale
+    b, a, w = _log_features(xq, xk, w, kernel, key_mask)
+    out, cc = _causal_forward(b, a, v, w, chunk)
+    fq = FeatureCache(xq, w, None, None, None, kernel, True)
+    fk = FeatureCache(xk, w, None, None, None, kernel, False)
+    return out, PerformerCache(cc, fq, fk, key_mask, scale), a
 
 
 # ----------------------------------------------------------------------------- the contract
@@ -587,15 +625,7 @@ def forward(q, k, v, *, features, causal=False, key_mask=None, kernel="positive"
     check_choice("kernel", kernel, KERNELS)
     chunk = check_int("chunk", chunk)
     if causal and kernel != "trig":
-        d = q.shape[-1]
-        w = _check_features(features, d, q.shape[:-2], q.dtype)
-        scale = d ** -0.25
-        xq, xk = q * scale, k * scale
-        b, a, w = _log_features(xq, xk, w, kernel, key_mask)
-        out, cc = _causal_forward(b, a, v, w, chunk)
-        fq = FeatureCache(xq, w, None, None, None, kernel, True)
-        fk = FeatureCache(xk, w, None, None, None, kernel, False)
-        return out, PerformerCache(cc, fq, fk, key_mask, scale)
+        return _causal_positive(q, k, v, features, kernel, key_mask, chunk)[:2]
     phi_q, phi_k, fq, fk, scale = _phi(q, k, features, kernel, causal, key_mask)
     out, kc = kernel_attention_forward(phi_q, phi_k, v, causal=causal, chunk=chunk)
     return out, PerformerCache(kc, fq, fk, key_mask, scale)
@@ -688,6 +718,76 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     return {}, config
 
 
+# ----------------------------------------------------------------------------- decoding
+def init_state(*, lead, d, dv, dtype="float64", features, kernel="positive", chunk=128):
+    """The empty decoder state (:class:`effattn.nn.kernel_attention.KernelState`) for inputs with
+    leading axes ``lead`` (batch, heads), with :func:`forward`'s ``features`` (m, d) or (H, m, d),
+    ``kernel`` and ``chunk`` (the prefill's parallel pass). It holds, per head, with m' = m
+    ("positive") or 2m ("hyperbolic", "trig") features:
+
+    - positive / hyperbolic: S (m', dv) and z (m') of the keys so far *relative to* their running
+      max s (m') over the unmasked keys, S = sum_j exp(a_j - s) v_j^T (a_j = w . y_j - |y_j|^2/2),
+      and s itself: m' (dv + 2) numbers, bounded. A step rescales S and z by exp(s_old - s_new)
+      when the max grows, so every factor stays <= 1 (module docstring, "causal").
+    - trig: S = phi(K)^T V and z = phi(K)^T 1 of the signed features (no stabiliser): m' (dv + 1).
+    """
+    lead = tuple(check_int("lead", x) for x in lead)
+    d, dv = check_int("d", d), check_int("dv", dv)
+    check_choice("kernel", kernel, KERNELS)
+    chunk = check_int("chunk", chunk)
+    w = _check_features(features, d, lead, dtype)
+    m = w.shape[-2] * (1 if kernel == "positive" else 2)
+    return kernel_attention_init_state(lead, m, dv, dtype=dtype, name="performer", shifted=kernel != "trig",
+                                       xp=get_namespace(w),
+                                       config={"features": w, "kernel": kernel, "chunk": chunk, "d": d})
+
+
+def prefill(q, k, v, state, *, key_mask=None):
+    """The prompt q, k (..., T, d), v (..., T, dv) in one pass: its rows from the causal chunked
+    :func:`forward`, and the state after it from the same features: positive / hyperbolic
+    s = max_j a_j over the unmasked keys, S = exp(A - s)^T V, z = exp(A - s)^T 1; trig
+    S = phi(K)^T V, z = phi(K)^T 1. ``state`` must be fresh. Returns (out (..., T, dv), state)."""
+    check_kernel_state(state, "performer")
+    if state.t != 0:
+        raise ValueError(f"prefill needs a fresh state (from init_state), this one is at position {state.t}")
+    cfg = state.config
+    check_prompt(q, k, v, state.s.shape[:-2], cfg["d"], state.s.shape[-1])
+    if cfg["kernel"] == "trig":
+        out, cache = forward(q, k, v, features=cfg["features"], causal=True, key_mask=key_mask, kernel="trig",
+                             chunk=cfg["chunk"])
+        return out, kernel_attention_prefill(cache.kernel, state)
+    check_qkv(q, k, v, key_mask=key_mask, self_attention=True)
+    out, _, a = _causal_positive(q, k, v, cfg["features"], cfg["kernel"], key_mask, cfg["chunk"])
+    xp = get_namespace(a)
+    a = xp.broadcast_to(a, state.shift.shape[:-1] + a.shape[-2:])
+    shift = a.max(axis=-2)                                         # (..., m'): -inf where every key is masked
+    key = xp.exp(a - _finite_or_zero(shift)[..., None, :])         # (..., T, m'), <= 1; masked keys 0
+    s = key.swapaxes(-1, -2) @ v                                   # (..., m', T) @ (..., T, dv) -> (..., m', dv)
+    return out, state._replace(s=s, z=key.sum(axis=-2), shift=shift, t=q.shape[-2])
+
+
+def step(q_t, k_t, v_t, state, *, key_mask_t=None):
+    """One causal decoding step: q_t, k_t (..., d), v_t (..., dv), key_mask_t (...) bool or None
+    (False: token t is no key for anyone). Returns (out_t (..., dv), state), equal to row t of the
+    causal parallel :func:`forward`. O(m' (d + dv)) whatever the position."""
+    check_kernel_state(state, "performer")
+    cfg = state.config
+    lead, dv = state.s.shape[:-2], state.s.shape[-1]
+    check_step_inputs(q_t, k_t, v_t, key_mask_t, lead, cfg["d"], dv)
+    if q_t.dtype != state.s.dtype:
+        raise ValueError(f"q_t must have the state's dtype {state.s.dtype}, got {q_t.dtype}")
+    xp = get_namespace(q_t, k_t, v_t)
+    km = None if key_mask_t is None else xp.broadcast_to(key_mask_t, lead)[..., None]       # (..., 1)
+    w, scale = cfg["features"], cfg["d"] ** -0.25
+    xq, xk = (q_t * scale)[..., None, :], (k_t * scale)[..., None, :]                       # (..., 1, d)
+    if cfg["kernel"] == "trig":
+        phi_q, _ = _trig_features(xq, w, is_query=True)
+        phi_k, _ = _trig_features(xk, w, is_query=False, key_mask=km, causal=True)          # masked: 0
+        return kernel_attention_step(phi_q[..., 0, :], phi_k[..., 0, :], v_t, state)
+    b, a, _ = _log_features(xq, xk, w, cfg["kernel"], km)
+    return _shifted_step(b[..., 0, :], a[..., 0, :], v_t, state)
+
+
 MECHANISM = register(Mechanism(
     name="performer",
     title="Performer (FAVOR+)",
@@ -704,6 +804,10 @@ MECHANISM = register(Mechanism(
     weights=weights,
     setup=setup,
     reference=reference,
+    init_state=init_state,
+    prefill=prefill,
+    step=step,
+    bounded_state=True,
     sizes=("chunk",),
     summary="Positive orthogonal random features estimate the softmax kernel: linear time, unbiased.",
 ))

@@ -54,6 +54,19 @@ look at the future, and the contract test checks it bit for bit:
 
 The local block is causally masked inside (key t' <= query t).
 
+Decoding (:mod:`effattn.nn.decode`). Because of 1-3, a query t of block g = t // b depends only
+on the blocks before g, all complete when block g begins, and on the tokens of its own block up
+to t; so it steps exactly. The state (:class:`SinkhornState`) keeps the masked keys, values and
+mask bits of every token so far (a later block may draw from any earlier one: t (d + dv + 1)
+numbers per head, growing with t, not bounded), and, per Sinkhorn iteration k, the running
+causal column log-sum-exp C_k[j] over the rows balanced so far (n_iters per block). At a block's
+first token, :func:`step` completes the previous block, computes its summary and the sort
+logits of row g, balances row g alone with the C_k (O(n_iters g): the row step needs only row g,
+the causal column step only the rows above) and mixes block g's sorted block once; then each
+token attends in one softmax to that sorted block and its own block so far, O(b (d + dv)).
+:func:`prefill` runs the causal forward over the prompt and reads the state off it (its P and
+its balancing). Hard choices and ``perm`` decode the same way.
+
 SortCut (``sortcut=n_k``, encoder only): sort, then keep only the first n_k
 sorted blocks; *every* query attends to the same n_k * b sorted keys (no local
 block). O(N n_k b d). ``n_k`` larger than N_B is clipped to N_B.
@@ -139,7 +152,9 @@ from typing import NamedTuple
 from ..backend import asarray, get_namespace
 from ..validate import (check_bool, check_float_array, check_int, check_leading, check_mlp_params, check_positive_float,
                         check_qkv, check_scale)
+from ..nn.decode import check_state, check_step_inputs
 from ..nn.functional import NEG_INF, init_mlp, mlp_backward, mlp_forward
+from ..nn.kernel_attention import check_prompt
 from ..nn.sinkhorn import sinkhorn_backward, sinkhorn_forward
 from ..nn.sparse import attend_backward, attend_forward, group_mask, pad_axis
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
@@ -147,7 +162,7 @@ from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 class SinkhornCache(NamedTuple):
     attend: object       # AttendCache of the block attention
-    balancing: object    # nn.sinkhorn.BalancingCache of the soft P, or None (hard / perm)
+    balancing: object    # nn.sinkhorn.BalancingCache of the Sinkhorn run (soft or hard), or None (perm)
     p: object            # (..., N_B, N_B) the mixing matrix used (soft P or one-hot)
     kz: object           # (..., N_B, b*d) masked key blocks (flattened)
     vz: object           # (..., N_B, b*dv)
@@ -256,7 +271,8 @@ def _sortnet(kz, W1, b1, W2, b2, causal):
 
 
 def _mixing(r, *, gumbel, tau, n_iters, causal, hard, perm, sortcut, dtype):
-    """The mixing matrix P (..., N_B, N_B) and its BalancingCache (None unless soft).
+    """The mixing matrix P (..., N_B, N_B) and the BalancingCache of its Sinkhorn run (soft or hard;
+    None with ``perm``).
 
     Soft: P = exp(Sinkhorn((R + epsilon) / tau)) on the support (causal: j < i). Hard: the
     one-hot matrix of the block choices, ``perm`` or the row-wise argmax of the balanced P
@@ -275,12 +291,40 @@ def _mixing(r, *, gumbel, tau, n_iters, causal, hard, perm, sortcut, dtype):
             return xp.exp(logp), balancing
         choice = xp.where(support.any(axis=-1), xp.argmax(logp, axis=-1), -1)   # hard: argmax of balanced P
     else:
-        choice = _check_perm(perm, nb, causal)
-    choice = xp.broadcast_to(choice, lead + (nb,))
-    onehot = choice[..., :, None] == xp.arange(nb)                       # (..., N_B, N_B)
-    if sortcut is None:                                                  # own block excluded (no duplicate)
-        onehot = onehot & (choice[..., :, None] != xp.arange(nb)[:, None])
-    return onehot.astype(dtype), None
+        choice, balancing = _check_perm(perm, nb, causal), None
+    return _one_hot(xp.broadcast_to(choice, lead + (nb,)), nb, xp.arange(nb), sortcut is None, dtype), balancing
+
+
+def _one_hot(choice, width, rows, exclude_own, dtype):
+    """The one-hot mixing rows of the block choices (..., R) over ``width`` blocks (-1: no block);
+    ``rows`` (R,) are the rows' own blocks, excluded when ``exclude_own`` (no duplicate keys)."""
+    xp = get_namespace(choice)
+    onehot = choice[..., :, None] == xp.arange(width)                    # (..., R, width)
+    if exclude_own:
+        onehot = onehot & (choice[..., :, None] != rows[:, None])
+    return onehot.astype(dtype)
+
+
+def _sorted_blocks(p, kzf, vzf, realf, padding_bias, d):
+    """The sorted blocks K_s = P K_blocks, V_s = P V_blocks of the rows of P (..., R, G) over the
+    blocks kzf (..., G, b*d), vzf (..., G, b*dv) (masked keys zero), and per sorted slot its
+    real-token mass P realf, the row totals, which slots hold a real key, and their logit bias
+    log(mass / total) (0 without padding or masks). Returns (K_s (..., R, b, d), V_s (..., R, b, dv),
+    mass (..., R, b), total (..., R), slot_ok (..., R, b), slot_bias (..., R, b))."""
+    xp = get_namespace(p, kzf, vzf)
+    b = realf.shape[-1]
+    shape = p.shape[:-1] + (b,)
+    ks = (p @ kzf).reshape(shape + (d,))                                 # (..., R, G) @ (..., G, b d)
+    vs = (p @ vzf).reshape(shape + (vzf.shape[-1] // b,))
+    mass = p @ realf                                                     # (..., R, b): real-token mass of a sorted slot
+    slot_ok = mass > 0                                                   # a slot of padding only is masked
+    total = p.sum(axis=-1)                                               # (..., R): what each sorted block mixed
+    if padding_bias:                                                     # log real fraction: 0 without padding
+        frac = mass / xp.where(total > 0, total, 1.0)[..., None]
+        slot_bias = xp.log(xp.where(slot_ok, frac, 1.0))
+    else:
+        slot_bias = xp.zeros_like(mass)
+    return ks, vs, mass, total, slot_ok, slot_bias
 
 
 def _attend_sorted_and_own(qb, ks, vs, kb, vb, slot_ok, slot_bias, pos, n, causal, key_mask, scale):
@@ -330,7 +374,6 @@ def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_it
     hard = check_bool("hard", hard)
     padding_bias = check_bool("padding_bias", padding_bias)
     scale = check_scale(scale, d)
-    xp = get_namespace(q, k, v)
     nb = -(-n // b)
     sortcut = _check_sortcut(sortcut, nb, causal)
     check_mlp_params(W1, b1, W2, b2, d, nb, q.dtype, "N_B (one per block)")
@@ -345,20 +388,10 @@ def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_it
     p, balancing = _mixing(r, gumbel=gumbel, tau=tau, n_iters=n_iters, causal=causal, hard=hard, perm=perm,
                            sortcut=sortcut, dtype=q.dtype)
 
-    # sorted blocks K_s = P K_blocks, V_s = P V_blocks, and the real-token mass of every sorted slot
     kzf = kz.reshape(lead + (nb, b * d))
     vzf = vz.reshape(lead + (nb, b * dv))
-    ks = (p @ kzf).reshape(lead + (nb, b, d))                            # (..., N_B, N_B) @ (..., N_B, b d)
-    vs = (p @ vzf).reshape(lead + (nb, b, dv))
     realf = real.astype(q.dtype)
-    mass = p @ realf                                                     # (..., N_B, b): real-token mass of a sorted slot
-    slot_ok = mass > 0                                                   # a slot of padding only is masked
-    total = p.sum(axis=-1)                                               # (..., N_B): what each sorted block mixed
-    if padding_bias:                                                     # log real fraction: 0 without padding
-        frac = mass / xp.where(total > 0, total, 1.0)[..., None]
-        slot_bias = xp.log(xp.where(slot_ok, frac, 1.0))
-    else:
-        slot_bias = xp.zeros_like(mass)
+    ks, vs, mass, total, slot_ok, slot_bias = _sorted_blocks(p, kzf, vzf, realf, padding_bias, d)
 
     if sortcut is None:
         out, acache = _attend_sorted_and_own(qb, ks, vs, kb, vb, slot_ok, slot_bias, pos, n, causal, key_mask, scale)
@@ -366,7 +399,7 @@ def forward(q, k, v, *, W1, b1, W2, b2, block, causal=False, key_mask=None, n_it
         out, acache = _attend_sortcut(qb, ks, vs, slot_ok, slot_bias, pos, n, sortcut, scale)
     out = out.reshape(lead + (nb * b, dv))[..., :n, :]
     cache = SinkhornCache(acache, balancing, p, kzf, vzf, mk, realf, mass, mlp, (W1, b1, W2, b2), n, b, nb, tau,
-                          causal, balancing is not None, sortcut, lead, padding_bias, total)
+                          causal, perm is None and not hard, sortcut, lead, padding_bias, total)
     return out, cache
 
 
@@ -512,6 +545,215 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     return params, config
 
 
+# --------------------------------------------------------------------------- decoding
+class DecodeConfig(NamedTuple):
+    """What a decoder needs besides its state: :func:`forward`'s configuration and parameters."""
+    W1: object
+    b1: object
+    W2: object
+    b2: object
+    block: int
+    n_iters: int
+    tau: float
+    gumbel: object       # (..., G, G) or None
+    hard: bool
+    perm: object         # (..., G) ints or None
+    scale: float
+    padding_bias: bool
+    lead: tuple
+    d: int
+    dv: int
+    dtype: object
+
+
+class SinkhornState(NamedTuple):
+    """The decoder state after ``t`` tokens, the current block g = (t - 1) // b holding the last one.
+    Rows of the own-block buffers past the tokens of block g are not yet written."""
+
+    kz: object           # (..., g, b*d) the masked keys of the completed blocks 0..g-1 (flattened per block)
+    vz: object           # (..., g, b*dv) their masked values
+    realf: object        # (..., g, b) 1.0 for a real, unmasked key
+    own_k: object        # (..., b, d) the keys of block g so far
+    own_v: object        # (..., b, dv)
+    own_real: object     # (..., b) bool
+    col_lse: object      # (..., n_iters, g) log sum_{i <= g} exp X_k[i, j] per Sinkhorn iteration k, or None (perm)
+    ks: object           # (..., b, d) block g's sorted block P[g] K_blocks
+    vs: object           # (..., b, dv) P[g] V_blocks
+    slot_ok: object      # (..., b) bool: the sorted slot holds real-token mass
+    slot_bias: object    # (..., b) its logit bias log(mass / total)
+    t: int
+    cfg: DecodeConfig
+
+    def held(self):
+        """Numbers the state needs: every completed block (b (d + dv + 1) per block and head), the
+        tokens of the current block (d + dv + 1 each), the running column sums (n_iters per earlier
+        block) and the current sorted block (b (d + dv + 2)); grows with t."""
+        lead = math.prod(self.cfg.lead)
+        own = self.t - (self.t - 1) // self.cfg.block * self.cfg.block if self.t else 0
+        arrays = (self.kz, self.vz, self.realf, self.col_lse, self.ks, self.vs, self.slot_ok, self.slot_bias)
+        return sum(int(a.size) for a in arrays if a is not None) + lead * own * (self.cfg.d + self.cfg.dv + 1)
+
+
+def init_state(*, lead, d, dv, dtype="float64", W1, b1, W2, b2, block, n_iters=8, tau=0.75, gumbel=None,
+               sortcut=None, hard=False, perm=None, scale=None, padding_bias=True):
+    """The empty decoder state (:class:`SinkhornState`) with :func:`forward`'s configuration and
+    parameters (``sortcut`` must be None: SortCut is not causal). With b = ``block`` and
+    g = ceil(t / b) blocks begun, it holds the masked keys, values and mask bits of the completed
+    blocks and of the current one, t (d + dv + 1) numbers per head; the running causal column
+    log-sum-exp of every Sinkhorn iteration over the rows so far, n_iters (g - 1); and the current
+    block's sorted block, b (d + dv + 2). It grows with t (not bounded): a later block may draw
+    from any earlier one."""
+    lead = tuple(check_int("lead", x) for x in lead)
+    d, dv = check_int("d", d), check_int("dv", dv)
+    block, n_iters = check_int("block", block), check_int("n_iters", n_iters)
+    tau, scale = check_positive_float("tau", tau), check_scale(scale, d)
+    hard, padding_bias = check_bool("hard", hard), check_bool("padding_bias", padding_bias)
+    _check_sortcut(sortcut, 1, True)
+    check_mlp_params(W1, b1, W2, b2, d, 1, dtype, "N_B (one per block)")
+    if gumbel is not None:
+        check_float_array("gumbel", gumbel, min_ndim=2)
+        gumbel = _check_gumbel(gumbel, min(gumbel.shape[-2:]), lead, dtype)       # all of its square corner
+    if perm is not None:
+        perm = _check_perm(perm, getattr(perm, "shape", (0,))[-1], True)
+    xp = get_namespace(W1)
+    cfg = DecodeConfig(W1, b1, W2, b2, block, n_iters, tau, gumbel, hard, perm, scale, padding_bias, lead, d, dv,
+                       W1.dtype)
+    zeros = lambda *shape, dt=W1.dtype: xp.zeros(lead + shape, dtype=dt)  # noqa: E731
+    return SinkhornState(zeros(0, block * d), zeros(0, block * dv), zeros(0, block), zeros(block, d), zeros(block, dv),
+                         zeros(block, dt=bool), None if perm is not None else zeros(n_iters, 0), zeros(block, d),
+                         zeros(block, dv), zeros(block, dt=bool), zeros(block), 0, cfg)
+
+
+def _check_reach(cfg, g):
+    """Block g needs what the parallel forward over g + 1 blocks needs."""
+    if cfg.W2.shape[1] < g + 1:
+        raise ValueError(f"W2 must have at least N_B={g + 1} columns (one per block): decoding reached block {g}, "
+                         f"got shape {tuple(cfg.W2.shape)}")
+    if cfg.gumbel is not None and min(cfg.gumbel.shape[-2:]) < g + 1:
+        raise ValueError(f"gumbel must have at least N_B={g + 1} rows and columns: decoding reached block {g}, "
+                         f"got shape {tuple(cfg.gumbel.shape)}")
+    if cfg.perm is not None and cfg.perm.shape[-1] < g + 1:
+        raise ValueError(f"perm must have at least N_B={g + 1} entries: decoding reached block {g}, "
+                         f"got shape {tuple(cfg.perm.shape)}")
+
+
+def _mixing_row(kz, col_lse, g, cfg):
+    """Row g of the mixing matrix P (..., g) over the completed blocks 0..g-1, and the running column
+    log-sum-exps after it. Its sort logits come from psi(block g - 1), the last completed block; the
+    causal balancing of row g needs only its own row and, per iteration k, C_k[j] = log sum_{i <= g}
+    exp X_k[i, j] (X_k: after the row step), kept as a running log-sum-exp: O(n_iters g)."""
+    xp = get_namespace(kz)
+    lead, dtype = cfg.lead, cfg.dtype
+    _check_reach(cfg, g)
+    rows = xp.asarray([g])
+    if cfg.perm is not None:
+        choice = xp.broadcast_to(cfg.perm[..., g], lead)[..., None]            # (..., 1)
+        return _one_hot(choice, g, rows, True, dtype)[..., 0, :], None
+    if g == 0:                                                                 # block 0 draws from nothing
+        return xp.zeros(lead + (0,), dtype=dtype), col_lse
+    b, d = cfg.block, cfg.d
+    summ = kz[..., g - 1, :].reshape(lead + (b, d)).sum(axis=-2)               # psi(block g - 1) (..., d)
+    r, _ = mlp_forward(summ, cfg.W1, cfg.b1, cfg.W2, cfg.b2, width=g)          # R[g, :g] (..., g)
+    la = r if cfg.gumbel is None else r + cfg.gumbel[..., g, :g]
+    x = la * (1.0 / cfg.tau)                                                   # log_alpha[g, j < g]
+    cols = xp.concatenate([col_lse, xp.full(lead + (cfg.n_iters, 1), NEG_INF, dtype=dtype)], axis=-1)
+    for it in range(cfg.n_iters):
+        top = x.max(axis=-1, keepdims=True)
+        x = x - (xp.log(xp.exp(x - top).sum(axis=-1, keepdims=True)) + top)   # F_r: the row sums to one
+        cols[..., it, :] = xp.logaddexp(cols[..., it, :], x)                   # C_k over the rows i <= g
+        x = x - cols[..., it, :]                                               # F_c, causal
+    if cfg.hard:
+        return _one_hot(xp.argmax(x, axis=-1)[..., None], g, rows, True, dtype)[..., 0, :], cols
+    return xp.exp(x), cols
+
+
+def _with_sorted_block(state, p_row):
+    """The state with block g's sorted block from its mixing row p_row (..., g)."""
+    ks, vs, _, _, slot_ok, slot_bias = _sorted_blocks(p_row[..., None, :], state.kz, state.vz, state.realf,
+                                                      state.cfg.padding_bias, state.cfg.d)
+    return state._replace(ks=ks[..., 0, :, :], vs=vs[..., 0, :, :], slot_ok=slot_ok[..., 0, :],
+                          slot_bias=slot_bias[..., 0, :])
+
+
+def _start_block(state, g):
+    """Token t = g b begins block g: block g - 1 joins the completed blocks, row g of P is balanced
+    and block g's sorted block mixed. O(g (n_iters + b (d + dv))), once per b tokens."""
+    cfg = state.cfg
+    xp = get_namespace(state.kz)
+    lead, b = cfg.lead, cfg.block
+    kz, vz, realf = state.kz, state.vz, state.realf
+    if g > 0:
+        mk = state.own_real.astype(cfg.dtype)                                  # (..., b)
+        kz = xp.concatenate([kz, (state.own_k * mk[..., None]).reshape(lead + (1, b * cfg.d))], axis=-2)
+        vz = xp.concatenate([vz, (state.own_v * mk[..., None]).reshape(lead + (1, b * cfg.dv))], axis=-2)
+        realf = xp.concatenate([realf, mk[..., None, :]], axis=-2)
+    p_row, col_lse = _mixing_row(kz, state.col_lse, g, cfg)
+    state = state._replace(kz=kz, vz=vz, realf=realf, col_lse=col_lse, own_k=xp.zeros_like(state.own_k),
+                           own_v=xp.zeros_like(state.own_v), own_real=xp.zeros_like(state.own_real))
+    return _with_sorted_block(state, p_row)
+
+
+def prefill(q, k, v, state, *, key_mask=None):
+    """The prompt q, k (..., T, d), v (..., T, dv) in one pass: its rows from the causal
+    :func:`forward`, and from that forward's mixing matrix and balancing the state after it (the
+    last begun block's row of P and every iteration's column log-sum-exps at that row). ``state``
+    must be fresh. Returns (out (..., T, dv), state)."""
+    check_state(state, SinkhornState, "sinkhorn")
+    if state.t != 0:
+        raise ValueError(f"prefill needs a fresh state (from init_state), this one is at position {state.t}")
+    cfg = state.cfg
+    lead, b, d, dv = cfg.lead, cfg.block, cfg.d, cfg.dv
+    check_prompt(q, k, v, lead, d, dv)
+    n = q.shape[-2]
+    g = -(-n // b) - 1                                                         # the block of the last token
+    _check_reach(cfg, g)
+    perm = None if cfg.perm is None else cfg.perm[..., :g + 1]                 # the prompt's blocks
+    out, cache = forward(q, k, v, W1=cfg.W1, b1=cfg.b1, W2=cfg.W2, b2=cfg.b2, block=b, causal=True, key_mask=key_mask,
+                         n_iters=cfg.n_iters, tau=cfg.tau, gumbel=cfg.gumbel, hard=cfg.hard, perm=perm,
+                         scale=cfg.scale, padding_bias=cfg.padding_bias)
+    xp = get_namespace(q, k, v)
+    real = xp.ones(lead + (n,), dtype=bool) if key_mask is None else xp.broadcast_to(key_mask, lead + (n,))
+    mk = real.astype(cfg.dtype)
+    done, own = g * b, n - g * b
+    own_k, own_v, own_real = xp.zeros_like(state.own_k), xp.zeros_like(state.own_v), xp.zeros_like(state.own_real)
+    own_k[..., :own, :], own_v[..., :own, :], own_real[..., :own] = k[..., done:, :], v[..., done:, :], real[..., done:]
+    col_lse = None
+    if cfg.perm is None:                                     # causal balancing steps: ("row", X), ("ccol", X, C), ...
+        steps = cache.balancing.steps
+        col_lse = xp.stack([xp.broadcast_to(steps[2 * it + 1][2], lead + steps[2 * it + 1][2].shape[-2:])[..., g, :g]
+                            for it in range(cfg.n_iters)], axis=-2)            # (..., n_iters, g)
+    state = state._replace(kz=(k[..., :done, :] * mk[..., :done, None]).reshape(lead + (g, b * d)),
+                           vz=(v[..., :done, :] * mk[..., :done, None]).reshape(lead + (g, b * dv)),
+                           realf=mk[..., :done].reshape(lead + (g, b)), own_k=own_k, own_v=own_v, own_real=own_real,
+                           col_lse=col_lse, t=n)
+    return out, _with_sorted_block(state, xp.broadcast_to(cache.p, lead + cache.p.shape[-2:])[..., g, :g])
+
+
+def step(q_t, k_t, v_t, state, *, key_mask_t=None):
+    """One token t (block g = t // b): at a block's first token the previous block is completed and
+    row g of P balanced (:func:`_start_block`); then q_t attends, in ONE softmax, to block g's sorted
+    block and to the tokens of its own block up to t. Returns (out_t (..., dv), state), equal to row t
+    of the causal parallel :func:`forward`; O(b (d + dv)) per token, plus the block start."""
+    check_state(state, SinkhornState, "sinkhorn")
+    cfg = state.cfg
+    check_step_inputs(q_t, k_t, v_t, key_mask_t, cfg.lead, cfg.d, cfg.dv)
+    if q_t.dtype != cfg.dtype:
+        raise ValueError(f"q_t must have the state's dtype {cfg.dtype}, got {q_t.dtype}")
+    xp = get_namespace(q_t, k_t, v_t)
+    t, b = state.t, cfg.block
+    if t % b == 0:
+        state = _start_block(state, t // b)
+    o = t % b
+    state.own_k[..., o, :], state.own_v[..., o, :] = k_t, v_t
+    state.own_real[..., o] = True if key_mask_t is None else xp.broadcast_to(key_mask_t, cfg.lead)
+    kcat = xp.concatenate([state.ks, state.own_k[..., :o + 1, :]], axis=-2)    # (..., b + o + 1, d)
+    vcat = xp.concatenate([state.vs, state.own_v[..., :o + 1, :]], axis=-2)
+    allowed = xp.concatenate([state.slot_ok, state.own_real[..., :o + 1]], axis=-1)[..., None, :]
+    bias = xp.concatenate([state.slot_bias, xp.zeros(cfg.lead + (o + 1,), dtype=cfg.dtype)], axis=-1)[..., None, :]
+    out, _, _ = attend_forward(q_t[..., None, :], kcat, vcat, allowed, cfg.scale, bias=bias)
+    return out[..., 0, :], state._replace(t=t + 1)
+
+
 MECHANISM = register(Mechanism(
     name="sinkhorn",
     title="Sparse Sinkhorn attention",
@@ -527,6 +769,9 @@ MECHANISM = register(Mechanism(
     backward=backward,
     weights=weights,
     setup=setup,
+    init_state=init_state,
+    prefill=prefill,
+    step=step,
     sizes=("block", "n_iters", "sortcut"),
     windows=("block",),
     summary="SortNet + Sinkhorn balancing softly permutes blocks; each block attends to its own and a sorted block.",

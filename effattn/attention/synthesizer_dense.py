@@ -50,6 +50,11 @@ Backward (softmax as in :mod:`effattn.nn.functional`):
                 dW1 = X^T dZ, db1 = sum dZ, dX = dZ W1^T   (X = q)
     Factorized: dF_A[α] = sum_c dB[α c + γ] F_B[γ], dF_B[γ] = sum_α dB[α c + γ] F_A[α], then linear
 
+Decoding (:mod:`effattn.nn.decode`, :mod:`effattn.nn.synthetic`): row t of the causal logits
+is B_t[:t+1] = MLP(q_t)[:t+1] (factorized: F_A(q_t)[j // c] F_B(q_t)[j % c], j <= t), from q_t and
+the parameters alone; the state keeps the values v_j and mask bits of every token so far,
+t (dv + 1) numbers per head: it grows with t (not bounded), up to L = N_max positions.
+
 Cost: O(N M dv) time and O(N M) memory — inherently quadratic (the logits
 are an N x M table), as the survey says: O(N^2). Registered subquadratic=False.
 
@@ -61,8 +66,45 @@ from __future__ import annotations
 from ..backend import asarray, get_namespace
 from ..validate import check_bool, check_int, check_mlp_params, check_param, check_qkv
 from ..nn.functional import init_mlp, mlp_backward, mlp_forward
-from ..nn.synthetic import SynthesizerCache, attend_logits, attend_logits_backward
+from ..nn.synthetic import (SynthesizerCache, attend_logits, attend_logits_backward, synthetic_init_state,
+                            synthetic_prefill, synthetic_step)
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
+
+
+def _check_params(d, width, dtype, factorized, W1, b1, W2, b2, Wa, ba, Wb, bb):
+    """The parameters of the plain or factorized form, checked for logits of ``width`` keys:
+    (kind, params, L) with L the number of key positions they cover (N_max)."""
+    if factorized is None:
+        for name, val in (("W1", W1), ("b1", b1), ("W2", W2), ("b2", b2)):
+            if val is None:
+                raise ValueError(f"{name} is required by the dense synthesizer (or pass factorized=a with Wa, ba, Wb, bb)")
+        check_mlp_params(W1, b1, W2, b2, d, width, dtype, "M (L = N_max >= M)")
+        return "dense", {"W1": W1, "b1": b1, "W2": W2, "b2": b2}, W2.shape[1]
+    a = check_int("factorized", factorized)
+    for name, val in (("Wa", Wa), ("ba", ba), ("Wb", Wb), ("bb", bb)):
+        if val is None:
+            raise ValueError(f"{name} is required by the factorized dense synthesizer")
+    check_param("Wa", Wa, (d, a), dtype=dtype)
+    check_param("ba", ba, (a,), dtype=dtype)
+    check_param("Wb", Wb, (d, None), dtype=dtype)
+    c = Wb.shape[1]
+    check_param("bb", bb, (c,), dtype=dtype)
+    if a * c < width:
+        raise ValueError(f"Wb: factorized=a={a} times c={c} columns must cover M={width} keys")
+    return "dense_factorized", {"Wa": Wa, "ba": ba, "Wb": Wb, "bb": bb}, a * c
+
+
+def _logits(x, width, kind, params):
+    """The synthetic logits B (..., N, width) of the keys 0..width-1 from x (..., N, d) (q plays X),
+    and what their backward needs (the MLP cache, or (x, F_A, F_B))."""
+    if kind == "dense":
+        p = params
+        return mlp_forward(x, p["W1"], p["b1"], p["W2"], p["b2"], width=width)   # B = W2^T ReLU(W1^T X + b1) + b2
+    fa = x @ params["Wa"] + params["ba"]                                # F_A(X): (..., N, a)
+    fb = x @ params["Wb"] + params["bb"]                                # F_B(X): (..., N, c)
+    a, c = fa.shape[-1], fb.shape[-1]
+    logits = (fa[..., :, :, None] * fb[..., :, None, :]).reshape(x.shape[:-1] + (a * c,))[..., :width].copy()
+    return logits, (x, fa, fb)
 
 
 @forward_of("synthesizer_dense")
@@ -76,29 +118,8 @@ def forward(q, k, v, *, causal=False, key_mask=None, W1=None, b1=None, W2=None, 
     """
     n, m, d, dv = check_qkv(q, k, v, key_mask=key_mask)
     causal = check_bool("causal", causal)
-    if factorized is None:
-        for name, val in (("W1", W1), ("b1", b1), ("W2", W2), ("b2", b2)):
-            if val is None:
-                raise ValueError(f"{name} is required by the dense synthesizer (or pass factorized=a with Wa, ba, Wb, bb)")
-        check_mlp_params(W1, b1, W2, b2, d, m, q.dtype, "M (L = N_max >= M)")
-        logits, mlp = mlp_forward(q, W1, b1, W2, b2, width=m)          # B = W2^T ReLU(W1^T X + b1) + b2: (..., N, M)
-        kind, saved, params = "dense", mlp, {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
-    else:
-        a = check_int("factorized", factorized)
-        for name, val in (("Wa", Wa), ("ba", ba), ("Wb", Wb), ("bb", bb)):
-            if val is None:
-                raise ValueError(f"{name} is required by the factorized dense synthesizer")
-        check_param("Wa", Wa, (d, a), dtype=q.dtype)
-        check_param("ba", ba, (a,), dtype=q.dtype)
-        check_param("Wb", Wb, (d, None), dtype=q.dtype)
-        c = Wb.shape[1]
-        check_param("bb", bb, (c,), dtype=q.dtype)
-        if a * c < m:
-            raise ValueError(f"Wb: factorized=a={a} times c={c} columns must cover M={m} keys")
-        fa = q @ Wa + ba                                                # F_A(X): (..., N, a)
-        fb = q @ Wb + bb                                                # F_B(X): (..., N, c)
-        logits = (fa[..., :, :, None] * fb[..., :, None, :]).reshape(q.shape[:-1] + (a * c,))[..., :m].copy()
-        kind, saved, params = "dense_factorized", (q, fa, fb), {"Wa": Wa, "ba": ba, "Wb": Wb, "bb": bb}
+    kind, params, _ = _check_params(d, m, q.dtype, factorized, W1, b1, W2, b2, Wa, ba, Wb, bb)
+    logits, saved = _logits(q, m, kind, params)                         # (..., N, M)
     p, out = attend_logits(logits, v, causal=causal, key_mask=key_mask)
     return out, SynthesizerCache(kind, p, v, out, saved, params, n, m, d)
 
@@ -161,6 +182,43 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     return init_params(rng, n_max=n, d=d, dtype=dtype), {}
 
 
+# --------------------------------------------------------------------------- decoding
+def init_state(*, lead, d, dv, dtype="float64", W1=None, b1=None, W2=None, b2=None, Wa=None, ba=None, Wb=None,
+               bb=None, factorized=None):
+    """The empty decoder state (:class:`effattn.nn.synthetic.SyntheticState`) with :func:`forward`'s
+    parameters. Row t of the causal logits is B_t[:t+1] = MLP(q_t)[:t+1] (factorized: F_A(q_t)[j // c]
+    F_B(q_t)[j % c], j <= t): it needs q_t and the parameters only, so the state holds the values
+    v_j and the mask bits of every token so far, t (dv + 1) numbers per head: it grows with t
+    (not bounded), up to L = N_max positions (the width of W2, or a * c)."""
+    lead = tuple(check_int("lead", x) for x in lead)
+    d, dv = check_int("d", d), check_int("dv", dv)
+    kind, params, length = _check_params(d, 1, dtype, factorized, W1, b1, W2, b2, Wa, ba, Wb, bb)
+    width = "W2" if kind == "dense" else "Wb"
+
+    def logits_row(q_t, t):
+        if t >= length:
+            raise ValueError(f"{width}: the logits cover L = N_max = {length} positions, decoding reached position {t}")
+        return _logits(q_t[..., None, :], t + 1, kind, params)[0][..., 0, :]      # (..., t + 1)
+
+    def causal_forward(q, k, v, key_mask):
+        return forward(q, k, v, causal=True, key_mask=key_mask, factorized=factorized, **params)[0]
+
+    return synthetic_init_state(lead=lead, d=d, dv=dv, dtype=dtype, name="synthesizer_dense", logits_row=logits_row,
+                                forward=causal_forward, xp=get_namespace(*params.values()))
+
+
+def prefill(q, k, v, state, *, key_mask=None):
+    """The prompt (..., T, .) in one pass: the causal :func:`forward`'s rows, and its values kept.
+    ``state`` must be fresh. Returns (out (..., T, dv), state)."""
+    return synthetic_prefill(q, k, v, state, key_mask=key_mask, name="synthesizer_dense")
+
+
+def step(q_t, k_t, v_t, state, *, key_mask_t=None):
+    """One token: out_t = softmax(B_t[:t+1] over the real keys) V[:t+1] (k_t is never read). Returns
+    (out_t (..., dv), state), equal to row t of the causal parallel :func:`forward`; O(d d_h + t (d_h + dv))."""
+    return synthetic_step(q_t, k_t, v_t, state, key_mask_t=key_mask_t, name="synthesizer_dense")
+
+
 MECHANISM = register(Mechanism(
     name="synthesizer_dense",
     title="Dense Synthesizer",
@@ -176,6 +234,9 @@ MECHANISM = register(Mechanism(
     backward=backward,
     weights=weights,
     setup=setup,
+    init_state=init_state,
+    prefill=prefill,
+    step=step,
     subquadratic=False,
     sizes=("factorized",),
     summary="Attention logits predicted from each token alone by a 2-layer MLP (q plays X): softmax(MLP(q)) v.",

@@ -32,6 +32,11 @@ Backward (softmax as in :mod:`effattn.nn.functional`):
     Random:     dR = sum over batch of dB (into the top-left N x M corner);
                 factorized: dR1 = dR R2, dR2 = dR^T R1.
 
+Decoding (:mod:`effattn.nn.decode`, :mod:`effattn.nn.synthetic`): row t of the causal logits
+is R[t, :t+1] (factorized: R1[t] R2[:t+1]^T), the same for every input; the state keeps the values
+v_j and mask bits of every token so far, t (dv + 1) numbers per head: it grows with t (not
+bounded), up to L = N_max positions.
+
 Cost: O(N M dv) time and O(N M) memory — inherently quadratic (the logits
 are an N x M table), as the survey says: O(N^2). Registered subquadratic=False.
 
@@ -43,8 +48,46 @@ from __future__ import annotations
 
 from ..backend import asarray, get_namespace
 from ..validate import check_bool, check_float_array, check_int, check_leading, check_param, check_qkv
-from ..nn.synthetic import SynthesizerCache, attend_logits, attend_logits_backward
+from ..nn.synthetic import (SynthesizerCache, attend_logits, attend_logits_backward, synthetic_init_state,
+                            synthetic_prefill, synthetic_step)
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
+
+
+def _check_table(lead, n, m, dtype, factorized, R, R1, R2):
+    """The table R (or its factors R1, R2), checked for the top-left N x M corner: (kind, params)."""
+    if factorized is None:
+        if R is None:
+            raise ValueError("R is required by the random synthesizer (or pass factorized=k with R1, R2)")
+        check_float_array("R", R, min_ndim=2)
+        check_param("R", R, (None,) * R.ndim, dtype=dtype)
+        check_leading("R", R, lead, 2, "(..., L, L)")
+        if R.shape[-2] < n or R.shape[-1] < m:
+            raise ValueError(f"R must have shape (..., L, L) with L >= N={n}, M={m}, got {tuple(R.shape)}")
+        return "random", {"R": R}
+    kk = check_int("factorized", factorized)
+    if R1 is None or R2 is None:
+        raise ValueError("R1 and R2 are required by the factorized random synthesizer")
+    for name, r in (("R1", R1), ("R2", R2)):
+        check_float_array(name, r, min_ndim=2)
+        check_param(name, r, (None,) * r.ndim, dtype=dtype)
+        check_leading(name, r, lead, 2, "(..., L, k)")
+    if R1.ndim < 2 or R1.shape[-1] != kk or R1.shape[-2] < n or R1.ndim - 2 > len(lead):
+        raise ValueError(f"R1 must have shape (..., L >= N={n}, k={kk}), got {tuple(R1.shape)}")
+    if R2.ndim < 2 or R2.shape[-1] != kk or R2.shape[-2] < m or R2.ndim - 2 > len(lead):
+        raise ValueError(f"R2 must have shape (..., L >= M={m}, k={kk}), got {tuple(R2.shape)}")
+    return "random_factorized", {"R1": R1, "R2": R2}
+
+
+def _table(kind, params, lead, rows, m):
+    """The logits of the query rows ``rows`` (a slice) over the keys 0..m-1: (..., len(rows), M),
+    a fresh array (the softmax overwrites it), and the factors' slices for the backward."""
+    xp = get_namespace(*params.values())
+    if kind == "random":
+        corner = params["R"][..., rows, :m]
+        return xp.broadcast_to(corner, lead + corner.shape[-2:]).copy(), ()
+    r1, r2 = params["R1"][..., rows, :], params["R2"][..., :m, :]
+    logits = r1 @ r2.swapaxes(-1, -2)                                   # R = R1 R2^T
+    return xp.broadcast_to(logits, lead + logits.shape[-2:]).copy(), (r1, r2)
 
 
 @forward_of("synthesizer_random")
@@ -57,33 +100,9 @@ def forward(q, k, v, *, causal=False, key_mask=None, R=None, R1=None, R2=None, f
     """
     n, m, d, dv = check_qkv(q, k, v, key_mask=key_mask)
     causal = check_bool("causal", causal)
-    xp = get_namespace(q, k, v)
     lead = tuple(q.shape[:-2])
-    if factorized is None:
-        if R is None:
-            raise ValueError("R is required by the random synthesizer (or pass factorized=k with R1, R2)")
-        check_float_array("R", R, min_ndim=2)
-        check_param("R", R, (None,) * R.ndim, dtype=q.dtype)
-        check_leading("R", R, lead, 2, "(..., L, L)")
-        if R.shape[-2] < n or R.shape[-1] < m:
-            raise ValueError(f"R must have shape (..., L, L) with L >= N={n}, M={m}, got {tuple(R.shape)}")
-        logits = xp.broadcast_to(R[..., :n, :m], lead + (n, m)).copy()   # (..., N, M)
-        kind, saved, params = "random", (), {"R": R}
-    else:
-        kk = check_int("factorized", factorized)
-        if R1 is None or R2 is None:
-            raise ValueError("R1 and R2 are required by the factorized random synthesizer")
-        for name, r in (("R1", R1), ("R2", R2)):
-            check_float_array(name, r, min_ndim=2)
-            check_param(name, r, (None,) * r.ndim, dtype=q.dtype)
-            check_leading(name, r, lead, 2, "(..., L, k)")
-        if R1.ndim < 2 or R1.shape[-1] != kk or R1.shape[-2] < n or R1.ndim - 2 > len(lead):
-            raise ValueError(f"R1 must have shape (..., L >= N={n}, k={kk}), got {tuple(R1.shape)}")
-        if R2.ndim < 2 or R2.shape[-1] != kk or R2.shape[-2] < m or R2.ndim - 2 > len(lead):
-            raise ValueError(f"R2 must have shape (..., L >= M={m}, k={kk}), got {tuple(R2.shape)}")
-        r1, r2 = R1[..., :n, :], R2[..., :m, :]
-        logits = xp.broadcast_to(r1 @ r2.swapaxes(-1, -2), lead + (n, m)).copy()   # R = R1 R2^T: (..., N, M)
-        kind, saved, params = "random_factorized", (r1, r2), {"R1": R1, "R2": R2}
+    kind, params = _check_table(lead, n, m, q.dtype, factorized, R, R1, R2)
+    logits, saved = _table(kind, params, lead, slice(0, n), m)         # (..., N, M)
     p, out = attend_logits(logits, v, causal=causal, key_mask=key_mask)
     return out, SynthesizerCache(kind, p, v, out, saved, params, n, m, d)
 
@@ -147,6 +166,42 @@ def setup(rng, *, n, d, heads, causal=False, dtype="float64"):
     return init_params(rng, n_max=n, heads=heads, dtype=dtype), {}
 
 
+# --------------------------------------------------------------------------- decoding
+def init_state(*, lead, d, dv, dtype="float64", R=None, R1=None, R2=None, factorized=None):
+    """The empty decoder state (:class:`effattn.nn.synthetic.SyntheticState`) with :func:`forward`'s
+    table. Row t of the causal logits is R[t, :t+1] (factorized: R1[t] R2[:t+1]^T), the same for every
+    input, so the state holds the values v_j and the mask bits of every token so far, t (dv + 1)
+    numbers per head: it grows with t (not bounded), up to L = N_max positions (the table's size)."""
+    lead = tuple(check_int("lead", x) for x in lead)
+    d, dv = check_int("d", d), check_int("dv", dv)
+    kind, params = _check_table(lead, 1, 1, dtype, factorized, R, R1, R2)
+    length = min(R.shape[-2:]) if kind == "random" else min(R1.shape[-2], R2.shape[-2])
+    table = "R" if kind == "random" else "R1 and R2"
+
+    def logits_row(q_t, t):
+        if t >= length:
+            raise ValueError(f"{table}: the table covers L = N_max = {length} positions, decoding reached position {t}")
+        return _table(kind, params, lead, slice(t, t + 1), t + 1)[0][..., 0, :]   # (..., t + 1)
+
+    def causal_forward(q, k, v, key_mask):
+        return forward(q, k, v, causal=True, key_mask=key_mask, factorized=factorized, **params)[0]
+
+    return synthetic_init_state(lead=lead, d=d, dv=dv, dtype=dtype, name="synthesizer_random", logits_row=logits_row,
+                                forward=causal_forward, xp=get_namespace(*params.values()))
+
+
+def prefill(q, k, v, state, *, key_mask=None):
+    """The prompt (..., T, .) in one pass: the causal :func:`forward`'s rows, and its values kept.
+    ``state`` must be fresh. Returns (out (..., T, dv), state)."""
+    return synthetic_prefill(q, k, v, state, key_mask=key_mask, name="synthesizer_random")
+
+
+def step(q_t, k_t, v_t, state, *, key_mask_t=None):
+    """One token: out_t = softmax(R[t, :t+1] over the real keys) V[:t+1] (q_t and k_t are never read).
+    Returns (out_t (..., dv), state), equal to row t of the causal parallel :func:`forward`; O(t dv)."""
+    return synthetic_step(q_t, k_t, v_t, state, key_mask_t=key_mask_t, name="synthesizer_random")
+
+
 MECHANISM = register(Mechanism(
     name="synthesizer_random",
     title="Random Synthesizer",
@@ -162,6 +217,9 @@ MECHANISM = register(Mechanism(
     backward=backward,
     weights=weights,
     setup=setup,
+    init_state=init_state,
+    prefill=prefill,
+    step=step,
     subquadratic=False,
     sizes=("factorized",),
     summary="A learned, input-independent (N_max x N_max) logit table per head: softmax(R) v.",

@@ -32,9 +32,15 @@ multiple of C adds zero features (padded keys contribute nothing, padded
 queries are cut off).
 
 The readable per-step form (:func:`kernel_attention_loop`, the recurrent view
-of Katharopoulos et al. §3.4: S_i = S_{i-1} + phi(k_i) v_i^T) is tested equal;
-a decoder starts from :func:`kernel_attention_init_state` and calls
-:func:`kernel_attention_step` once per token, O(m dv) whatever the position.
+of Katharopoulos et al. §3.4: S_i = S_{i-1} + phi(k_i) v_i^T) is tested equal.
+
+Decoding (the protocol of :mod:`effattn.nn.decode`): the state is a :class:`KernelState`,
+(S, z) after the tokens so far, O(m dv) numbers per head whatever the position.
+:func:`kernel_attention_init_state` makes the empty one, :func:`kernel_attention_prefill`
+adds a prompt's keys from the cache of the causal chunked forward (S = phi(K)^T V,
+z = phi(K)^T 1: one product, no loop), and :func:`kernel_attention_step` adds one token and
+returns its row, O(m dv). A mechanism whose features are shifted by a running max
+(Performer's positive features) keeps that max in ``shift`` and updates S and z itself.
 
 Denominator: ``eps`` is added to phi(q_i)^T z_i (fast-transformers adds 1e-6;
 the Performer code adds nothing to the denominator but 1e-6 to every feature).
@@ -56,6 +62,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import get_namespace
+from .decode import check_state
 from .sparse import pad_axis, round_up
 
 
@@ -174,28 +181,83 @@ def kernel_attention_weights(cache):
     return w * inv.reshape(lead + (length, 1))[..., :n, :]
 
 
-def kernel_attention_init_state(lead, m, dv, *, dtype="float64", xp=None):
-    """The empty decoder state (S, z) = (zeros (*lead, m, dv), zeros (*lead, m)), on ``xp``
-    (default: the active backend)."""
+class KernelState(NamedTuple):
+    """The decoder state of causal kernel attention after ``t`` tokens (the RNN view)."""
+
+    s: object        # (..., m, dv): S = sum_{j<t} phi(k_j) v_j^T (masked keys: phi = 0)
+    z: object        # (..., m): z = sum_{j<t} phi(k_j)
+    shift: object    # (..., m) running max of the key exponents the features are relative to, or None
+    t: int           # tokens seen
+    eps: float       # added to the denominator
+    name: str        # the mechanism that made it
+    config: dict     # the mechanism's feature-map configuration (constants, not state)
+
+    def held(self):
+        """Numbers the state holds: S, z (and the shift): lead * (m dv + m [+ m]), whatever t is."""
+        return sum(int(x.size) for x in (self.s, self.z, self.shift) if x is not None)
+
+
+def kernel_attention_init_state(lead, m, dv, *, dtype="float64", eps=0.0, name="kernel attention",
+                                config=None, shifted=False, xp=None):
+    """The empty :class:`KernelState`: S = zeros (*lead, m, dv), z = zeros (*lead, m) (and, with
+    ``shifted``, a running max of -inf (*lead, m)), on ``xp`` (default: the active backend)."""
     xp = get_namespace() if xp is None else xp
-    return xp.zeros(tuple(lead) + (m, dv), dtype=dtype), xp.zeros(tuple(lead) + (m,), dtype=dtype)
+    lead = tuple(int(x) for x in lead)
+    shift = xp.full(lead + (m,), -xp.inf, dtype=dtype) if shifted else None
+    return KernelState(xp.zeros(lead + (m, dv), dtype=dtype), xp.zeros(lead + (m,), dtype=dtype), shift, 0,
+                       float(eps), name, dict(config or {}))
 
 
-def kernel_attention_step(phi_q_t, phi_k_t, v_t, state, eps=0.0):
+def check_kernel_state(state, name):
+    """``state`` must be a :class:`KernelState` made by mechanism ``name``."""
+    check_state(state, KernelState, name)
+    if state.name != name:
+        raise TypeError(f"state must come from {name}.init_state (or a previous step), got one of {state.name}")
+    return state
+
+
+def check_prompt(q, k, v, lead, d, dv):
+    """A prompt for ``prefill``: q, k (*lead, T, d), v (*lead, T, dv) with the state's sizes
+    (the arrays themselves are checked by the mechanism's forward)."""
+    for name, x, last in (("q", q, d), ("k", k, d), ("v", v, dv)):
+        if not hasattr(x, "shape"):
+            raise TypeError(f"{name} must be an array (numpy or cupy), got {type(x).__name__}")
+        if x.ndim < 2 or tuple(x.shape[:-2]) != tuple(lead) or x.shape[-1] != last:
+            raise ValueError(f"{name} must have shape {tuple(lead) + ('T', last)} (the state's), got {tuple(x.shape)}")
+
+
+def kernel_attention_prefill(cache, state):
+    """The state after a prompt, from the :class:`KernelAttentionCache` of its causal forward:
+    S += phi(K)^T V, z += phi(K)^T 1 over the prompt's keys (chunk padding adds zero features).
+    ``state`` must be fresh (from init_state)."""
+    if state.t != 0:
+        raise ValueError(f"prefill needs a fresh state (from init_state), this one is at position {state.t}")
+    if not cache.causal:
+        raise ValueError("cache must come from a causal forward")
+    lead, m, dv = cache.phi_k.shape[:-3], cache.phi_k.shape[-1], cache.v.shape[-1]
+    pk = cache.phi_k.reshape(lead + (-1, m))                      # (..., L, m), padded rows zero
+    pv = cache.v.reshape(lead + (-1, dv))                         # (..., L, dv)
+    s = state.s + pk.swapaxes(-1, -2) @ pv                        # (..., m, L) @ (..., L, dv) -> (..., m, dv)
+    z = state.z + pk.sum(axis=-2)                                 # (..., m)
+    return state._replace(s=s, z=z, t=cache.n)
+
+
+def kernel_attention_step(phi_q_t, phi_k_t, v_t, state):
     """One decoding step of causal kernel attention (the RNN view):
 
         S_t = S_{t-1} + phi(k_t) v_t^T,   z_t = z_{t-1} + phi(k_t)
         out_t = phi(q_t)^T S_t / (phi(q_t)^T z_t + eps)
 
-    phi_q_t, phi_k_t (..., m), v_t (..., dv), state (S (..., m, dv), z (..., m)).
-    Returns (out_t (..., dv), new_state). O(m dv) per step, whatever t is.
+    phi_q_t, phi_k_t (..., m) (phi_k_t zero for a masked key), v_t (..., dv), state a
+    :class:`KernelState`. Returns (out_t (..., dv), the next state), O(m dv) whatever t is.
+    The state's arrays are updated in place (a state is consumed by the call it is given to).
     """
-    s, z = state
-    s = s + phi_k_t[..., :, None] * v_t[..., None, :]              # (..., m, dv)
-    z = z + phi_k_t                                                # (..., m)
+    s, z = state.s, state.z
+    s += phi_k_t[..., :, None] * v_t[..., None, :]                 # (..., m, dv)
+    z += phi_k_t                                                   # (..., m)
     num = (phi_q_t[..., None, :] @ s)[..., 0, :]                   # (..., 1, m) @ (..., m, dv) -> (..., dv)
     den = (phi_q_t * z).sum(axis=-1, keepdims=True)                # (..., 1)
-    return num * _safe_inverse(den, eps), (s, z)
+    return num * _safe_inverse(den, state.eps), state._replace(t=state.t + 1)
 
 
 def kernel_attention_loop(phi_q, phi_k, v, *, causal=False, eps=0.0):
@@ -207,9 +269,10 @@ def kernel_attention_loop(phi_q, phi_k, v, *, causal=False, eps=0.0):
         z = phi_k.sum(axis=-2)
         den = (phi_q * z[..., None, :]).sum(axis=-1, keepdims=True)
         return (phi_q @ s) * _safe_inverse(den, eps)
-    state = kernel_attention_init_state(phi_q.shape[:-2], phi_q.shape[-1], v.shape[-1], dtype=phi_q.dtype, xp=xp)
+    lead = (phi_q[..., :1, :1] + phi_k[..., :1, :1] + v[..., :1, :1]).shape[:-2]
+    state = kernel_attention_init_state(lead, phi_q.shape[-1], v.shape[-1], dtype=phi_q.dtype, eps=eps, xp=xp)
     outs = []
     for t in range(phi_q.shape[-2]):
-        o, state = kernel_attention_step(phi_q[..., t, :], phi_k[..., t, :], v[..., t, :], state, eps)
+        o, state = kernel_attention_step(phi_q[..., t, :], phi_k[..., t, :], v[..., t, :], state)
         outs.append(o)
     return xp.stack(outs, axis=-2)

@@ -20,7 +20,7 @@ errors = check_gradients(linear.forward, linear.backward, {"q": q, "k": k, "v": 
 print("gradient relative errors:", {k_: f"{e:.1e}" for k_, e in errors.items()})
 assert max(errors.values()) < 1e-6
 
-state = linear_mod.init_state((1, 1), d, d)
+state = linear_mod.init_state(lead=(1, 1), d=d, dv=d)
 states, steps = [], []
 for t in range(n):
     o, state = linear_mod.step(q[..., t, :], k[..., t, :], v[..., t, :], state)
