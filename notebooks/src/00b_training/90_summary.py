@@ -7,6 +7,8 @@
 #   modules' backwards chained in reverse, checked against finite differences for every parameter.
 # * `python -m effattn train` trains any of them with Adam, warmup and decay, gradient clipping; same seed, same
 #   numbers; a checkpoint resumes bit for bit.
+# * Every causal kernel decodes token by token with a state that holds only what its pattern can still reach;
+#   `generate` uses it, and `python -m effattn bench --decode` measures it.
 #
 # **Exercises.**
 # 1. Train `listops` with `full`, `linformer` and `performer` (`python -m effattn train --task listops --attention ...`):
