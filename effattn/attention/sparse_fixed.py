@@ -83,10 +83,9 @@ from __future__ import annotations
 
 from ..backend import get_namespace
 from ..validate import check_bool, check_choice, check_int, check_qkv, check_scale
-from ..nn.factorized import (default_stride, factorized_backward, factorized_forward, factorized_pattern,
-                             factorized_weights, position_grid, rule_mask)
 from ..nn.decode import window_prefill, window_state, window_step
-from ..nn.factorized import COMBINE
+from ..nn.factorized import (COMBINE, combine_decode_rule, default_stride, factorized_backward, factorized_forward,
+                             factorized_pattern, factorized_weights, position_grid, rule_mask)
 from ..nn.union import Part
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
@@ -210,15 +209,7 @@ def decode_rule(block, summary, combine="merged", part=1, heads=1):
     a2 = lambda i, pos: pos % block >= block - summary  # noqa: E731  the summary cells
     keep1 = lambda t, pos: pos // block >= t // block  # noqa: E731  the current block (j < t)
     keep2 = lambda t, pos: a2(t, pos)                # noqa: E731  a summary cell is read by every later query
-    if combine == "merged":
-        return (lambda i, pos: (pos <= i) & (a1(i, pos) | a2(i, pos))), (lambda t, pos: keep1(t, pos) | keep2(t, pos))
-    if combine == "layers":
-        return (lambda i, pos: (pos <= i) & (a1 if part == 1 else a2)(i, pos)), (keep1 if part == 1 else keep2)
-
-    def reach(i, pos):
-        even = get_namespace(pos).arange(heads)[:, None] % 2 == 0                       # (H, 1)
-        return (pos <= i) & ((even & a1(i, pos)) | (~even & a2(i, pos)))                # (H, L)
-    return reach, ((lambda t, pos: keep1(t, pos) | keep2(t, pos)) if heads > 1 else keep1)
+    return combine_decode_rule(a1, a2, keep1, keep2, combine, part, heads)
 
 
 def init_state(*, lead, d, dv, dtype="float64", block=None, summary=None, combine="merged", part=1, scale=None):

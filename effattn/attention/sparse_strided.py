@@ -71,10 +71,9 @@ from __future__ import annotations
 
 from ..backend import get_namespace
 from ..validate import check_bool, check_choice, check_int, check_qkv, check_scale
-from ..nn.factorized import (default_stride, factorized_backward, factorized_forward, factorized_pattern,
-                             factorized_weights, position_grid, rule_mask)
 from ..nn.decode import window_prefill, window_state, window_step
-from ..nn.factorized import COMBINE
+from ..nn.factorized import (COMBINE, combine_decode_rule, default_stride, factorized_backward, factorized_forward,
+                             factorized_pattern, factorized_weights, position_grid, rule_mask)
 from ..nn.union import Part
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
@@ -182,15 +181,7 @@ def decode_rule(stride, combine="merged", part=1, heads=1):
     a2 = lambda i, pos: (i - pos) % stride == 0      # noqa: E731  every l-th position back
     keep1 = lambda t, pos: pos > t - stride          # noqa: E731  a later query's band still holds it
     keep2 = lambda t, pos: pos >= 0                  # noqa: E731  its residue comes round again
-    if combine == "merged":
-        return (lambda i, pos: (pos <= i) & (a1(i, pos) | a2(i, pos))), keep2
-    if combine == "layers":
-        return (lambda i, pos: (pos <= i) & (a1 if part == 1 else a2)(i, pos)), (keep1 if part == 1 else keep2)
-
-    def reach(i, pos):
-        even = get_namespace(pos).arange(heads)[:, None] % 2 == 0                       # (H, 1)
-        return (pos <= i) & ((even & a1(i, pos)) | (~even & a2(i, pos)))                # (H, L)
-    return reach, (keep2 if heads > 1 else keep1)
+    return combine_decode_rule(a1, a2, keep1, keep2, combine, part, heads)
 
 
 def init_state(*, lead, d, dv, dtype="float64", stride=None, combine="merged", part=1, scale=None):

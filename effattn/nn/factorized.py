@@ -209,3 +209,22 @@ def receptive_field(*patterns):
 
 __all__ = ["COMBINE", "FactorizedCache", "default_stride", "factorized_backward", "factorized_forward",
            "factorized_pattern", "factorized_weights", "position_grid", "receptive_field", "rule_mask"]
+
+
+def combine_decode_rule(a1, a2, keep1, keep2, combine="merged", part=1, heads=1):
+    """The KV-window rules (:mod:`effattn.nn.decode`) of a factorized pattern from its two parts:
+    ``a1(i, pos)``, ``a2(i, pos)`` (may query i attend key pos, causality aside) and ``keep1``,
+    ``keep2`` (may a query from t on still attend it through that part). Combined as ``combine``
+    says: "merged" the union, "layers" part 1 or 2, "heads" even heads A(1) and odd heads A(2)
+    (reach is then (heads, L)). Returns (reach, keep)."""
+    both = lambda t, pos: keep1(t, pos) | keep2(t, pos)  # noqa: E731
+    if combine == "merged":
+        return (lambda i, pos: (pos <= i) & (a1(i, pos) | a2(i, pos))), both
+    if combine == "layers":
+        return (lambda i, pos: (pos <= i) & (a1 if part == 1 else a2)(i, pos)), (keep1 if part == 1 else keep2)
+
+    def reach(i, pos):
+        even = get_namespace(pos).arange(heads)[:, None] % 2 == 0                       # (H, 1)
+        return (pos <= i) & ((even & a1(i, pos)) | (~even & a2(i, pos)))                # (H, L)
+    return reach, (both if heads > 1 else keep1)
+
