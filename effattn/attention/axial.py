@@ -89,9 +89,9 @@ import math
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..validate import check_bool, check_float_array, check_int, check_qkv, check_scale
+from ..validate import check_bool, check_int, check_qkv, check_scale
 from ..nn.image import default_image_shape, raster_coords
-from ..nn.decode import WindowState, check_state, window_prefill, window_state, window_step
+from ..nn.decode import window_prefill, window_state, window_step
 from ..nn.union import Part, union_backward, union_forward, union_weights
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
@@ -262,31 +262,12 @@ def init_state(*, lead, d, dv, dtype="float64", shape=None, axis="both", scale=N
     scale = check_scale(scale, d)
     rule = DecodeRule(shape, axes)
     return window_state(lead=lead, d=d, dv=dv, dtype=dtype, scale=scale, reach=rule.reach, keep=rule.keep,
-                        forward=lambda q, k, v, km: forward(q, k, v, causal=True, key_mask=km, shape=shape,
+                        capacity=math.prod(shape), forward=lambda q, k, v, km: forward(q, k, v, causal=True, key_mask=km, shape=shape,
                                                             axis=axes, scale=scale)[0])
 
 
-def _check_room(state, n_new, name):
-    """The state's grid must have room for n_new more tokens (``name``: the argument bringing them)."""
-    check_state(state, WindowState, "axial")
-    shape = state.reach.__self__.shape
-    if state.t + n_new > math.prod(shape):
-        raise ValueError(f"{name} brings {n_new} token(s) at position {state.t}, beyond the {math.prod(shape)} "
-                         f"cells of shape {shape}")
-
-
-def prefill(q, k, v, state, *, key_mask=None):
-    """The first T tokens (at most the grid's cells) in one pass: the causal forward on them."""
-    check_float_array("q", q, min_ndim=2, finite=False)
-    _check_room(state, q.shape[-2], "q")
-    return window_prefill(q, k, v, state, key_mask=key_mask)
-
-
-def step(q_t, k_t, v_t, state, *, key_mask_t=None):
-    """One token: (out_t, state), token t's row of the causal forward; refuses a token beyond
-    the grid's last cell."""
-    _check_room(state, 1, "q_t")
-    return window_step(q_t, k_t, v_t, state, key_mask_t=key_mask_t)
+prefill = window_prefill
+step = window_step
 
 
 MECHANISM = register(Mechanism(

@@ -75,10 +75,10 @@ import numbers
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from ..validate import check_bool, check_float_array, check_int, check_qkv, check_scale
+from ..validate import check_bool, check_int, check_qkv, check_scale
 from ..nn.image import (default_image_shape, memory_blocks_2d, memory_blocks_2d_backward, positions_2d,
                         query_blocks_2d, query_blocks_2d_backward, raster_coords)
-from ..nn.decode import WindowState, check_state, window_prefill, window_state, window_step
+from ..nn.decode import window_prefill, window_state, window_step
 from ..nn.loops import masked_loop
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
@@ -257,30 +257,11 @@ def init_state(*, lead, d, dv, dtype="float64", image_shape, query_shape=(8, 8),
                        query_shape=query_shape, memory_flange=memory_flange, scale=scale)[0]
 
     return window_state(lead=lead, d=d, dv=dv, dtype=dtype, scale=scale, reach=rule.reach, keep=rule.keep,
-                        forward=prompt_forward)
+                        capacity=image_shape[0] * image_shape[1], forward=prompt_forward)
 
 
-def _check_room(state, n_new, name):
-    """The state's image must have room for n_new more tokens (``name``: the argument bringing them)."""
-    check_state(state, WindowState, "image_local_2d")
-    h, w = state.reach.__self__.image_shape
-    if state.t + n_new > h * w:
-        raise ValueError(f"{name} brings {n_new} token(s) at position {state.t}, beyond the {h * w} cells of "
-                         f"image_shape ({h}, {w})")
-
-
-def prefill(q, k, v, state, *, key_mask=None):
-    """The first T <= H W tokens in one pass (the causal forward on the prompt's rows)."""
-    check_float_array("q", q, min_ndim=2, finite=False)
-    _check_room(state, q.shape[-2], "q")
-    return window_prefill(q, k, v, state, key_mask=key_mask)
-
-
-def step(q_t, k_t, v_t, state, *, key_mask_t=None):
-    """One token: (out_t, state), token t's row of the causal forward; refuses a token beyond
-    the H W cells of the image."""
-    _check_room(state, 1, "q_t")
-    return window_step(q_t, k_t, v_t, state, key_mask_t=key_mask_t)
+prefill = window_prefill
+step = window_step
 
 
 MECHANISM = register(Mechanism(

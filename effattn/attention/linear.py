@@ -65,7 +65,8 @@ from ..backend import get_namespace
 from ..validate import check_causal, check_int, check_nonnegative_float, check_qkv
 from ..nn.decode import check_step_inputs
 from ..nn.functional import elu_backward, elu_forward
-from ..nn.kernel_attention import (check_kernel_state, check_prompt, kernel_attention_backward,
+from ..nn.decode import check_prompt
+from ..nn.kernel_attention import (check_kernel_state, kernel_attention_backward,
                                    kernel_attention_forward, kernel_attention_init_state, kernel_attention_loop,
                                    kernel_attention_prefill, kernel_attention_step, kernel_attention_weights)
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register

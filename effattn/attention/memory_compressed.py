@@ -105,7 +105,7 @@ from typing import NamedTuple
 
 from ..backend import asarray, get_namespace
 from ..validate import broadcast_shapes, check_bool, check_float_array, check_int, check_param, check_qkv, check_scale
-from ..nn.decode import check_state, check_step_inputs
+from ..nn.decode import check_prompt, check_state, check_step_inputs
 from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask, pad_axis
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
@@ -431,21 +431,13 @@ def _compress_complete(state, t):
     return state._replace(kc=kc, vc=vc, slot_real=slot_real)
 
 
-def _check_prompt(q, k, v, state):
-    lead, d, dv = tuple(state.kc.shape[:-2]), state.kc.shape[-1], state.vc.shape[-1]
-    for name, x, last in (("q", q, d), ("k", k, d), ("v", v, dv)):
-        check_float_array(name, x, min_ndim=2)
-        if tuple(x.shape[:-2]) != lead or x.shape[-1] != last:
-            raise ValueError(f"{name} must have shape {lead + ('T', last)} (the state's), got {tuple(x.shape)}")
-
-
 def prefill(q, k, v, state, *, key_mask=None):
     """The first T tokens in one pass: out (..., T, dv), the rows of the causal :func:`forward`, and the
     state after them (the floor(T / k) complete slots compressed at once, the rest kept raw)."""
     state = check_state(state, MemoryCompressedState, "memory_compressed")
     if state.t != 0:
         raise ValueError(f"state must be fresh (from init_state) for prefill, this one is at position {state.t}")
-    _check_prompt(q, k, v, state)
+    check_prompt(q, k, v, state.kc.shape[:-2], state.kc.shape[-1], state.vc.shape[-1])
     out, _ = forward(q, k, v, conv_k=state.conv_k, conv_v=state.conv_v, causal=True, key_mask=key_mask,
                      scale=state.scale, local_block=state.local_block)
     xp = get_namespace(q, k, v)

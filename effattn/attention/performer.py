@@ -137,7 +137,8 @@ from typing import NamedTuple
 from ..backend import asarray, get_namespace
 from ..validate import check_bool, check_causal, check_choice, check_float_array, check_int, check_qkv
 from ..nn.decode import check_step_inputs
-from ..nn.kernel_attention import (check_kernel_state, check_prompt, kernel_attention_backward,
+from ..nn.decode import check_prompt
+from ..nn.kernel_attention import (check_kernel_state, kernel_attention_backward,
                                    kernel_attention_forward, kernel_attention_init_state, kernel_attention_loop,
                                    kernel_attention_prefill, kernel_attention_step, kernel_attention_weights)
 from ..nn.sparse import pad_axis, round_up

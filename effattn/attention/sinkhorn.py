@@ -152,9 +152,8 @@ from typing import NamedTuple
 from ..backend import asarray, get_namespace
 from ..validate import (check_bool, check_float_array, check_int, check_leading, check_mlp_params, check_positive_float,
                         check_qkv, check_scale)
-from ..nn.decode import check_state, check_step_inputs
+from ..nn.decode import check_prompt, check_state, check_step_inputs
 from ..nn.functional import NEG_INF, init_mlp, mlp_backward, mlp_forward
-from ..nn.kernel_attention import check_prompt
 from ..nn.sinkhorn import sinkhorn_backward, sinkhorn_forward
 from ..nn.sparse import attend_backward, attend_forward, group_mask, pad_axis
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register

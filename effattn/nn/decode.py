@@ -53,6 +53,7 @@ class WindowState(NamedTuple):
     keep: Callable
     scale: float
     forward: Callable    # (q, k, v, key_mask) -> out: the causal parallel forward, for prefill
+    capacity: object = None   # the most positions the rule is defined for (a grid's cells), or None
 
     def held(self):
         """Numbers the state needs: keys, values and mask bits of the rows a later query can still
@@ -76,14 +77,15 @@ def state_size(state):
     return 0
 
 
-def window_state(*, lead, d, dv, dtype, reach, keep, scale, forward, xp=None):
-    """An empty :class:`WindowState` for inputs with leading axes ``lead`` (batch, heads)."""
+def window_state(*, lead, d, dv, dtype, reach, keep, scale, forward, capacity=None, xp=None):
+    """An empty :class:`WindowState` for inputs with leading axes ``lead`` (batch, heads);
+    ``capacity``: the most positions the rule is defined for (e.g. an image's H W cells)."""
     xp = get_namespace() if xp is None else xp
     lead = tuple(int(x) for x in lead)
     cap = MIN_CAPACITY
     return WindowState(xp.zeros(lead + (cap, d), dtype=dtype), xp.zeros(lead + (cap, dv), dtype=dtype),
                        xp.zeros(lead + (cap,), dtype=bool), xp.zeros(cap, dtype=xp.int64), 0, 0,
-                       reach, keep, float(scale), forward)
+                       reach, keep, float(scale), forward, capacity)
 
 
 def check_step_inputs(q_t, k_t, v_t, key_mask_t, lead, d, dv):
@@ -97,6 +99,22 @@ def check_step_inputs(q_t, k_t, v_t, key_mask_t, lead, d, dv):
             raise ValueError(f"key_mask_t must be a boolean array (True = real token), got "
                              f"{getattr(key_mask_t, 'dtype', type(key_mask_t).__name__)}")
         get_namespace(key_mask_t).broadcast_to(key_mask_t, tuple(lead))
+
+
+def check_prompt(q, k, v, lead, d, dv):
+    """A prompt for ``prefill``: q, k (*lead, T, d), v (*lead, T, dv) with the state's sizes
+    (the arrays themselves are checked by the mechanism's forward)."""
+    for name, x, last in (("q", q, d), ("k", k, d), ("v", v, dv)):
+        if not hasattr(x, "shape"):
+            raise TypeError(f"{name} must be an array (numpy or cupy), got {type(x).__name__}")
+        if x.ndim < 2 or tuple(x.shape[:-2]) != tuple(lead) or x.shape[-1] != last:
+            raise ValueError(f"{name} must have shape {tuple(lead) + ('T', last)} (the state's), got {tuple(x.shape)}")
+
+
+def _check_room(state, n_new, name):
+    if state.capacity is not None and state.t + n_new > state.capacity:
+        raise ValueError(f"{name} brings {n_new} token(s) at position {state.t}, beyond the {state.capacity} "
+                         f"positions the mechanism's rule is defined for")
 
 
 def check_state(state, kind, name):
@@ -154,6 +172,8 @@ def window_prefill(q, k, v, state, *, key_mask=None):
     check_state(state, WindowState, "the mechanism")
     if state.t != 0:
         raise ValueError(f"prefill needs a fresh state (from init_state), this one is at position {state.t}")
+    check_prompt(q, k, v, state.k.shape[:-2], state.k.shape[-1], state.v.shape[-1])
+    _check_room(state, q.shape[-2], "q")
     out = state.forward(q, k, v, key_mask)
     xp = get_namespace(q, k, v)
     n = q.shape[-2]
@@ -173,6 +193,7 @@ def window_step(q_t, k_t, v_t, state, *, key_mask_t=None):
     lead = tuple(state.k.shape[:-2])
     d, dv = state.k.shape[-1], state.v.shape[-1]
     check_step_inputs(q_t, k_t, v_t, key_mask_t, lead, d, dv)
+    _check_room(state, 1, "q_t")
     xp = get_namespace(q_t, k_t, v_t)
     t = state.t
     real = xp.ones(lead + (1,), dtype=bool) if key_mask_t is None else xp.broadcast_to(key_mask_t, lead)[..., None]
@@ -186,5 +207,5 @@ def window_step(q_t, k_t, v_t, state, *, key_mask_t=None):
     return out, _evict(state._replace(t=t + 1))
 
 
-__all__ = ["WindowState", "check_state", "check_step_inputs", "state_size", "window_prefill", "window_state",
-           "window_step"]
+__all__ = ["WindowState", "check_prompt", "check_state", "check_step_inputs", "state_size", "window_prefill",
+           "window_state", "window_step"]

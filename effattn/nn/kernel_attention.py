@@ -216,16 +216,6 @@ def check_kernel_state(state, name):
     return state
 
 
-def check_prompt(q, k, v, lead, d, dv):
-    """A prompt for ``prefill``: q, k (*lead, T, d), v (*lead, T, dv) with the state's sizes
-    (the arrays themselves are checked by the mechanism's forward)."""
-    for name, x, last in (("q", q, d), ("k", k, d), ("v", v, dv)):
-        if not hasattr(x, "shape"):
-            raise TypeError(f"{name} must be an array (numpy or cupy), got {type(x).__name__}")
-        if x.ndim < 2 or tuple(x.shape[:-2]) != tuple(lead) or x.shape[-1] != last:
-            raise ValueError(f"{name} must have shape {tuple(lead) + ('T', last)} (the state's), got {tuple(x.shape)}")
-
-
 def kernel_attention_prefill(cache, state):
     """The state after a prompt, from the :class:`KernelAttentionCache` of its causal forward:
     S += phi(K)^T V, z += phi(K)^T 1 over the prompt's keys (chunk padding adds zero features).

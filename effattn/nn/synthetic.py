@@ -34,7 +34,7 @@ from typing import Callable, NamedTuple
 from ..backend import get_namespace
 from .decode import MIN_CAPACITY, check_state, check_step_inputs
 from .functional import softmax_backward, softmax_forward
-from .kernel_attention import check_prompt
+from .decode import check_prompt
 from .sparse import combine_masks
 
 
