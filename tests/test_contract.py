@@ -248,6 +248,16 @@ def test_every_causal_kernel_decodes_or_says_why():
 
 
 # --------------------------------------------------------------------------- key mask
+def perturb_masked(case, km, keys, rng):
+    """The case's inputs with the rows of ``keys`` at masked positions replaced by large noise."""
+    changed = dict(case.inputs)
+    hidden = ~np.asarray(to_numpy(km))[..., :, None]                # (B, 1, M, 1)
+    for key in keys:
+        x = np64(case.inputs[key])
+        changed[key] = asarray(np.where(hidden, rng.standard_normal(x.shape) * 5, x), dtype=case.inputs[key].dtype)
+    return changed
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name", NAMES)
 def test_masked_keys_change_nothing(name, causal):
@@ -258,12 +268,7 @@ def test_masked_keys_change_nothing(name, causal):
     case = spec.example(rng, batch=2, heads=2, n=21, d=4, causal=causal)
     km = random_key_mask(rng, case)
     out, _ = run(spec, case, key_mask=km)
-    changed = dict(case.inputs)
-    hidden = ~np.asarray(to_numpy(km))[..., :, None]  # (B, 1, M, 1)
-    for key in case.key_inputs:
-        x = np64(case.inputs[key])
-        x = np.where(hidden, rng.standard_normal(x.shape) * 5, x)
-        changed[key] = asarray(x, dtype=case.inputs[key].dtype)
+    changed = perturb_masked(case, km, case.key_inputs, rng)
     out2, _ = spec.forward(**changed, **{**case.config, "key_mask": km})
     a, b = np64(out), np64(out2)
     if case.out_follows_keys:
@@ -289,11 +294,8 @@ def test_padding_changes_no_real_output(name, causal):
     case = spec.example(rng, batch=2, heads=2, n=21, d=4, causal=causal)
     km = random_key_mask(rng, case)
     out, _ = run(spec, case, key_mask=km)
-    changed = dict(case.inputs)
+    changed = perturb_masked(case, km, sorted(set(case.seq_inputs) | set(case.key_inputs)), rng)
     pad = ~np.asarray(to_numpy(km))[..., :, None]                 # (B, 1, N, 1)
-    for key in set(case.seq_inputs) | set(case.key_inputs):
-        x = np64(case.inputs[key])
-        changed[key] = asarray(np.where(pad, rng.standard_normal(x.shape) * 5, x), dtype=case.inputs[key].dtype)
     out2, _ = spec.forward(**changed, **{**case.config, "key_mask": km})
     real = np.broadcast_to(~pad, out.shape)
     np.testing.assert_allclose(np64(out2)[real], np64(out)[real], rtol=0, atol=1e-12)
