@@ -324,3 +324,106 @@ def format_decode_table(rows):
         lines.append(f"{r['name']:22s} {1e3 * r['first_s']:14.3f} {1e3 * r['last_s']:14.3f} {r['ratio']:10.2f} "
                      f"{r['size_first']:12d} {r['size_last']:12d} {extra}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the notebooks' cost cells
+def blas_threads():
+    """The host OpenBLAS's thread count now, or None when no OpenBLAS is loaded (read the way
+    ``backend.set_blas_threads`` writes it)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as fh:
+            libs = sorted({line.split()[-1] for line in fh if "openblas" in line and ".so" in line})
+    except OSError:
+        return None
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for fn in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                   "openblas_get_num_threads64_", "openblas_get_num_threads"):
+            if hasattr(lib, fn):
+                return int(getattr(lib, fn)())
+    return None
+
+
+def cost_table(names, ns, *, causal=False, d=64, repeats=3, expect=None, expect_memory=None, dtype="float32",
+               threads=1, verbose=True):
+    """The measured cost of the notebooks, one helper for all: forward + backward of each mechanism's
+    example (B = H = 1, head size ``d``) at each N, timed with the process's CPU time on ``threads``
+    BLAS thread(s) (the count is restored afterwards), the median of ``repeats`` runs, and the peak
+    memory that ``tracemalloc`` sees (:func:`measure` with ``clock="cpu"``).
+
+    ``names``: registry names, or ``(name, causal)`` pairs (label "name causal"); ``causal`` is the
+    default of the plain names. ``ns``: the lengths, one list for all or ``{label: list}`` (labels not
+    in it get ``ns["*"]``). ``expect`` / ``expect_memory``: ``{label: (lo, hi)}`` sanity ranges of the
+    fitted time / memory exponents; after printing the table, an exponent outside its range raises
+    AssertionError naming the label, the exponent and the range.
+
+    Returns ``(rows, exponents)``: ``rows[label]`` the :func:`measure` dicts in N order,
+    ``exponents[label] = {"time": ..., "memory": ..., "n": [...]}`` (:func:`fit_exponent`).
+    """
+    entries = [(e, causal) if isinstance(e, str) else (e[0], bool(e[1])) for e in names]
+    labels = [name if isinstance(e, str) else name + (" causal" if c else "") for e, (name, c) in zip(names, entries)]
+    for name, _ in entries:
+        get(name)                                    # unknown names fail before any work
+    if isinstance(ns, dict):
+        sizes = {label: list(ns.get(label, ns.get("*", ()))) for label in labels}
+    else:
+        sizes = {label: list(ns) for label in labels}
+    for label, s in sizes.items():
+        if len(set(s)) < 2:
+            raise ValueError(f"ns: {label} needs at least two distinct lengths, got {s}")
+    before = blas_threads()
+    pinned = threads is not None and backend.get_backend() == "numpy" and backend.set_blas_threads(threads)
+    rows, exponents = {}, {}
+    try:
+        for (name, c), label in zip(entries, labels):
+            spec = get(name)
+            rows[label] = [measure(spec, n, d=d, dtype=dtype, causal=c, repeats=repeats, clock="cpu")
+                           for n in sorted(sizes[label])]
+    finally:
+        if pinned and before is not None:
+            backend.set_blas_threads(before)
+    for label, rs in rows.items():
+        n_ = [r["n"] for r in rs]
+        exponents[label] = {"time": fit_exponent(n_, [r["time_s"] for r in rs]),
+                            "memory": fit_exponent(n_, [r["peak_bytes"] for r in rs]), "n": n_}
+    if verbose:
+        print(format_cost_table(rows, exponents, threads=threads))
+    failures = []
+    for what, ranges in (("time", expect or {}), ("memory", expect_memory or {})):
+        for label, (lo, hi) in ranges.items():
+            if label not in exponents:
+                raise ValueError(f"expect: {label!r} is not one of the measured {list(exponents)}")
+            e = exponents[label][what]
+            if not (lo < e < hi):
+                failures.append(f"{label}: {what} exponent {e:.2f} outside ({lo}, {hi})")
+    if failures:
+        raise AssertionError("; ".join(failures))
+    return rows, exponents
+
+
+def format_cost_table(rows, exponents, threads=1):
+    """The table :func:`cost_table` prints: per mechanism the survey's complexity, the N range, the two
+    fitted exponents, and the CPU time and memory relative to ``full`` at the largest N both have."""
+    full = {r["n"]: r for r in rows.get("full", [])}
+    lines = [f"forward + backward, B = H = 1, CPU time on {threads} BLAS thread(s), median of the repeats; "
+             f"peak memory by tracemalloc",
+             f"{'mechanism':20s} {'survey':>16s} {'N range':>11s} {'time exp':>8s} {'mem exp':>8s} "
+             f"{'at N':>6s} {'time/full':>9s} {'mem/full':>9s}"]
+    for label, rs in rows.items():
+        e = exponents[label]
+        common = [r for r in rs if r["n"] in full]
+        at, tr, mr = "-", "-", "-"
+        if common and label != "full":
+            r = common[-1]
+            at = str(r["n"])
+            tr = f"{r['time_s'] / full[r['n']]['time_s']:.2f}"
+            mr = f"{r['peak_bytes'] / full[r['n']]['peak_bytes']:.2f}"
+        complexity = get(rs[0]["name"]).complexity
+        lines.append(f"{label:20s} {complexity:>16s} {e['n'][0]:>5d}-{e['n'][-1]:<5d} {e['time']:8.2f} "
+                     f"{e['memory']:8.2f} {at:>6s} {tr:>9s} {mr:>9s}")
+    return "\n".join(lines)

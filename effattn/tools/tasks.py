@@ -337,3 +337,41 @@ def make_task(name, *, seq_len=None, seed=0, **kw):
         raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
     seq_len = DEFAULTS[name]["seq_len"] if seq_len is None else seq_len
     return _CLASSES[name](seq_len=seq_len, seed=seed, **kw)
+
+
+# --------------------------------------------------------------------------- recall at a distance
+class DistantRecall(Task):
+    """Decoder task whose answers lie exactly ``lag`` positions back: a window that short cannot learn it.
+
+    A sequence of ``2 * lag`` symbols whose second half repeats the first: x[t] = x[t - lag] for
+    t >= lag. The model predicts the next symbol (y[t] = x[t + 1]); only the targets that are
+    determined by the past count (t + 1 >= lag, the others are IGNORE), and the answer to the query
+    at t is the token at t + 1 - lag, ``lag - 1`` positions back. A mechanism whose stacked layers
+    cannot reach that far sees only independent random symbols and stays at chance,
+    1 / ``n_symbols``; full attention learns the fixed-offset lookup. Vocabulary: the symbols
+    0 .. n_symbols - 1. Not one of :data:`TASKS` (notebook 00b builds its model directly).
+    """
+
+    name, mode = "recall", "decoder"
+
+    def __init__(self, lag=20, seed=0, n_symbols=8, n_eval=256):
+        if isinstance(lag, bool) or not isinstance(lag, int) or lag < 2:
+            raise ValueError(f"lag must be an integer >= 2, got {lag!r}")
+        if isinstance(n_symbols, bool) or not isinstance(n_symbols, int) or n_symbols < 2:
+            raise ValueError(f"n_symbols must be an integer >= 2, got {n_symbols!r}")
+        super().__init__(2 * lag, seed, n_eval)
+        self.lag, self.n_symbols, self.vocab = lag, n_symbols, n_symbols
+
+    @property
+    def chance(self):
+        """The accuracy of a model that cannot see the answer: 1 / n_symbols."""
+        return 1.0 / self.n_symbols
+
+    def _draw(self, rng, size, held_out):
+        from ..nn.functional import IGNORE
+
+        first = rng.integers(0, self.n_symbols, size=(size, self.lag))                  # (B, lag)
+        seq = np.concatenate([first, first, first[:, :1]], axis=1)[:, :self.seq_len + 1]  # (B, N + 1)
+        x, y = seq[:, :-1], seq[:, 1:].copy()                                           # (B, N) each
+        y[:, :self.lag - 1] = IGNORE                                                    # not yet determined
+        return {"x": x, "y": y}

@@ -10,19 +10,19 @@
 # score matrix has N·M entries — time and memory grow as N² for self-attention. Every mechanism of the survey is a way
 # around this matrix.
 #
-# This notebook follows the template used by every notebook here: equations → code (imported from `effattn`,
-# never redefined) → shape and gradient checks → pictures → measured cost → summary and exercises.
+# This notebook follows the template used by every notebook here: equations → the package's own lines that compute
+# them (printed from the source with `effattn.tools.teach.show_source`, never a copy) → shape and gradient checks →
+# pictures → measured cost → an exercise you write and check → summary.
 
 # %%
-import time
-import tracemalloc
-
 import matplotlib.pyplot as plt
 import numpy as np
 
 import effattn
 from effattn.gradcheck import check_gradients, rel_error
 from effattn.figures.style import plot_pattern, plot_patterns
+from effattn.nn import sparse
+from effattn.tools.teach import check_kernel, load_answer, show_source
 
 full = effattn.get("full")
 print(full.title, "|", full.citation, "|", full.complexity)

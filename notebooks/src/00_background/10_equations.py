@@ -8,8 +8,21 @@
 #
 # A mask entry that is False adds $-\infty$ to the score, so that key gets **exactly** zero weight. Three masks cover
 # everything the survey's models need: `causal` (query $i$ sees keys $j\le i$), `key_mask` (padding in variable-length
-# batches) and a general boolean `mask`. In code, `effattn.attention.full.forward` computes exactly these lines
-# (through the shared `effattn.nn.sparse.attend_forward`, which every sparse mechanism also uses on its blocks).
+# batches) and a general boolean `mask`. In code, `effattn.attention.full.forward` combines the masks into one boolean
+# `allowed` array and hands it to the shared softmax core `effattn.nn.sparse.attend_forward`, which every sparse
+# mechanism also runs on its blocks:
+
+# %%
+from effattn.attention import full as full_mod
+
+show_source(full_mod.forward)
+show_source(sparse.attend_forward)
+
+# %% [markdown]
+# Line by line: `s` is $S$ (in base 2: $e^x = 2^{x\log_2 e}$, which NumPy computes faster); `copyto(..., where=~allowed)`
+# is the $+\log\text{mask}$ term; subtracting the row maximum `m` changes nothing in $P$ but keeps `exp2` from
+# overflowing; one product `e @ [V, 1]` gives both $EV$ and the row sums of $E$, so $O = PV = EV / \mathrm{rowsum}(E)$
+# never forms $P$ separately; the log-sum-exp `lse` is kept for mechanisms that combine several softmaxes.
 
 # %%
 rng = np.random.default_rng(0)

@@ -1,7 +1,7 @@
 # %% [markdown]
 # ## 2 · Three modes, three masks
 #
-# The survey (Section 2.4) distinguishes **encoder-only** models (BERT: every token sees every token), **decoder-only**
+# The survey (Section 2, *Background on Transformers*, its subsection *Transformer Mode*) distinguishes **encoder-only** models (BERT: every token sees every token), **decoder-only**
 # models (GPT: token $i$ sees only $j \le i$, so the model can generate left to right) and **encoder-decoder** models (T5:
 # the decoder additionally *cross-attends* from its $N$ positions to the encoder's $M$ outputs). Whether an efficient
 # mechanism can be causal decides whether it can be used in a decoder — several cannot (the registry's `causal` column).

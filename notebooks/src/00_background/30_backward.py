@@ -10,7 +10,14 @@
 #   of an N×M product (the flash-attention identity); masked entries have $P_{ij}=0$ and get no gradient.
 # * $S = QK^\top/\sqrt d \Rightarrow dQ = dS\,K/\sqrt d$ and $dK = dS^\top Q/\sqrt d$.
 #
-# `full.backward` implements these four lines. The oracle is central finite differences, entry by entry, in float64:
+# `full.backward` hands `dout` to the shared `attend_backward`, which implements these four lines (with $P = E\,r_z$,
+# $r_z = 1/\mathrm{rowsum}(E)$, and $dS$ built in one product from $[r_z dO, -r_z\,\mathrm{rowsum}(dO\circ O)]$):
+
+# %%
+show_source(sparse.attend_backward)
+
+# %% [markdown]
+# The oracle is central finite differences, entry by entry, in float64:
 
 # %%
 q2, k2, v2 = (rng.standard_normal((1, 2, 7, 3)) for _ in range(3))
