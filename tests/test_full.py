@@ -77,3 +77,24 @@ def test_registry_entry():
     assert "full" in effattn.names()
     with pytest.raises(ValueError, match="registered: .*full"):
         effattn.get("nope")
+
+
+@pytest.mark.parametrize("n, m, block", [(11, 11, 4), (10, 7, 3), (6, 13, 4), (9, 9, 16)])
+def test_causal_row_blocks_match_literal_and_gradients(monkeypatch, n, m, block):
+    """The causal path by row blocks (tiles above the diagonal skipped): equal to the literal masked
+    formula, key masks included, for N, M that the block does not divide, and N != M; gradients
+    by finite differences; the weights zero above the diagonal."""
+    monkeypatch.setattr(full, "CAUSAL_BLOCK", block)
+    q, k, v = rng.standard_normal((2, n, 4)), rng.standard_normal((2, m, 4)), rng.standard_normal((2, m, 3))
+    km = rng.random((2, m)) > 0.3
+    km[:, 0] = True
+    allowed = (np.arange(m)[None, :] <= np.arange(n)[:, None])[None] & km[:, None, :]
+    out, cache = full.forward(q, k, v, causal=True, key_mask=km)
+    np.testing.assert_allclose(out, literal(q, k, v, allowed, 0.5), atol=1e-12)
+    assert len(cache.saved.parts) == -(-n // block)
+    w = full.weights(cache)
+    np.testing.assert_allclose(w @ v, out, atol=1e-12)
+    assert not np.any(w[:, ~np.tril(np.ones((n, m), bool))])
+    np.testing.assert_array_equal(full.pattern(cache), np.broadcast_to(allowed, w.shape))
+    err = check_gradients(full.forward, full.backward, {"q": q, "k": k, "v": v}, {"causal": True, "key_mask": km})
+    assert max(err.values()) < 1e-7, err

@@ -111,12 +111,15 @@ class AttendCache(NamedTuple):
         return self.e * self.rz
 
 
-def attend_forward(qb, kb, vb, allowed=None, scale=1.0, bias=None):
+def attend_forward(qb, kb, vb, allowed=None, scale=1.0, bias=None, diagonal=None):
     """Masked softmax attention inside each group (also plain dense attention: G absent).
 
     qb (..., G, bq, d), kb (..., G, bk, d), vb (..., G, bk, dv);
     allowed bool broadcastable to (..., G, bq, bk) (None = all allowed);
-    bias optional additive logits broadcastable to (..., G, bq, bk).
+    bias optional additive logits broadcastable to (..., G, bq, bk);
+    diagonal optional int t0 >= 0: a causal row block, query row r sits at key position t0 + r and
+    sees keys j <= t0 + r (ANDed with ``allowed``); only the columns j >= t0 are touched, so a
+    block of rows of causal attention pays no masking pass over the keys before it.
     Returns out (..., G, bq, dv), lse (..., G, bq) (-inf for an empty row), cache.
 
     One (bq x bk) buffer per group holds S, then E = exp(S - rowmax) in place (the
@@ -130,6 +133,10 @@ def attend_forward(qb, kb, vb, allowed=None, scale=1.0, bias=None):
         s += bias * LOG2E
     if allowed is not None:
         xp.copyto(s, NEG_INF, where=~allowed)       # masked: exactly zero weight after exp
+    if diagonal is not None and diagonal < s.shape[-1]:
+        r = xp.arange(s.shape[-2])[:, None]
+        c = xp.arange(s.shape[-1] - diagonal)[None, :]
+        xp.copyto(s[..., diagonal:], NEG_INF, where=c > r)   # key t0 + c is after query t0 + r
     m = s.max(axis=-1, keepdims=True)               # rowmax (..., bq, 1); -inf for an empty row
     m = xp.where(xp.isfinite(m), m, 0.0).astype(s.dtype, copy=False)
     s -= m
