@@ -25,6 +25,12 @@ reverse order; the residual ``x + f(x)`` passes ``dx + f'(dx)``. Shapes:
 B batch, N (target) length, M source length, D model width, V vocabulary,
 C classes.
 
+Efficiency techniques (issue 16; :class:`Stack`'s docstring has the details): ``ffn_chunk=c``
+runs the feed-forwards by chunks of c positions; ``checkpoint=k`` keeps the input of every k-th
+block and recomputes the rest in the backward; ``reversible=True`` makes every block a
+reversible pair Y_1 = X_1 + F(X_2), Y_2 = X_2 + G(Y_1) whose backward rebuilds its input from
+its output. All three are keywords of every model (passed on to the stacks).
+
 Decoding (issue 17): the causal stacks also run one token at a time, layer by layer, with a
 state per layer (:class:`StackState`: each block's self-attention state -- the kernel's own, e.g.
 full attention's KV cache -- and, in the encoder-decoder, its cross-attention's projected
@@ -73,7 +79,8 @@ class Block(Module):
     """One pre-LN block: self-attention, optional cross-attention, feed-forward, each residual."""
 
     def __init__(self, d_model, heads, d_ff, rng, *, attention="full", attn_config=None, causal=False,
-                 cross=False, cross_attention="full", cross_config=None, max_len=512, dtype="float64"):
+                 cross=False, cross_attention="full", cross_config=None, max_len=512, dtype="float64",
+                 ffn_chunk=None):
         super().__init__()
         self.ln1 = LayerNorm(d_model, dtype=dtype)
         self.attn = MultiHeadAttention(d_model, heads, rng, attention=attention, attn_config=attn_config,
@@ -84,7 +91,7 @@ class Block(Module):
             self.xattn = MultiHeadAttention(d_model, heads, rng, attention=cross_attention,
                                             attn_config=cross_config, causal=False, max_len=max_len, dtype=dtype)
         self.ln3 = LayerNorm(d_model, dtype=dtype)
-        self.ff = FeedForward(d_model, d_ff, rng, dtype=dtype)
+        self.ff = FeedForward(d_model, d_ff, rng, dtype=dtype, chunk=ffn_chunk)
 
     def forward(self, x, key_mask=None, memory=None, memory_mask=None):
         x = x + self.attn.forward(self.ln1.forward(x), key_mask=key_mask)                  # (B, N, D)
@@ -126,14 +133,111 @@ class Block(Module):
         dh, _ = self.attn.backward(dx)
         return dx + self.ln1.backward(dh), dmem
 
+    # ----------------------------------------------------------------------- reversible
+    # The block as a reversible pair (Gomez et al., 2017; Reformer, Section 3): the attention
+    # sub-layers form F, the feed-forward G, with the block's own pre-LN placement:
+    #     F(x) = A(LN_1 x)                                   without cross-attention
+    #     F(x) = a + C(LN_2 (x + a), memory),  a = A(LN_1 x)  with it (self then cross, as forward)
+    #     G(x) = FFN(LN_3 x)
+    #     Y_1 = X_1 + F(X_2),   Y_2 = X_2 + G(Y_1)
+    def rev_f(self, x, key_mask=None, memory=None, memory_mask=None):
+        """F(x) (B, N, D): the attention sub-layers without their residual."""
+        a = self.attn.forward(self.ln1.forward(x), key_mask=key_mask)
+        if not self.cross:
+            return a
+        return a + self.xattn.forward(self.ln2.forward(x + a), kv=memory, key_mask=memory_mask)
+
+    def rev_f_backward(self, df):
+        """(dF/dx^T df, dmemory) after :meth:`rev_f`. With cross-attention, h = x + a:
+        dh = LN_2'^T C'^T df, da = df + dh, dx = dh + LN_1'^T A'^T da."""
+        if not self.cross:
+            dh, _ = self.attn.backward(df)
+            return self.ln1.backward(dh), None
+        dc, dmem = self.xattn.backward(df)
+        dh = self.ln2.backward(dc)                           # d(x + a)
+        da, _ = self.attn.backward(df + dh)
+        return dh + self.ln1.backward(da), dmem
+
+    def rev_g(self, x):
+        """G(x) = FFN(LN_3 x) (B, N, D)."""
+        return self.ff.forward(self.ln3.forward(x))
+
+    def rev_g_backward(self, dg):
+        return self.ln3.backward(self.ff.backward(dg))
+
+    def rev_forward(self, x1, x2, key_mask=None, memory=None, memory_mask=None):
+        """(X_1, X_2) -> (Y_1, Y_2) = (X_1 + F(X_2), X_2 + G(Y_1))."""
+        y1 = x1 + self.rev_f(x2, key_mask, memory, memory_mask)
+        return y1, x2 + self.rev_g(y1)
+
+    def rev_backward_stored(self, dy1, dy2):
+        """The chain rule through the stored forward: returns (dX_1, dX_2, dmemory).
+
+            dY_1' = dY_1 + G'(Y_1)^T dY_2,   dX_2 = dY_2 + F'(X_2)^T dY_1',   dX_1 = dY_1'
+        """
+        dy1 = dy1 + self.rev_g_backward(dy2)
+        dfx, dmem = self.rev_f_backward(dy1)
+        return dy1, dy2 + dfx, dmem
+
+    def rev_backward(self, y1, y2, dy1, dy2, key_mask=None, memory=None, memory_mask=None):
+        """Reconstruct the input from the output, then backpropagate: returns
+        (X_1, X_2, dX_1, dX_2, dmemory). Nothing of the forward is needed but (Y_1, Y_2)::
+
+            X_2 = Y_2 - G(Y_1)        (G re-run: its cache, then its backward)
+            X_1 = Y_1 - F(X_2)        (F re-run: its cache, then its backward)
+
+        and the gradients as :meth:`rev_backward_stored`; the caches are dropped after."""
+        x2 = y2 - self.rev_g(y1)
+        dy1 = dy1 + self.rev_g_backward(dy2)
+        x1 = y1 - self.rev_f(x2, key_mask, memory, memory_mask)
+        dfx, dmem = self.rev_f_backward(dy1)
+        self.drop_caches()
+        return x1, x2, dy1, dy2 + dfx, dmem
+
 
 class Stack(Module):
-    """Embedding + positions + L blocks + final LayerNorm: ids (B, N) -> states (B, N, D)."""
+    """Embedding + positions + L blocks + final LayerNorm: ids (B, N) -> states (B, N, D).
+
+    Efficiency techniques (issue 16; they change how the stack runs, not what it computes,
+    except ``reversible``, which is its own architecture):
+
+    * ``ffn_chunk=c``: every block's feed-forward runs by chunks of c positions
+      (:class:`~effattn.nn.modules.FeedForward`): same result, O(c D_ff) hidden memory.
+    * ``checkpoint=k`` (Chen et al., 2016, https://arxiv.org/abs/1604.06174): the forward keeps
+      only the input of blocks 0, k, 2k, ... and drops every block's cache; the backward re-runs
+      each segment of k blocks from its saved input (caches kept this time), backpropagates
+      through it and drops it again. Same gradients; activation memory ~ (L/k) x + k blocks'
+      caches, O(sqrt L) for k = sqrt L, at the price of one more forward.
+    * ``reversible=True`` (Gomez et al., 2017, https://arxiv.org/abs/1707.04585; Reformer,
+      Kitaev et al. 2020): the input is duplicated, X_1 = X_2 = x, each block maps
+      (X_1, X_2) -> (Y_1, Y_2) = (X_1 + F(X_2), X_2 + G(Y_1)) with F the block's pre-LN
+      attention sub-layers (self, then cross in a decoder with memory) and G its pre-LN
+      feed-forward (:meth:`Block.rev_forward`), and the last block's halves are averaged,
+      h = LN_f((Y_1 + Y_2) / 2) (as reformer-pytorch). The backward reconstructs each block's
+      input from its output (:meth:`Block.rev_backward`), so no block's activations are stored:
+      memory does not grow with L. ``reconstruct=False`` keeps every block's caches and runs
+      the plain chain rule through them instead (the oracle of the tests). After a
+      reconstructing backward, ``reconstruction_error`` is max |X_rec - x| / max |x| over both
+      halves at the bottom of the stack (0 in exact arithmetic).
+
+    ``checkpoint`` and ``reversible`` exclude each other. Decoding token by token
+    (``prefill``/``step``) is the plain blocks' only: a reversible stack decodes by recomputing
+    (``generate`` falls back to it by itself).
+    """
 
     def __init__(self, vocab, rng, *, d_model=32, heads=2, layers=2, d_ff=None, max_len=128,
                  attention="full", attn_config=None, causal=False, cross=False, cross_attention="full",
-                 cross_config=None, positions="sinusoidal", dtype="float64"):
+                 cross_config=None, positions="sinusoidal", dtype="float64", ffn_chunk=None,
+                 checkpoint=None, reversible=False, reconstruct=True):
         super().__init__()
+        self.reversible = check_bool("reversible", reversible)
+        self.reconstruct = check_bool("reconstruct", reconstruct)
+        self.checkpoint = None if checkpoint is None else check_int("checkpoint", checkpoint)
+        if self.reversible and self.checkpoint is not None:
+            raise ValueError("checkpoint: a reversible stack stores no block's activations already; "
+                             "use checkpoint or reversible, not both")
+        ffn_chunk = None if ffn_chunk is None else check_int("ffn_chunk", ffn_chunk)
+        self.reconstruction_error = None
         self.d_model = check_int("d_model", d_model)
         heads, layers = check_int("heads", heads), check_int("layers", layers)
         if d_model % heads:
@@ -150,7 +254,7 @@ class Stack(Module):
         self.blocks = [self.add(f"blocks.{i}", Block(d_model, heads, d_ff, rng, attention=attention,
                                                      attn_config=attn_config, causal=causal, cross=cross,
                                                      cross_attention=cross_attention, cross_config=cross_config,
-                                                     max_len=max_len, dtype=dtype))
+                                                     max_len=max_len, dtype=dtype, ffn_chunk=ffn_chunk))
                        for i in range(layers)]
         self.ln_f = LayerNorm(d_model, dtype=dtype)
 
@@ -161,29 +265,97 @@ class Stack(Module):
         if n > self.max_len:
             raise ValueError(f"sequence length {n} exceeds max_len={self.max_len} (the positions the model has)")
         x = self.embed.forward(ids) + self._positions()[:n]  # (B, N, D) + (N, D)
-        for blk in self.blocks:
-            x = blk.forward(x, key_mask=key_mask, memory=memory, memory_mask=memory_mask)
+        ctx = dict(key_mask=key_mask, memory=memory, memory_mask=memory_mask)
         self.cache = n
+        self._ctx, self._saved = ctx, None
+        if self.reversible:
+            return self.ln_f.forward(self._rev_forward(x, ctx))
+        for i, blk in enumerate(self.blocks):
+            if self.checkpoint is not None:
+                if i % self.checkpoint == 0:
+                    self._saved = (self._saved or []) + [x]   # the input of each segment
+                x = blk.forward(x, **ctx)
+                blk.drop_caches()                            # recomputed in the backward
+            else:
+                x = blk.forward(x, **ctx)
         return self.ln_f.forward(x)                          # (B, N, D)
+
+    def _rev_forward(self, x, ctx):
+        x1 = x2 = x                                          # the input, duplicated
+        for blk in self.blocks:
+            x1, x2 = blk.rev_forward(x1, x2, **ctx)
+            if self.reconstruct:
+                blk.drop_caches()                            # rebuilt from (Y_1, Y_2) in the backward
+        self._saved = (x1, x2, x if self.reconstruct else None)
+        return 0.5 * (x1 + x2)                               # (B, N, D)
 
     def backward(self, dh):
         """Backprop states' gradient (B, N, D); returns d memory (summed over blocks) or None."""
         n = self.cache
         dx = self.ln_f.backward(dh)
         dmem = None
-        for blk in reversed(self.blocks):
-            dx, dm = blk.backward(dx)
-            if dm is not None:
-                dmem = dm if dmem is None else dmem + dm
+        if self.reversible:
+            dx, dmem = self._rev_backward(dx)
+        elif self.checkpoint is not None:
+            dx, dmem = self._checkpoint_backward(dx)
+        else:
+            for blk in reversed(self.blocks):
+                dx, dm = blk.backward(dx)
+                if dm is not None:
+                    dmem = dm if dmem is None else dmem + dm
         if self.positions == "learned":
             self.grads["pos"][:n] += dx.sum(axis=0)
         self.embed.backward(dx)
         return dmem
 
+    def _checkpoint_backward(self, dx):
+        """Re-run each segment of ``checkpoint`` blocks from its saved input, last segment first,
+        backpropagate through it, and drop it again: (dx, dmemory)."""
+        k, ctx, saved = self.checkpoint, self._ctx, self._saved
+        dmem = None
+        for s in reversed(range(len(saved))):
+            seg = self.blocks[s * k:(s + 1) * k]
+            x = saved[s]
+            for blk in seg:
+                x = blk.forward(x, **ctx)                    # the caches, once more
+            del x
+            saved[s] = None
+            for blk in reversed(seg):
+                dx, dm = blk.backward(dx)
+                if dm is not None:
+                    dmem = dm if dmem is None else dmem + dm
+                blk.drop_caches()
+        self._saved = None
+        return dx, dmem
+
+    def _rev_backward(self, dx):
+        """Down the reversible blocks: h = (Y_1 + Y_2) / 2 gives dY_1 = dY_2 = dh / 2; each block
+        reconstructs its input (or uses its stored caches with ``reconstruct=False``); the
+        duplicated input gets dx = dX_1 + dX_2. Returns (dx, dmemory)."""
+        y1, y2, x_in = self._saved
+        self._saved = None
+        dy1 = dy2 = 0.5 * dx
+        dmem = None
+        for blk in reversed(self.blocks):
+            if self.reconstruct:
+                y1, y2, dy1, dy2, dm = blk.rev_backward(y1, y2, dy1, dy2, **self._ctx)
+            else:
+                dy1, dy2, dm = blk.rev_backward_stored(dy1, dy2)
+            if dm is not None:
+                dmem = dm if dmem is None else dmem + dm
+        if self.reconstruct:
+            xp = get_namespace(x_in)
+            big = max(float(xp.abs(x_in).max()), 1e-30) if x_in.size else 1.0
+            self.reconstruction_error = max(float(xp.abs(y1 - x_in).max()), float(xp.abs(y2 - x_in).max())) / big \
+                if x_in.size else 0.0
+        return dy1 + dy2, dmem
+
     # ----------------------------------------------------------------------- decoding
     def why_no_step(self):
         """None when this stack decodes token by token (causal, every self-attention kernel with
         ``step``, cross-attention ``full``), else the reason."""
+        if self.reversible:
+            return "a reversible stack decodes by recomputing only (its blocks have no prefill/step)"
         for i, blk in enumerate(self.blocks):
             why = blk.attn.why_no_step() or (blk.xattn.why_no_step(cross=True) if blk.cross else None)
             if why:
@@ -260,11 +432,13 @@ class Stack(Module):
 class Model(Module):
     """Shared training surface: ``forward_batch``, ``targets``, ``loss_and_backward``."""
 
-    def loss_and_backward(self, batch, backward=True):
+    def loss_and_backward(self, batch, backward=True, loss_scale=None):
         """Cross-entropy (padding ignored) of one batch, then backward into ``grads``.
 
         Returns (loss, correct, count): mean loss, number of correct argmax
-        predictions and number of counted targets.
+        predictions and number of counted targets. ``loss_scale`` S (a Python float, mixed
+        precision: :class:`effattn.nn.precision.LossScaler`) backpropagates S * loss, so every
+        gradient is S times the true one (the loss returned is the true one).
         """
         logits = self.forward_batch(batch)
         y = batch["y"]
@@ -274,7 +448,8 @@ class Model(Module):
         count = int(valid.sum())
         if backward:
             # cross_entropy_backward gives float64 for float32 logits (bool mask * float): cast back
-            self.backward(F.cross_entropy_backward(cache))
+            dlogits = F.cross_entropy_backward(cache)
+            self.backward(dlogits if loss_scale is None else dlogits * float(loss_scale))
         return loss, correct, count
 
     def attention_layers(self):

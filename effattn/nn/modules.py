@@ -105,6 +105,16 @@ class Module:
     def _acc(self, name, g):
         self.grads[name] += g
 
+    def drop_caches(self):
+        """Forget what every forward in the tree kept for its backward (``cache``, and a
+        :class:`~effattn.models.attention.MultiHeadAttention`'s ``kernel_cache``), so the
+        arrays can be freed: reversible layers and checkpointing recompute them instead. A
+        ``backward`` needs a fresh ``forward`` after this."""
+        for _, m in self.modules():
+            for attr in ("cache", "kernel_cache"):
+                if attr in m.__dict__:
+                    object.__setattr__(m, attr, None)
+
 
 def _normal(rng, shape, std, dtype):
     """Host draw N(0, std^2) moved to the active backend."""
@@ -121,7 +131,17 @@ def _ones(shape, dtype):
 
 # --------------------------------------------------------------------------- layers
 class Linear(Module):
-    """y = x W + b.  W (d_in, d_out) ~ N(0, 1/d_in) (LeCun), b = 0."""
+    """y = x W + b.  W (d_in, d_out) ~ N(0, 1/d_in) (LeCun), b = 0.
+
+    ``storage`` (default None: exact) emulates low-precision storage for mixed-precision
+    training (:mod:`effattn.nn.precision`, ``set_storage``): a function that rounds an array
+    to the format (float32 values representable in bfloat16 / float16). The layer then
+    computes with a rounded working copy of W and a rounded input, rounds its output, and
+    rounds the gradients it passes back (dx, dW, db): the products accumulate in float32 (as
+    a bf16/fp16 matmul unit does), the parameters themselves stay the float32 master copy.
+    """
+
+    storage = None
 
     def __init__(self, d_in, d_out, rng, *, bias=True, dtype="float64", std=None):
         super().__init__()
@@ -131,11 +151,18 @@ class Linear(Module):
             self.add_param("b", _zeros((d_out,), dtype))
 
     def forward(self, x):
-        y, self.cache = F.linear_forward(x, self.params["W"], self.params.get("b"))   # (..., d_in) -> (..., d_out)
-        return y
+        rnd = self.storage
+        if rnd is None:
+            y, self.cache = F.linear_forward(x, self.params["W"], self.params.get("b"))   # (..., d_in) -> (..., d_out)
+            return y
+        y, self.cache = F.linear_forward(rnd(x), rnd(self.params["W"]), self.params.get("b"))
+        return rnd(y)
 
     def backward(self, dy):
         g = F.linear_backward(dy, self.cache)
+        rnd = self.storage
+        if rnd is not None:
+            g = {k: rnd(v) for k, v in g.items()}
         self._acc("W", g["W"])
         if "b" in self.params:
             self._acc("b", g["b"])
@@ -164,21 +191,75 @@ class LayerNorm(Module):
 
 
 class FeedForward(Module):
-    """Position-wise MLP: Linear(D, D_ff) - GELU - Linear(D_ff, D)."""
+    """Position-wise MLP: Linear(D, D_ff) - GELU - Linear(D_ff, D), optionally by chunks.
 
-    def __init__(self, d_model, d_ff, rng, *, dtype="float64"):
+        FFN(x) = GELU(x W_1 + b_1) W_2 + b_2          x (..., D) -> (..., D), hidden (..., D_ff)
+
+    ``chunk=None`` (default): one pass; the backward keeps the hidden activations, about
+    three (R, D_ff) arrays for R = prod(leading axes) positions.
+
+    ``chunk=c`` (Reformer, Kitaev et al. 2020, Section 3, "chunking"): the FFN acts on each
+    position alone, so the R rows are cut into blocks of c rows and each block goes through the
+    MLP on its own. The forward keeps only its input x (R, D); the backward recomputes each
+    block's hidden activations from x and backpropagates through it at once:
+
+        for each block X_c (c, D):  H = X_c W_1 + b_1,  A = GELU(H),  Y_c = A W_2 + b_2
+        backward:                   dW_2 += A^T dY_c,  dA = dY_c W_2^T,  dH = GELU'(H) * dA,
+                                    dW_1 += X_c^T dH,  dX_c = dH W_1^T
+
+    Same result and gradients (to rounding: the sums over rows are split by blocks), peak
+    memory O(c D_ff) instead of O(R D_ff), one more fc1 + GELU + fc2 per block in the backward.
+    """
+
+    def __init__(self, d_model, d_ff, rng, *, dtype="float64", chunk=None):
         super().__init__()
+        self.chunk = None if chunk is None else check_int("chunk", chunk)
         self.fc1 = Linear(d_model, d_ff, rng, dtype=dtype)
         self.fc2 = Linear(d_ff, d_model, rng, dtype=dtype)
 
     def forward(self, x):
+        if self.chunk is not None:
+            return self._chunked_forward(x)
         h = self.fc1.forward(x)                  # (..., D) -> (..., D_ff)
         a, self.cache = F.gelu_forward(h)
         return self.fc2.forward(a)               # (..., D_ff) -> (..., D)
 
     def backward(self, dy):
+        if self.chunk is not None:
+            return self._chunked_backward(dy)
         da = self.fc2.backward(dy)
         return self.fc1.backward(F.gelu_backward(da, self.cache))
+
+    def _rows(self, x):
+        """x (..., D) -> (R, D) rows and the block starts 0, c, 2c, ..."""
+        x2 = x.reshape(-1, x.shape[-1])
+        return x2, range(0, x2.shape[0], self.chunk)
+
+    def _chunked_forward(self, x):
+        xp = get_namespace(x)
+        x2, starts = self._rows(x)
+        W2 = self.fc2.params["W"]
+        y = xp.empty((x2.shape[0], W2.shape[1]), dtype=xp.result_type(x2, W2))
+        for s in starts:                                       # one block of c rows at a time
+            a, _ = F.gelu_forward(self.fc1.forward(x2[s:s + self.chunk]))      # (c, D_ff), freed next turn
+            y[s:s + self.chunk] = self.fc2.forward(a)                           # (c, D)
+        self.fc1.cache = self.fc2.cache = None                 # keep only x
+        self.cache = x
+        return y.reshape(x.shape[:-1] + (y.shape[-1],))
+
+    def _chunked_backward(self, dy):
+        xp = get_namespace(dy)
+        x = self.cache
+        x2, starts = self._rows(x)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = xp.empty(x2.shape, dtype=dy.dtype)
+        for s in starts:                                       # recompute the block, then its backward
+            a, gcache = F.gelu_forward(self.fc1.forward(x2[s:s + self.chunk]))
+            self.fc2.forward(a)
+            da = self.fc2.backward(dy2[s:s + self.chunk])      # accumulates dW_2, db_2
+            dx[s:s + self.chunk] = self.fc1.backward(F.gelu_backward(da, gcache))   # accumulates dW_1, db_1
+        self.fc1.cache = self.fc2.cache = None
+        return dx.reshape(x.shape)
 
 
 class Embedding(Module):
