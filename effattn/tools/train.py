@@ -60,13 +60,17 @@ from .. import backend, registry
 from ..models import MODES
 from ..models.attention import resolve_kernel
 from ..nn.optim import Adam, WarmupDecay, clip_grad_norm
+from ..nn.precision import PRECISIONS, LossScaler, set_storage
 from ..validate import NonFiniteError
 from .tasks import DEFAULTS, TASKS, make_task
 
 FORMAT = "effattn-train-1"
 # settings that must match for a checkpoint to be resumed
 STRUCTURAL = ("task", "attention", "attn", "decoder_attention", "cross_attention", "layers", "d_model", "heads",
-              "d_ff", "seq_len", "dtype", "positions", "pool", "seed", "schedule", "warmup", "decay_steps")
+              "d_ff", "seq_len", "dtype", "positions", "pool", "seed", "schedule", "warmup", "decay_steps",
+              "reversible")
+# what a checkpoint written before a structural setting existed had instead
+STRUCTURAL_DEFAULTS = {"reversible": False}
 # kernel arguments the trainer passes itself, so --attn may not set them (where each comes from)
 TRAINER_SETS = {"q": "the model's query projection", "k": "the model's key projection",
                 "v": "the model's value projection", "causal": "the task (decoders are causal)",
@@ -159,6 +163,16 @@ def add_train_arguments(parser):
                         "(NaN/inf) nothing is saved and the file keeps what it held")
     p.add_argument("--resume", default=None, metavar="PATH", help="continue from a checkpoint (never overwritten "
                    "when refused)")
+    g = p.add_argument_group("efficiency techniques (issue 16; notebook 10)")
+    g.add_argument("--reversible", action="store_true",
+                   help="reversible blocks: the backward rebuilds each block's input from its output")
+    g.add_argument("--checkpoint", type=int, default=None, metavar="K",
+                   help="gradient checkpointing: keep every K-th block's input, recompute the rest in the backward")
+    g.add_argument("--ffn-chunk", type=int, default=None, metavar="C",
+                   help="run the feed-forwards by chunks of C positions (same result, less memory)")
+    g.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="bf16/fp16: linear layers compute and store in 16 bits over float32 master weights "
+                        "(fp16 with dynamic loss scaling; needs --dtype float32)")
     return parser
 
 
@@ -184,16 +198,26 @@ def settings_from_args(args):
         "positions": args.positions, "pool": args.pool, "dtype": args.dtype, "seed": args.seed,
         "eval_every": args.eval_every, "backend": args.backend or backend.get_backend(),
         "threads": args.threads, "save": args.save, "resume": args.resume,
+        "reversible": bool(getattr(args, "reversible", False)), "checkpoint": getattr(args, "checkpoint", None),
+        "ffn_chunk": getattr(args, "ffn_chunk", None), "precision": getattr(args, "precision", "fp32"),
     }
     for key in ("steps", "layers", "d_model", "heads", "seq_len", "batch_size"):
         v = s[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {v!r}")
     for key, lo in (("warmup", 0), ("eval_every", 0), ("decay_steps", 1), ("d_ff", 1), ("max_len", 1),
-                    ("threads", 1)):
+                    ("threads", 1), ("checkpoint", 1), ("ffn_chunk", 1)):
         v = s[key]
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
             raise ValueError(f"--{key.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
+    if s["reversible"] and s["checkpoint"] is not None:
+        raise ValueError("--checkpoint: a reversible model stores no block's activations already; "
+                         "use --checkpoint or --reversible, not both")
+    if s["precision"] not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {s['precision']!r}")
+    if s["precision"] != "fp32" and s["dtype"] != "float32":
+        raise ValueError(f"--precision {s['precision']} emulates 16-bit storage over float32 master weights; "
+                         f"use --dtype float32 (got {s['dtype']})")
     if s["d_model"] % s["heads"]:
         raise ValueError(f"--heads {s['heads']} must divide --d-model {s['d_model']}")
     if not (s["lr"] > 0 and math.isfinite(s["lr"])):
@@ -295,7 +319,8 @@ def build(s):
     attn_config = dict(s["attn"])
     rng = np.random.default_rng([s["seed"], 1])
     kw = dict(d_model=s["d_model"], heads=s["heads"], layers=s["layers"], d_ff=s["d_ff"], max_len=s["max_len"],
-              attention=s["attention"], attn_config=attn_config, positions=s["positions"], dtype=s["dtype"])
+              attention=s["attention"], attn_config=attn_config, positions=s["positions"], dtype=s["dtype"],
+              reversible=s.get("reversible", False), checkpoint=s.get("checkpoint"), ffn_chunk=s.get("ffn_chunk"))
     cls = MODES[task.mode]
     if task.mode == "encoder":
         model = cls(task.vocab, task.n_classes, rng, pool=s["pool"], **kw)
@@ -309,6 +334,7 @@ def build(s):
         if clash:
             raise ValueError(f"--attn {clash[0]}: {clash[0]!r} is a learnable parameter of {s['attention']}, "
                              f"made by the trainer; remove it")
+    set_storage(model, s.get("precision", "fp32"))
     params = dict(model.parameters())
     opt = Adam(params, lr=s["lr"])
     sched = WarmupDecay(s["lr"], warmup=s["warmup"], total=s["decay_steps"], kind=s["schedule"])
@@ -356,7 +382,7 @@ def _interrupt_deferred():
 
 
 def fit(model, task, opt, sched, rng, *, steps, start=0, batch_size=32, clip=1.0, eval_every=0,
-        progress=True, history=None, desc="train"):
+        progress=True, history=None, desc="train", scaler=None):
     """Train from step ``start`` to ``steps`` (totals). Returns the history dict
     {"step", "loss", "acc", "eval_step", "eval_loss", "eval_acc"} (lists, appended to ``history``).
 
@@ -364,11 +390,16 @@ def fit(model, task, opt, sched, rng, *, steps, start=0, batch_size=32, clip=1.0
     gradient is NaN or inf; that step's update is not applied. On Ctrl-C raises
     :class:`Interrupted` with ``step`` the last completed step: ``model``, ``opt`` and ``rng`` are
     as they were right after it (the update runs with Ctrl-C held; the generator is set back
-    to before the interrupted step's batch), so saving them resumes bit for bit."""
+    to before the interrupted step's batch), so saving them resumes bit for bit.
+
+    ``scaler`` (:class:`effattn.nn.precision.LossScaler`, float16 training): the backward runs on
+    S * loss, the gradients are divided by S; a step whose gradients overflowed applies no update
+    (counted in ``history["skipped"]``, S halved) instead of raising :class:`Diverged`."""
     from tqdm import tqdm
 
     h = history if history is not None else {"step": [], "loss": [], "acc": [], "eval_step": [], "eval_loss": [],
                                              "eval_acc": []}
+    h.setdefault("skipped", [])
     hide = not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
     bar = tqdm(total=steps, initial=start, desc=desc, disable=hide, leave=False, dynamic_ncols=True)
     run_loss = run_acc = None
@@ -379,10 +410,27 @@ def fit(model, task, opt, sched, rng, *, steps, start=0, batch_size=32, clip=1.0
             try:
                 batch = to_device(task.batch(rng, batch_size))
                 model.zero_grad()
-                loss, correct, count = model.loss_and_backward(batch)
+                overflow = False
+                if scaler is None:
+                    loss, correct, count = model.loss_and_backward(batch)
+                else:
+                    try:
+                        loss, correct, count = model.loss_and_backward(batch, loss_scale=scaler.scale)
+                    except (ValueError, FloatingPointError) as exc:     # the scaled backward overflowed
+                        if not _nonfinite(exc):
+                            raise
+                        overflow = True
+                        loss, correct, count = model.loss_and_backward(batch, backward=False)
                 if not math.isfinite(loss):
                     raise FloatingPointError("the loss is not finite")
                 grads = dict(model.gradients())
+                if overflow:
+                    scaler.overflowed()
+                if overflow or (scaler is not None and not scaler.unscale(grads)):
+                    h["skipped"].append(t)                # an overflow: no update, a smaller scale next step
+                    done, rng_done = t, rng.bit_generator.state
+                    bar.update(1)
+                    continue
                 if clip:
                     clip_grad_norm(grads, clip)           # NonFiniteGradient, nothing scaled, if one is NaN/inf
                 with _interrupt_deferred():
@@ -497,7 +545,7 @@ def load_checkpoint(path, model, opt, rng, settings):
     data = _read_npz(path)
     step, saved, rng_state = _read_meta(path, data, rng)
     diff = [f"{k}: checkpoint {saved.get(k)!r} != now {settings.get(k)!r}" for k in STRUCTURAL
-            if _norm(saved.get(k)) != _norm(settings.get(k))]
+            if _norm(saved.get(k, STRUCTURAL_DEFAULTS.get(k))) != _norm(settings.get(k))]
     if diff:
         raise ValueError(f"checkpoint {path!r} was made with other settings: " + "; ".join(diff))
     params = {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
@@ -555,6 +603,9 @@ def _run(s, progress=True):
     check_memory(s)
     t0 = time.time()
     task, model, opt, sched = build(s)
+    # float16 needs loss scaling (its gradients underflow); bfloat16 has float32's range and does not.
+    # A resumed run starts the scale afresh (the first steps may be skipped until it settles).
+    scaler = LossScaler() if s.get("precision") == "fp16" else None
     rng = np.random.default_rng([s["seed"], 2])
     start = done = 0
     if s["resume"]:
@@ -564,7 +615,7 @@ def _run(s, progress=True):
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             h = fit(model, task, opt, sched, rng, steps=s["steps"], start=start, batch_size=s["batch_size"],
                     clip=s["clip"], eval_every=s["eval_every"], progress=progress,
-                    desc=f"{s['task']}/{s['attention']}")
+                    desc=f"{s['task']}/{s['attention']}", scaler=scaler)
             done = s["steps"]
             try:
                 loss, acc = evaluate(model, task)
@@ -593,7 +644,8 @@ def _run(s, progress=True):
         "eval_history": [[st, round(a, 4)] for st, a in zip(h["eval_step"], h["eval_acc"])],
         "params": model.num_parameters(), "seq_len": s["seq_len"], "seed": s["seed"],
         "backend": backend.get_backend(), "resumed_from": start if s["resume"] else None,
-        "seconds": round(time.time() - t0, 2),
+        "seconds": round(time.time() - t0, 2), "precision": s.get("precision", "fp32"),
+        "loss_scale": None if scaler is None else scaler.scale, "skipped_steps": len(h.get("skipped", ())),
     }
     return {"result": result, "task": task, "model": model, "history": h, "settings": s}
 
