@@ -28,7 +28,8 @@
 # Every exact mechanism here keeps the contract of the package: its output equals full softmax attention masked by
 # the pattern that its `pattern(cache)` rebuilds from the paper's rule, and its `weights(cache)` is the
 # $N \times N$ matrix with `out == weights @ v`. Memory-compressed attention is the one approximation of the chapter:
-# it attends to *summaries* of the keys.
+# it attends to *summaries* of the keys. Beside each rule, the cells print the package's own lines that compute it
+# (`effattn.tools.teach.show_source`: the source itself, never a copy).
 
 # %%
 import time
@@ -39,6 +40,7 @@ import numpy as np
 import effattn
 from effattn.gradcheck import check_gradients, rel_error
 from effattn.figures.style import plot_pattern, plot_patterns
+from effattn.tools.teach import check_kernel, load_answer, show_source
 
 full = effattn.get("full")
 fixed_pattern_names = [n for n in effattn.names() if effattn.get(n).notebook == "01_fixed_patterns"]

@@ -27,6 +27,11 @@
 # query of every block sees only itself in a decoder.
 
 # %%
+from effattn.nn import blockwise
+
+show_source(blockwise.blockwise_forward)     # what local.forward calls: before = look_back b, after = look_ahead b
+
+# %%
 from effattn.attention import local as local_mod
 
 local = effattn.get("local")

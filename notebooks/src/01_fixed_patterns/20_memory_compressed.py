@@ -32,6 +32,12 @@
 # %%
 from effattn.attention import memory_compressed as mc_mod
 
+show_source(mc_mod._compress)                                   # K^c and V^c: one product each
+show_source(mc_mod.forward, "allowed = slot_visibility", "return out, MemoryCompressedCache")
+
+# %%
+from effattn.attention import memory_compressed as mc_mod
+
 mc = effattn.get("memory_compressed")
 rng = np.random.default_rng(1)
 B, H, N, d, k_c = 2, 4, 50, 16, 4                         # 50 is not a multiple of k = 4: the last slot is partial

@@ -37,6 +37,11 @@
 # the last image row may be incomplete ($(H-1)W < N \le HW$); `setup` uses a near-square shape.
 
 # %%
+from effattn.attention import image_local_2d as il2_mod
+
+show_source(il2_mod.forward, "qb = query_blocks_2d", "out = query_blocks_2d_backward")  # 1-D: blockwise_forward
+
+# %%
 from effattn.attention import image_local_1d as il1_mod
 from effattn.attention import image_local_2d as il2_mod
 from effattn.nn.image import positions_2d

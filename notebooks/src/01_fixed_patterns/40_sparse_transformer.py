@@ -50,12 +50,17 @@ from effattn.attention import sparse_strided as ss_mod
 from effattn.figures.fixed_patterns import plot_sparse_heads
 from effattn.figures.style import plot_pattern, plot_patterns
 from effattn.gradcheck import check_gradients
+from effattn.tools.teach import show_source
 
 full = effattn.get("full")
 strided, fixed = effattn.get("sparse_strided"), effattn.get("sparse_fixed")
 rng = np.random.default_rng(0)
 for spec in (strided, fixed):
     print(f"{spec.name:15s} {spec.title} | {spec.citation} | {spec.complexity}")
+
+# %%
+show_source(ss_mod._part)    # the strided rule, as index arithmetic on an (N/l, l) grid of positions
+show_source(sf_mod._part)    # the fixed rule
 
 # %% [markdown]
 # ### Shape check and the contract: exactly full attention masked by the pattern

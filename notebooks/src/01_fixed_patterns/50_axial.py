@@ -33,6 +33,10 @@ from effattn.nn.image import default_image_shape
 axial = effattn.get("axial")
 print(axial.title, "|", axial.citation, "|", axial.complexity, "| default grid for N=1000:", default_image_shape(1000))
 
+# %%
+show_source(axial_mod._part)                              # one axis: the lines of the grid along it
+show_source(axial_mod.forward, "parts = tuple", "out, cache = union_forward")
+
 # %% [markdown]
 # ### Shape check: rows are a batched matmul over the reshaped grid
 #
