@@ -171,3 +171,16 @@ def test_trainer_refuses_bad_technique_options():
         train_model("lm", "full", steps=2, precision="fp16", dtype="float64")
     with pytest.raises(ValueError, match="--ffn-chunk"):
         train_model("lm", "full", steps=2, ffn_chunk=0)
+
+
+def test_lowp_attention_errors_are_ordered_by_the_formats():
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 48, 16)).astype(np.float32) for _ in range(3))
+    s_ = q.astype(np.float64) @ np.swapaxes(k, -1, -2) / 4.0
+    p = np.exp(s_ - s_.max(-1, keepdims=True))
+    ref = (p / p.sum(-1, keepdims=True)) @ v
+    err = {f: np.abs(P.lowp_attention(q, k, v, precision=f) - ref).max() / np.abs(ref).max()
+           for f in ("fp32", "fp16", "bf16")}
+    assert err["fp32"] < 1e-5 < err["fp16"] < err["bf16"] < 0.05, err
+    out = P.lowp_attention(q, k, v, precision="bf16")
+    np.testing.assert_array_equal(out, P.round_bf16(out))                  # the output is stored in bf16

@@ -21,7 +21,8 @@ makes gradients underflow to zero, hence **dynamic loss scaling** (:class:`LossS
 is multiplied by S before the backward, the gradients divided by S after; a step whose gradients
 overflowed (inf or NaN) is skipped and S halved; after ``growth_interval`` good steps S doubles.
 
-**int8 attention** (:func:`int8_attention`, in the manner of Q8BERT / LLM.int8 without outliers):
+:func:`lowp_attention` runs softmax attention with bf16/fp16 storage (the error tables of
+notebook 10). **int8 attention** (:func:`int8_attention`, in the manner of Q8BERT / LLM.int8 without outliers):
 symmetric scales, q and k per row for the logits, P per row and v per column for the output:
 
     x_int = round(x / s),  s = max|x| / 127 (per row or column),   x ~ s * x_int
@@ -187,3 +188,21 @@ def int8_attention(q, k, v, *, scale=None):
     pi, sp = quantize_int8(p, axis=-1)                          # per row of P
     vi, sv = quantize_int8(v, axis=-2)                          # per column of v: (..., 1, dv)
     return (_int_matmul(pi, vi) * sp * sv).astype(xp.float32)
+
+
+def lowp_attention(q, k, v, *, precision="bf16", scale=None):
+    """Softmax attention with every stored array in ``precision`` ("bf16" / "fp16"; "fp32" exact)
+    and every sum accumulated in float32, as a 16-bit matrix unit computes it: q, k, v rounded;
+    S = q k^T scale rounded; P = softmax(S) (max subtracted, in float32) rounded; out = P v rounded.
+    q (..., N, d), k (..., M, d), v (..., M, dv) -> out (..., N, dv) float32. Non-causal, no
+    masks: a measuring tool, like :func:`int8_attention`."""
+    xp = get_namespace(q, k, v)
+    rnd = rounder(precision) or (lambda a: xp.asarray(a, dtype=xp.float32))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    qr, kr, vr = rnd(q), rnd(k), rnd(v)
+    with _quiet(xp):
+        s = rnd(qr @ xp.swapaxes(kr, -1, -2) * scale)
+        s = s - s.max(axis=-1, keepdims=True)
+        p = xp.exp(s)
+        p = rnd(p / p.sum(axis=-1, keepdims=True))
+        return rnd(p @ vr)

@@ -164,3 +164,86 @@ def claims(*, n=256, d_model=64, heads=4, batch=2, ffn_n=16384, ffn_d_model=64):
                   "ffn_whole": whole, "ffn_chunk128": chunked},
         "sizes": {**kw, "ffn_n": ffn_n, "ffn_d_model": ffn_d_model, "dtype": "float32"},
     }
+
+
+# --------------------------------------------------------------------------- low precision
+def format_table():
+    """[{"format", "mantissa bits", "spacing at 1", "largest", "smallest normal"}] of float32,
+    bfloat16 and float16, measured from the rounding functions (not typed in)."""
+    from ..nn.precision import round_bf16, round_fp16
+
+    rows = []
+    for name, rnd, bits in (("float32", lambda x: np.asarray(x, np.float32), 23), ("bfloat16", round_bf16, 7),
+                            ("float16", round_fp16, 10)):
+        one_up = float(rnd(np.float32(1.0) + np.float32(2.0 ** -bits)))
+        big = [2.0 ** e * (2 - 2.0 ** -bits) for e in range(200)]
+        largest = max(v for v in big if v < 3.5e38 and np.isfinite(rnd(np.float32(v))) and float(rnd(np.float32(v))) == v)
+        # the smallest power of two that still has every mantissa bit (below it: subnormals, fewer bits)
+        tiny = min(2.0 ** -e for e in range(1, 127)
+                   if float(rnd(np.float32(2.0 ** -e * (1 + 2.0 ** -bits)))) == 2.0 ** -e * (1 + 2.0 ** -bits))
+        rows.append({"format": name, "mantissa bits": bits, "spacing at 1": one_up - 1.0, "largest": largest,
+                     "smallest normal": tiny})
+    return rows
+
+
+def rounding_error(x, precision):
+    """max |round(x) - x| / |x| over the nonzero entries of ``x`` (float32), for "bf16" or "fp16"."""
+    from ..nn.precision import rounder
+
+    x = np.asarray(x, np.float32)
+    r = rounder(precision)(x)
+    nz = x != 0
+    return float(np.max(np.abs(r[nz] - x[nz]) / np.abs(x[nz])))
+
+
+def error_table(ns=(64, 256, 1024), logit_scales=(0.5, 1.0, 2.0, 4.0), *, formats=("bf16", "fp16", "int8"), d=64,
+                seed=0):
+    """[{"format", "n", "logit scale", "error"}]: attention in a low-precision format against float64
+    attention, max |out_low - out| / max |out|, on Gaussian q, k, v whose logits are multiplied by
+    ``logit scale`` (a sharper softmax: a few large weights and many small ones). "bf16"/"fp16":
+    :func:`effattn.nn.precision.lowp_attention` (16-bit storage, float32 sums); "int8":
+    :func:`effattn.nn.precision.int8_attention` (whose per-row scale of P rounds small weights to zero)."""
+    from ..nn.precision import int8_attention, lowp_attention
+
+    rows = []
+    for n in ns:
+        rng = np.random.default_rng([seed, n])
+        q, k, v = (rng.standard_normal((1, n, d)) for _ in range(3))
+        for c in logit_scales:
+            s = c * (q @ k.transpose(0, 2, 1)) / math.sqrt(d)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            ref = (p / p.sum(-1, keepdims=True)) @ v
+            q32, k32, v32 = (a.astype(np.float32) for a in (q, k, v))
+            for fmt in formats:
+                if fmt == "int8":
+                    out = int8_attention(q32, k32, v32, scale=c / math.sqrt(d))
+                else:
+                    out = lowp_attention(q32, k32, v32, precision=fmt, scale=c / math.sqrt(d))
+                rows.append({"format": fmt, "n": n, "logit scale": c,
+                             "error": float(np.abs(out - ref).max() / np.abs(ref).max())})
+    return rows
+
+
+def loss_scale_trace(steps=120, *, scale=2.0 ** 24, growth_interval=20, seed=0):
+    """A real float16 training run (the ``lm`` task, a 1-layer decoder, ``train --precision fp16``'s
+    settings) with a loss scale that starts too large: returns {"scale": [S per step], "applied":
+    [bool per step], "loss": [(step, loss) of the applied steps]}. The first steps overflow and are
+    skipped while S halves; then S doubles every ``growth_interval`` good steps until it overflows
+    again: the sawtooth of dynamic loss scaling."""
+    import argparse
+
+    from ..nn.precision import LossScaler
+    from . import train as T
+
+    ap = argparse.ArgumentParser()
+    T.add_train_arguments(ap)
+    s = T.settings_from_args(ap.parse_args(["--task", "lm", "--steps", str(steps), "--d-model", "32", "--heads", "2",
+                                            "--layers", "1", "--seq-len", "32", "--batch-size", "16",
+                                            "--precision", "fp16", "--seed", str(seed)]))
+    task, model, opt, sched = T.build(s)
+    scaler = LossScaler(scale=scale, growth_interval=growth_interval)
+    with np.errstate(over="ignore", invalid="ignore"):
+        h = T.fit(model, task, opt, sched, np.random.default_rng([seed, 2]), steps=steps, batch_size=16,
+                  progress=False, scaler=scaler)
+    return {"scale": [u for u, _ in scaler.history], "applied": [ok for _, ok in scaler.history],
+            "loss": list(zip(h["step"], h["loss"]))}
