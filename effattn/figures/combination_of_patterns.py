@@ -40,14 +40,25 @@ def etc_figures(out_dir, rng=None):
     hard = etc.build_pattern(n, n_global=ng, radius=r, segment_ids=seg, xp=np)
     labels = etc.relative_labels(np.arange(n), np.arange(n), 3, np)
     lab = labels * plain + (~plain) * -1
-    fig = plot_patterns([plain, hard], ["g2g | g2l / l2g | l2l (radius 3)", "hard g2l masking (4 segments)"],
-                        suptitle=f"ETC: {ng} global + {n - ng} long tokens, O(N_g^2 + N N_g)")
+    fig = plot_patterns([plain, hard], ["plain: g2l full", "hard g2l masking (4 segments)"],
+                        suptitle=f"ETC: {ng} global + {n - ng} long tokens as one matrix, O(N_g^2 + N N_g)")
+    fig.set_size_inches(11, 5.6)
+    box = dict(boxstyle="round,pad=0.2", fc="white", ec="#d62728", lw=0.8)
     for ax in fig.axes[:2]:
-        ax.axhline(ng - 0.5, color="#d62728", lw=1)
-        ax.axvline(ng - 0.5, color="#d62728", lw=1)
-        for txt, (x, y) in {"g2g": (ng / 2, ng / 2), "g2l": ((n + ng) / 2, ng / 2),
-                            "l2g": (ng / 2, (n + ng) / 2), "l2l": ((n + ng) / 2 + 8, (n + ng) / 2 - 8)}.items():
-            ax.text(x - 0.5, y - 0.5, txt, color="#d62728", ha="center", va="center", fontsize=8)
+        ax.axhline(ng - 0.5, color="#d62728", lw=1.2)
+        ax.axvline(ng - 0.5, color="#d62728", lw=1.2)
+        mid = (n + ng) / 2 - 0.5
+        ax.annotate("g2g", xy=(ng / 2 - 0.5, ng / 2 - 0.5), xytext=(19, 9), color="#d62728", fontsize=10,
+                    bbox=box, ha="center", va="center", arrowprops=dict(arrowstyle="->", color="#d62728"))
+        ax.annotate(f"g2l (rows 0-{ng - 1})", xy=(mid + 8, ng / 2 - 0.5), xytext=(mid + 10, 8), color="#d62728",
+                    fontsize=10, bbox=box, ha="center", va="center", arrowprops=dict(arrowstyle="->", color="#d62728"))
+        ax.annotate("l2g", xy=(ng / 2 - 0.5, mid + 8), xytext=(12, mid + 10), color="#d62728", fontsize=10, bbox=box,
+                    ha="center", va="center", arrowprops=dict(arrowstyle="->", color="#d62728"))
+        ax.text(mid + 10, mid - 5, f"l2l\n(band, radius {r})", color="#d62728", fontsize=10, bbox=box, ha="center",
+                va="center")
+        ax.set_xlabel(f"key position j (0-{ng - 1}: global, {ng}-{n - 1}: long)")
+        ax.set_ylabel(f"query position i (0-{ng - 1}: global)")
+    fig.tight_layout()
     paths = [save(fig, os.path.join(out_dir, "etc_four_pieces.png"))]
     ax = plot_pattern(lab.astype(float), title="relative position label l(i,j)+k (k=3; -1 = none)", weights=True)
     paths.append(save(ax.figure, os.path.join(out_dir, "etc_relative_labels.png")))

@@ -16,6 +16,9 @@ from ..attention import full, reformer, routing, sinkhorn, synthesizer_dense, sy
 from ..backend import asarray, to_numpy
 from ..nn.functional import sinusoidal_positions
 from ..nn.optim import Adam
+from matplotlib.colors import BoundaryNorm, ListedColormap
+
+from .style import plot_shared
 from .style import plot_pattern, plot_patterns, plt, save
 
 
@@ -27,14 +30,26 @@ def reformer_figures(out_dir, rng):
     x = centres[rng.integers(0, 4, n)] + 0.5 * rng.standard_normal((n, d))
     q = asarray(x[None])
     v = asarray(rng.standard_normal((1, n, d)))
-    rot = asarray(reformer.draw_rotations(rng, d, 8, 3))
+    n_buckets, rounds = 8, 3
+    rot = asarray(reformer.draw_rotations(rng, d, n_buckets, rounds))
     _, cache = reformer.forward(q, q, v, rotations=rot, chunk_size=c)
-    fig, ax = plt.subplots(figsize=(8, 2.2))
-    im = ax.imshow(to_numpy(cache.buckets)[0], aspect="auto", cmap="tab10", interpolation="nearest")   # (R, N)
-    ax.set_xlabel("token position")
-    ax.set_ylabel("hash round")
-    ax.set_title("Reformer: every token's bucket in each of 3 rounds (8 buckets)")
-    fig.colorbar(im, ax=ax, fraction=0.03)
+    buckets = to_numpy(cache.buckets)[0]                                  # (R, N)
+    by_bucket = np.lexsort((np.arange(n), buckets[0]))                    # tokens sorted by (round-0 bucket, position)
+    cmap = ListedColormap(plt.get_cmap("tab10").colors[:n_buckets])       # exactly one colour per bucket
+    norm = BoundaryNorm(np.arange(n_buckets + 1) - 0.5, n_buckets)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 2.6), layout="constrained")
+    for ax, order, xlabel, title in (
+            (axes[0], np.arange(n), "token position", "in position order"),
+            (axes[1], by_bucket, "tokens sorted by their round-0 bucket",
+             "sorted by round-0 bucket: similar tokens tend to share later buckets too")):
+        im = ax.imshow(buckets[:, order], aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("hash round")
+        ax.set_yticks(range(rounds))
+        ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=list(axes), ticks=range(n_buckets), fraction=0.03, label="bucket")
+    fig.suptitle(f"Reformer: every token's bucket in each of {rounds} rounds ({n_buckets} buckets, "
+                 f"{len(centres)} clusters of tokens)")
     paths = [save(fig, os.path.join(out_dir, "reformer_buckets.png"))]
 
     _, c1 = reformer.forward(q, q, v, rotations=rot[:1], chunk_size=c)
@@ -52,30 +67,45 @@ def reformer_figures(out_dir, rng):
 
 # --------------------------------------------------------------------------- Routing
 def routing_figures(out_dir, rng):
-    """The k-means clusters of LayerNorm(q) and LayerNorm(k) (PCA) and the pattern they induce."""
+    """The k-means clusters of LayerNorm(q) and LayerNorm(k) (PCA) with their centroids, and the pattern they
+    induce, in position order and sorted by cluster. The centroids start from data points
+    (``routing.draw_centroids_from_data``; random unit vectors can leave clusters dead) and take a few
+    online k-means steps."""
     n, d, c = 64, 8, 4
     centres = rng.standard_normal((c, d)) * 3
     x = centres[rng.integers(0, c, n)] + rng.standard_normal((n, d))
     q = asarray(x[None])
     k = asarray((x + 0.3 * rng.standard_normal((n, d)))[None])
     v = asarray(rng.standard_normal((1, n, d)))
-    mu = asarray(routing.draw_centroids(rng, c, d))
     qn, kn = routing.normalise(q), routing.normalise(k)
+    mu = routing.draw_centroids_from_data(rng, qn, c)
     for _ in range(30):   # a few online k-means steps with a fast decay, for the picture
         mu = routing.update_centroids(mu, qn, kn, decay=0.5)
     _, cache = routing.forward(q, k, v, centroids=mu)
     pts = np.concatenate([to_numpy(qn)[0], to_numpy(kn)[0]])             # (2N, d): queries, then keys
-    centred = pts - pts.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    proj = centred @ vt[:2].T                                             # the first two principal components
+    mean = pts.mean(axis=0)
+    _, _, vt = np.linalg.svd(pts - mean, full_matrices=False)
+    proj = (pts - mean) @ vt[:2].T                                        # the first two principal components
+    mu_xy = (to_numpy(mu) - mean) @ vt[:2].T
     cl = to_numpy(routing.assign(asarray(pts), mu))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    axes[0].scatter(proj[:n, 0], proj[:n, 1], c=cl[:n], cmap="tab10", marker="o", s=18, label="queries")
-    axes[0].scatter(proj[n:, 0], proj[n:, 1], c=cl[n:], cmap="tab10", marker="x", s=18, label="keys")
-    axes[0].set_title("k-means clusters of LayerNorm(q), LayerNorm(k) (PCA)")
+    cmap = ListedColormap(plt.get_cmap("tab10").colors[:c])
+    norm = BoundaryNorm(np.arange(c + 1) - 0.5, c)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), layout="constrained")
+    axes[0].scatter(proj[:n, 0], proj[:n, 1], c=cl[:n], cmap=cmap, norm=norm, marker="o", s=18, label="queries")
+    axes[0].scatter(proj[n:, 0], proj[n:, 1], c=cl[n:], cmap=cmap, norm=norm, marker="x", s=22, label="keys")
+    axes[0].scatter(mu_xy[:, 0], mu_xy[:, 1], c=np.arange(c), cmap=cmap, norm=norm, marker="*", s=260,
+                    edgecolor="k", lw=1.0, label="centroids")
+    sizes = np.bincount(cl[:n], minlength=c)
+    axes[0].set_title(f"k-means clusters of LayerNorm(q), LayerNorm(k) (PCA)\nqueries per cluster {sizes.tolist()}",
+                      fontsize=10)
     axes[0].legend(fontsize=8)
-    plot_pattern(routing.pattern(cache), ax=axes[1], title="induced pattern (shared cluster)")
-    fig.tight_layout()
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[0], ticks=range(c), label="cluster",
+                 fraction=0.05)
+    pat = to_numpy(routing.pattern(cache))[0]
+    plot_pattern(pat, ax=axes[1], title="induced pattern (original order)")
+    by = np.argsort(cl[:n], kind="stable")
+    plot_pattern(pat[np.ix_(by, by)], ax=axes[2], title="rows and columns sorted by nearest cluster",
+                 xlabel="key (sorted by cluster)", ylabel="query (sorted by cluster)")
     return [save(fig, os.path.join(out_dir, "routing_clusters.png"))]
 
 
@@ -100,23 +130,44 @@ def sinkhorn_figures(out_dir, rng):
                 mats.append(np.exp(la - top) / np.exp(la - top).sum())
             else:
                 mats.append(np.exp(to_numpy(sinkhorn_forward(asarray(la), it)[0])))
-            titles.append(f"tau={tau}, {it} iter" + ("s" if it != 1 else ""))
-    fig = plot_patterns(mats, titles, suptitle="Sinkhorn balancing: exp(log P) vs iterations and temperature",
-                        ncols=len(iters), weights=True, xlabel="source block j", ylabel="target block i")
+            titles.append(f"tau={tau}, " + ("before balancing (sums to 1 overall)" if it == 0
+                                             else f"{it} iteration" + ("s" if it != 1 else "")))
+    rows = [list(zip(mats[r * len(iters):(r + 1) * len(iters)], titles[r * len(iters):(r + 1) * len(iters)]))
+            for r in range(len(temps))]
+    fig = plot_shared(rows, suptitle="Sinkhorn balancing: P vs iterations and temperature (one scale, 0 to 1: after "
+                      "balancing every row and column of P sums to 1)", xlabel="source block j",
+                      ylabel="target block i", vranges=[(0.0, 1.0)] * len(temps), labels=["P_ij"] * len(temps))
     paths.append(save(fig, os.path.join(out_dir, "sinkhorn_permutation.png")))
 
     # 2. block reordering: the soft permutation and the effective attention it implies
     n, d = 32, 8
     q, k, v = (asarray(rng.standard_normal((1, 1, n, d))) for _ in range(3))
     params, config = sinkhorn.setup(rng, n=n, d=d, heads=1)
+    b = config["block"]
     _, c_s = sinkhorn.forward(q, k, v, **params, **config)
     _, c_h = sinkhorn.forward(q, k, v, **params, **config, hard=True)
     _, c_c = sinkhorn.forward(q, k, v, **params, **config, causal=True)
-    fig = plot_patterns(
-        [to_numpy(c_s.p[0, 0]), to_numpy(sinkhorn.weights(c_s)), to_numpy(sinkhorn.weights(c_h)),
-         to_numpy(sinkhorn.weights(c_c))],
-        ["soft permutation P (blocks)", "W soft (bidirectional)", "W hard (argmax P)", "W soft (causal)"],
-        suptitle=f"Sinkhorn attention, N={n}, b={config['block']}", ncols=4, weights=True)
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.9), layout="constrained")
+    pb = to_numpy(c_s.p[0, 0])
+    im = axes[0].imshow(pb, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    axes[0].set_title(f"soft permutation P ({pb.shape[0]} x {pb.shape[1]} blocks)", fontsize=10)
+    axes[0].set_xlabel("source block j")
+    axes[0].set_ylabel("query block i")
+    axes[0].set_xticks(range(pb.shape[1]))
+    axes[0].set_yticks(range(pb.shape[0]))
+    fig.colorbar(im, ax=axes[0], fraction=0.046, label="P_ij")
+    ws = [to_numpy(sinkhorn.weights(c))[0, 0] for c in (c_s, c_h, c_c)]
+    top = max(float(w.max()) for w in ws)
+    for ax, w, title in zip(axes[1:], ws, ["W, soft P (bidirectional)", "W, hard P (argmax)", "W, soft P (causal)"]):
+        im = ax.imshow(w, cmap="viridis", vmin=0.0, vmax=top, interpolation="nearest")
+        for t in range(b, n, b):
+            ax.axhline(t - 0.5, color="w", lw=0.4)
+            ax.axvline(t - 0.5, color="w", lw=0.4)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("key position j")
+        ax.set_ylabel("query position i")
+    fig.colorbar(im, ax=list(axes[1:]), fraction=0.02, label="W_ij (one scale)")
+    fig.suptitle(f"Sinkhorn attention, N={n}, b={b}: block-level P (left) and the token-level W it implies")
     paths.append(save(fig, os.path.join(out_dir, "sinkhorn_blocks.png")))
 
     # 3. the reordering itself: keys in their original order, hard-sorted and soft-sorted

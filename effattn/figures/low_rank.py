@@ -15,7 +15,7 @@ import numpy as np
 
 from ..attention import full, linformer, nystromformer
 from ..backend import asarray, to_numpy
-from .style import plot_pattern, plot_patterns, save
+from .style import WEIGHT_CMAP, plot_pattern, plot_shared, save
 
 
 def _smooth_qkv(rng, n, d):
@@ -57,16 +57,20 @@ def linformer_figures(out_dir, rng):
 
 
 def nystromformer_figures(out_dir, rng):
-    """Implied matrices F Z B next to softmax for a growing number of landmarks."""
+    """Implied matrices F Z B next to softmax for a growing number of landmarks, on one colour scale, and
+    below them the error |W - P| on a second shared scale: how far each approximation is, read off a bar."""
     n, d = 64, 16
     q, k, v = (asarray(a) for a in _smooth_qkv(rng, n, d))
-    mats = [to_numpy(full.forward(q, k, v)[1].attend.p)[0, 0]]
-    titles = ["softmax"]
+    p = to_numpy(full.forward(q, k, v)[1].attend.p)[0, 0]
+    top, bottom = [(p, "softmax P")], [None]
     for m, it in ((4, 6), (16, 6), (64, 30)):
         _, c = nystromformer.forward(q, k, v, landmarks=m, iterations=it)
-        mats.append(to_numpy(nystromformer.weights(c))[0, 0])
-        titles.append(f"Nystromformer m={m} ({it} iter.)")
-    fig = plot_patterns(mats, titles, suptitle="Nystromformer: implied F Z B vs softmax", weights=True)
+        w = to_numpy(nystromformer.weights(c))[0, 0]
+        top.append((w, f"Nystromformer m={m} ({it} iter.)"))
+        bottom.append((np.abs(w - p), f"|W - P|, m={m}: mean row L1 {np.abs(w - p).sum(-1).mean():.2f}"))
+    fig = plot_shared([top, bottom], suptitle="Nystromformer: implied F Z B vs softmax (top: one scale; "
+                      "bottom: the error, one scale)", labels=["weight (square-root scale)", "|error|"],
+                      cmaps=[WEIGHT_CMAP, "magma"], gammas=[0.5, None])
     return [save(fig, os.path.join(out_dir, "nystromformer_implied.png"))]
 
 

@@ -85,6 +85,43 @@ def plot_patterns(matrices, titles, suptitle=None, ncols=None, **kw):
     return fig
 
 
+def plot_shared(rows, *, suptitle=None, xlabel="key position j", ylabel="query position i", cmaps=None,
+                vranges=None, labels=None, gammas=None, side=3.0):
+    """Rows of matrices, each row on ONE colour scale with one colour bar, so a property can be read off.
+
+    rows: a list of rows, each a list of ``(matrix, title)`` (or None: an empty place); ``cmaps`` / ``vranges`` / ``labels``: per row the colour
+    map, the ``(vmin, vmax)`` (default: 0 to the row's largest entry), the colour bar's label and a power-law
+    ``gamma`` (0.5: square-root colour scale, so that small weights show; None: linear). Returns the figure.
+    (The shared-scale version of :func:`plot_patterns`.)
+    """
+    ncols = max(len(r) for r in rows)
+    from matplotlib.colors import Normalize, PowerNorm
+
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(side * ncols + 1.0, (side + 0.4) * len(rows)), squeeze=False,
+                             layout="constrained")
+    for i, row in enumerate(rows):
+        mats = [None if e is None else np.asarray(to_numpy(e[0]), dtype=float) for e in row]
+        lo, hi = (vranges[i] if vranges and vranges[i] else (0.0, max(float(m.max()) for m in mats if m is not None)))
+        cmap = cmaps[i] if cmaps else WEIGHT_CMAP
+        gamma = gammas[i] if gammas else None
+        norm = PowerNorm(gamma, vmin=lo, vmax=hi) if gamma else Normalize(vmin=lo, vmax=hi)
+        for ax, m, entry in zip(axes[i], mats, row):
+            if m is None:                                   # an empty place, to align a row with the one above
+                ax.axis("off")
+                continue
+            title = entry[1]
+            im = ax.imshow(m, cmap=cmap, norm=norm, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
+        for ax in axes[i][len(row):]:
+            ax.axis("off")
+        fig.colorbar(im, ax=list(axes[i]), fraction=0.025, pad=0.02, label=labels[i] if labels else None)
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
 def save(fig, path):
     """Write ``fig`` as a PNG (folders made as needed), close it, return the path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

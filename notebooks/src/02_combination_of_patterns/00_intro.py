@@ -1,13 +1,20 @@
 # %% [markdown]
-# # 02 · Combinations of patterns: Longformer, ETC, BigBird
+# # 02 · Fixed patterns with global memory (FP + M): Longformer, ETC, BigBird
 #
 # *Efficient Transformers: A Survey* — Tay, Dehghani, Bahri, Metzler ([arXiv 2009.06732](https://arxiv.org/abs/2009.06732)),
-# Section 3, "Combination of Patterns (CP)" and "Neural Memory (M)", and the walk-throughs of the three models.
+# Section 3 (the taxonomy: "Fixed Patterns (FP)" and "Neural Memory (M)"), and the walk-throughs of the three models.
+#
+# **Which survey class.** The survey files all three models under **two** classes at once, FP + M (the registry's codes,
+# printed below): a fixed local pattern, plus a few global tokens that act as a memory. In its Figure 2 they sit where
+# the fixed-pattern and the memory sets overlap. None of them carries the survey's separate code CP ("combination of
+# patterns": two or more fixed access patterns in one layer, which the survey's text illustrates with the Sparse
+# Transformer's strided + local heads of notebook 01). The folder name `02_combination_of_patterns` is kept for the
+# links; read it as "a fixed pattern combined with a global memory", not as the class CP.
 #
 # **Intuition.** A single fixed pattern has a blind spot: a sliding window never lets token 0 talk to token N-1 in one
-# layer, and needs about N/w layers to do so. The models of this notebook *combine* a cheap local pattern with a few
-# tokens that see, and are seen by, everything — **global tokens**, which the survey also counts as a form of *neural
-# memory* (a small set of slots that every token reads and writes). BigBird adds a third ingredient, **random
+# layer, and needs about N/w layers to do so. The models of this notebook add to a cheap local pattern a few
+# tokens that see, and are seen by, everything — **global tokens**, the survey's *neural memory* here (a small set of
+# slots that every token reads and writes). BigBird adds a third ingredient, **random
 # blocks**, and explains the combination with graph theory: window + random edges make a small-world graph, and
 # global tokens make every pair of tokens two hops apart.
 #
@@ -36,3 +43,4 @@ from effattn.figures.style import plot_pattern, plot_patterns
 for name in ("longformer", "etc", "bigbird"):
     s = effattn.get(name)
     print(f"{name:10s} {s.citation:22s} classes {'+'.join(s.classes):5s} complexity {s.complexity:18s} causal={s.causal}")
+    assert set(s.classes) == {"FP", "M"}, (name, s.classes)      # the label of this notebook's title

@@ -7,30 +7,52 @@
 # $$h(x) = \arg\max\,[\,xR\,;\,-xR\,] \in \{0,\dots,b-1\}.$$
 #
 # The hash depends only on the direction of $x$ ($h(2x) = h(x)$), and nearby directions collide with high probability.
-# In two dimensions each bucket is a **sector** of the circle: the $b/2$ projection directions and their opposites cut the
-# circle into $b$ pieces (not of equal size — they are random). The hash and the sorted layout live in
-# `effattn/nn/lsh.py` (`lsh.hash_buckets`, `lsh.lsh_layout`); the attention in `effattn/attention/reformer.py`.
+# In two dimensions each bucket is a **sector** of the circle. Bucket $l$ belongs to the signed direction $\pm r_l$
+# (a column of $R$ or its opposite): it is the set of directions $x$ whose largest signed projection is the one on
+# $\pm r_l$. A sector's edges lie where two signed projections tie, $x\cdot(r_a - r_b) = 0$: between the arrows
+# below (the $b$ signed directions), not on them. The columns of $R$ are random, with random lengths, so the sectors
+# are of unequal size and not centred on their arrows: $x = \hat r_l$ is where $x\cdot r_l$ is largest, but a
+# longer neighbour $r_m$ can still win there, so a short column's arrow may point into another bucket's sector (the
+# printed check below finds such cases), and its own sector can be small or even empty. The hash and the sorted layout live in
+# `effattn/nn/lsh.py` (`lsh.hash_buckets`, `lsh.lsh_layout`); the attention in `effattn/attention/reformer.py`:
 
 # %%
+show_source(lsh.hash_buckets, "xr = x[", "parts.append")
+
+# %%
+from matplotlib.colors import BoundaryNorm, ListedColormap
+
 rng = np.random.default_rng(0)
-fig, axes = plt.subplots(1, 3, figsize=(11, 3.7))
-angles = np.linspace(0, 2 * np.pi, 721)
-circle = np.stack([np.cos(angles), np.sin(angles)], -1)               # (721, 2) dense points on the circle
+n_buckets = 6
+bucket_cmap = ListedColormap(plt.get_cmap("tab10").colors[:n_buckets])     # exactly one colour per bucket
+bucket_norm = BoundaryNorm(np.arange(n_buckets + 1) - 0.5, n_buckets)
+fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+angles = np.linspace(0, 2 * np.pi, 1441)[:-1]
+circle = np.stack([np.cos(angles), np.sin(angles)], -1)               # (1440, 2) dense points on the circle
 pts = rng.standard_normal((30, 2))
+u = pts / np.linalg.norm(pts, axis=-1, keepdims=True)
 for r, ax in enumerate(axes):
-    rot = RF.draw_rotations(rng, 2, 6, 1)                               # (1 round, d=2, b/2=3)
+    rot = RF.draw_rotations(rng, 2, n_buckets, 1)                       # (1 round, d=2, b/2=3)
     hb = lsh.hash_buckets(circle, rot)[0]                               # bucket of every angle
     hp = lsh.hash_buckets(pts, rot)[0]
-    ax.scatter(circle[:, 0], circle[:, 1], c=hb, cmap="tab10", vmin=0, vmax=9, s=6)
-    u = pts / np.linalg.norm(pts, axis=-1, keepdims=True)
-    ax.scatter(0.75 * u[:, 0], 0.75 * u[:, 1], c=hp, cmap="tab10", vmin=0, vmax=9, s=25, edgecolor="k", lw=0.4)
-    for a in rot[0].T:                                                  # projection directions
-        a = a / np.linalg.norm(a)
-        ax.plot([-a[0], a[0]], [-a[1], a[1]], "k:", lw=0.6)
-    ax.set_aspect("equal"); ax.axis("off"); ax.set_title(f"round {r}: 6 buckets = 6 sectors")
-plt.suptitle("Random rotations in 2-D: buckets are sectors; tokens (inner dots) take their sector's bucket")
-plt.tight_layout(); plt.show()
+    ax.scatter(circle[:, 0], circle[:, 1], c=hb, cmap=bucket_cmap, norm=bucket_norm, s=6)
+    for t in np.nonzero(hb != np.roll(hb, 1))[0]:                       # sector edges: where the bucket changes
+        ax.plot([0, 1.08 * circle[t, 0]], [0, 1.08 * circle[t, 1]], color="#777", lw=0.7, ls=":")
+    ax.scatter(0.6 * u[:, 0], 0.6 * u[:, 1], c=hp, cmap=bucket_cmap, norm=bucket_norm, s=25, edgecolor="k", lw=0.4)
+    signed = np.concatenate([rot[0].T, -rot[0].T])                      # (b, 2): +r_l is bucket l, -r_l is l + b/2
+    for l, a in enumerate(signed):
+        a = 0.95 * a / np.linalg.norm(a)
+        ax.annotate("", xy=a, xytext=(0, 0), arrowprops=dict(arrowstyle="->", color=bucket_cmap(l), lw=1.8))
+    ax.set_aspect("equal"); ax.axis("off"); ax.set_xlim(-1.15, 1.15); ax.set_ylim(-1.15, 1.15)
+    ax.set_title(f"round {r}: {len(np.unique(hb))} non-empty of {n_buckets} buckets", fontsize=10)
+fig.colorbar(plt.cm.ScalarMappable(norm=bucket_norm, cmap=bucket_cmap), ax=axes, ticks=range(n_buckets),
+             fraction=0.02, label="bucket")
+plt.suptitle("Angular LSH in 2-D: arrows = the signed directions ±r_l (coloured by their bucket l); dotted = sector "
+             "edges; inner dots = tokens", fontsize=10)
+plt.show()
 assert np.array_equal(lsh.hash_buckets(pts, rot), lsh.hash_buckets(5 * pts, rot))   # h(5x) == h(x)
+inside = lsh.hash_buckets(signed, rot)[0] == np.arange(n_buckets)
+print("last round: does the signed direction +-r_l hash to its own bucket l?", inside.tolist())
 
 # %% [markdown]
 # **Shared QK, sort, chunk.** The paper ties keys to queries, $k_j = q_j/\lVert q_j\rVert$, so a token's query and key
@@ -55,10 +77,23 @@ rot = RF.draw_rotations(rng, d, 8, 4)                                   # 4 roun
 out, cache = RF.forward(q, q, v, rotations=rot, chunk_size=c)
 print("out", out.shape, " buckets", cache.buckets.shape, " slots per round", cache.slot_token.shape[-1])
 assert out.shape == (1, 1, N, d) and cache.buckets.shape == (1, 1, 4, N)
-plt.figure(figsize=(10, 2.2))
-plt.imshow(cache.buckets[0, 0], aspect="auto", cmap="tab10", interpolation="nearest")
-plt.xlabel("token position"); plt.ylabel("round"); plt.colorbar(fraction=0.02)
-plt.title("bucket of every token in each of 4 hash rounds"); plt.show()
+n_b = 2 * rot.shape[-1]                                                # 8 buckets
+cmap8 = ListedColormap(plt.get_cmap("tab10").colors[:n_b]); norm8 = BoundaryNorm(np.arange(n_b + 1) - 0.5, n_b)
+by_bucket = np.lexsort((np.arange(N), cache.buckets[0, 0, 0]))         # tokens sorted by (round-0 bucket, position)
+fig, axes = plt.subplots(1, 2, figsize=(12, 2.6))
+for ax, order_, xlabel in ((axes[0], np.arange(N), "token position"),
+                           (axes[1], by_bucket, "tokens sorted by their round-0 bucket")):
+    im = ax.imshow(cache.buckets[0, 0][:, order_], aspect="auto", cmap=cmap8, norm=norm8, interpolation="nearest")
+    ax.set_xlabel(xlabel); ax.set_ylabel("hash round"); ax.set_yticks(range(rot.shape[0]))
+fig.colorbar(im, ax=axes, ticks=range(n_b), fraction=0.03, label="bucket")
+axes[0].set_title("bucket of every token in each of 4 rounds", fontsize=10)
+axes[1].set_title("sorted by round-0 bucket: the same tokens tend to share later buckets too", fontsize=10)
+plt.show()
+same = cache.buckets[0, 0, 0][:, None] == cache.buckets[0, 0, 0][None, :]            # pairs sharing round 0
+agree = [(cache.buckets[0, 0, r][:, None] == cache.buckets[0, 0, r][None, :])[same & ~np.eye(N, dtype=bool)].mean()
+         for r in range(1, rot.shape[0])]
+print("pairs that share a round-0 bucket share the bucket of round 1, 2, 3 in", [f"{a:.0%}" for a in agree],
+      f"of cases (a random pair: {1 / n_b:.0%})")
 
 # %% [markdown]
 # **Before and after un-sorting.** In sorted order the pattern is a simple band of chunk blocks (each chunk sees itself
@@ -132,7 +167,10 @@ assert recall[-1] > recall[0]
 # hash to lower buckets decides where an early token's chunk boundary falls, so outputs before position $t$ can change
 # when tokens after $t$ change — training then differs from incremental decoding. `effattn` therefore defaults to
 # `chunking="bucket"` when `causal=True`: every bucket is chunked on its own and a token's window depends only on earlier
-# tokens. (`chunking="sorted"` reproduces the paper / HuggingFace.)
+# tokens. `chunking="sorted"` is the paper's layout: chunks of the one global sort, as HuggingFace and trax chunk it
+# too. It is not HuggingFace's computation to the bit: HuggingFace also lets the first chunk look back at the *last*
+# chunk (a wrap-around of the sorted sequence), which `effattn` leaves out; the two agree only where the wrap-around
+# cannot matter (see the peer mapping in the module docstring of `effattn/attention/reformer.py`).
 
 # %%
 qc, kc, vc = (rng.standard_normal((1, 4, 24, 4)) for _ in range(3))

@@ -1,12 +1,18 @@
 # %% [markdown]
 # ## 2 · Routing Transformer: k-means attention
 #
-# Algorithm 1 of the paper, with $c$ centroids $\mu \in \mathbb{R}^{c\times d}$ shared by queries and keys:
+# The paper's Algorithm 1, with $c$ centroids $\mu \in \mathbb{R}^{c\times d}$ shared by queries and keys (one change
+# in the centroid update, said below):
 #
 # $$Q \leftarrow \operatorname{LayerNorm}(Q),\quad K \leftarrow \operatorname{LayerNorm}(K)\quad\text{(no scale, no bias)}$$
 # $$Q_{idx} = \operatorname{top}_w(\mu Q^\top),\quad K_{idx} = \operatorname{top}_w(\mu K^\top)\quad \text{(per cluster: its } w = N/c \text{ nearest)}$$
 # $$O_{Q_{idx}} = \operatorname{softmax}\big(Q' K'^\top/\sqrt d\big)\,V' \ \text{ inside each cluster (causal: by original position)}$$
 # $$\mu \leftarrow \lambda\mu + \tfrac{1-\lambda}{2}\,\overline{Q}_{\in\mu} + \tfrac{1-\lambda}{2}\,\overline{K}_{\in\mu}, \qquad \lambda = 0.999 .$$
+#
+# **Means, not sums.** The paper's update adds $Q_m Q$ and $K_m K$, with $Q_m, K_m$ the one-hot nearest-centroid
+# matrices: the **sums** of each centroid's members. `routing.update_centroids` by default (`reduce="mean"`) adds their
+# **means** $\overline{Q}_{\in\mu}$, $\overline{K}_{\in\mu}$, as lucidrains' implementation does, so a centroid's step does
+# not grow with the size of its cluster or the batch; `reduce="sum"` is the paper's formula.
 #
 # Balanced top-$w$ clusters put a token in several clusters or in none: its output is the **mean** of its cluster
 # outputs, zero if it is in none (as lucidrains' `scatter_mean`). With $c \approx \sqrt N$ the cost is

@@ -31,6 +31,7 @@ import effattn
 from effattn.attention import synthesizer_dense as SD
 from effattn.attention import synthesizer_random as SR
 from effattn.gradcheck import check_gradients
+from effattn.tools.teach import load_answer
 from effattn.nn.functional import sinusoidal_positions
 from effattn.nn.optim import Adam
 from effattn.figures.style import plot_patterns
@@ -149,6 +150,53 @@ assert losses["random"][-1] < 0.5 * losses["random"][0] and losses["dense"][-1] 
 # **Cost.** $O(N^2)$ time and memory, like full attention (registered `subquadratic=False`); the factorized forms cut
 # the *parameters* ($N_{max}^2 \to 2 N_{max} k$), not the $N \times N$ softmax.
 #
-# **Exercises.** (1) Train the factorized random synthesizer with $k = 1, 2, 4$ on the shift task: which $k$ suffices,
-# and why (the shift matrix has full rank, but the *softmax* of a low-rank table can still be nearly a shift)?
-# (2) Make the dense synthesizer's X random per step (no positions): can it still learn the shift?
+# ### Synthesizer in summary
+#
+# * **Dense:** each token predicts its own row of logits from itself alone, $B_i = F(X_i)$ (an MLP to $N_{max}$
+#   outputs); **random:** one learned table $R$, the same for every input. Neither compares tokens: there is no
+#   $q_i \cdot k_j$.
+# * **Factorized** forms are low rank ($R_1R_2^\top$; an outer product per dense row): fewer parameters, the same
+#   $N \times N$ softmax — hence the survey's LR + LP.
+# * **Not efficient:** $O(N^2)$ time and memory (measured at the end of this notebook), tied to a maximum length
+#   $N_{max}$; the interest is what it shows — a learned, input-independent pattern already does well on some tasks.
+#
+# ### Exercises (Synthesizer)
+#
+# 1. Train the factorized random synthesizer with $k = 1, 2, 4$ on the shift task: which $k$ suffices? *Hint:* the
+#    shift matrix has full rank, but the softmax of a low-rank table can still be nearly a shift: what is the rank of
+#    $R_{ij} = -\alpha\,(j - i + 1)^2$?
+# 2. Make the dense synthesizer's $X$ random per step (no positions): can it still learn the shift? *Hint:* what does
+#    $B_i = F(X_i)$ know about $i$?
+#
+# <details><summary>Answers (try first!)</summary>
+#
+# 1. The function below trains one model and returns its final loss (printed after this cell): $k = 1$ fails,
+#    $k = 2$ is much better, and $k = 4$ matches the full table. The logits $-\alpha (j - i + 1)^2$ peak at $j = i - 1$;
+#    dropping the term $-\alpha (i - 1)^2$, which is constant along a row and so leaves the softmax unchanged, leaves
+#    $-\alpha j^2 + 2\alpha (i - 1) j$, a sum of **two** outer products. A rank-2 table can therefore approach the shift
+#    as $\alpha$ grows; in 150 steps the optimiser gets there more easily with some spare rank.
+#
+# ```python
+# def shift_mse(rank, steps=150):
+#     """Final shift-task MSE of the random synthesizer with a factorized table of rank `rank` (None: full)."""
+#     params = SR.init_params(np.random.default_rng(3), n_max=n_, heads=1, factorized=rank)
+#     opt, data = Adam(params, lr=0.1), np.random.default_rng(4)
+#     for _ in range(steps):
+#         vals = data.standard_normal((1, 1, n_, d_))
+#         target = np.concatenate([np.zeros_like(vals[..., :1, :]), vals[..., :-1, :]], axis=-2)
+#         out, c_ = SR.forward(x, x, vals, **params, factorized=rank)
+#         opt.step(SR.backward(2 * (out - target) / out.size, c_))
+#     return float(((out - target) ** 2).mean())
+# ```
+#
+# 2. No. $B_i$ is a function of $X_i$ alone; a random $X_i$ carries no information about the position $i$, so every
+#    row of the map has the same distribution and none can point at its own $i - 1$. The positions in $X$ are what
+#    let the dense synthesizer learn a positional pattern — in a model, from the position embeddings added to the
+#    token embeddings.
+# </details>
+
+# %%
+shift_mse = load_answer("03_learned_patterns/40_synthesizer.py", "shift_mse", namespace=globals())
+mse = {rank: shift_mse(rank) for rank in (None, 1, 2, 4)}
+print({("full" if r is None else f"k={r}"): round(m, 4) for r, m in mse.items()})
+assert mse[1] > 10 * mse[4] and mse[4] < 2 * mse[None] + 0.01

@@ -106,7 +106,7 @@ fig = plot_patterns([mask, np.ones((m, n_tok), bool), np.ones((n_tok, m), bool)]
 plt.show()
 
 # %% [markdown]
-# The models of notebook 02 (*combination of patterns*) use input tokens as the memory, beside a local window. Where
+# The models of notebook 02 (*fixed patterns with global memory*, FP + M) use input tokens as the memory, beside a local window. Where
 # they are registered, their effective attention shows the global rows and columns (the survey classes them FP + M):
 
 # %%

@@ -59,9 +59,15 @@ for it, e in errs.items():
     plt.semilogy(ms, e, "o-", label=f"{it} pinv iterations")
 plt.xlabel("landmarks m"); plt.ylabel("mean |out - softmax out|"); plt.legend(); plt.grid(alpha=0.3); plt.show()
 
-mats, titles = [to_numpy(fc.attend.p)[0, 0]], ["softmax"]
+from effattn.figures.style import plot_shared
+
+p_soft = to_numpy(fc.attend.p)[0, 0]
+top, bottom = [(p_soft, "softmax P")], [None]
 for m, it in ((4, 6), (16, 6), (64, 30)):
     _, c = nystromformer.forward(q, k, v, landmarks=m, iterations=it)
-    mats.append(to_numpy(nystromformer.weights(c))[0, 0])
-    titles.append(f"Nyströmformer m={m}, {it} it.")
-plot_patterns(mats, titles, weights=True); plt.show()
+    w_ = to_numpy(nystromformer.weights(c))[0, 0]
+    top.append((w_, f"Nyströmformer m={m}, {it} it."))
+    bottom.append((np.abs(w_ - p_soft), f"|W - P|, m={m}: row L1 {np.abs(w_ - p_soft).sum(-1).mean():.2f}"))
+plot_shared([top, bottom], labels=["weight (square-root scale)", "|error|"], cmaps=["viridis", "magma"],
+            gammas=[0.5, None], suptitle="implied matrices on one scale (top), their errors on another (bottom)")
+plt.show()

@@ -2,39 +2,29 @@
 # ## 4 · Cost, measured
 #
 # Forward + backward of one head, float32, d = 64, with the defaults of `setup` (Linformer k = 128, Nyströmformer
-# m = 64 landmarks, 6 iterations, a 3-tap convolution). Peak memory is what `tracemalloc` sees NumPy allocate. The
-# survey lists both as O(N); the fitted exponents should be close to 1 (at small N fixed overheads flatten the time curve). `python -m effattn bench` runs the full comparison.
+# m = 64 landmarks, 6 iterations, a 3-tap convolution), measured by `effattn.tools.bench.cost_table`, the one
+# measuring helper of every notebook: the process's CPU time on one BLAS thread (the median of three runs), so that
+# other users of a shared machine barely move it, and the peak memory that `tracemalloc` sees NumPy allocate. The
+# survey lists both as O(N); the fitted exponents should be close to 1 (at small N fixed overheads flatten the time
+# curve), and each has an asserted sanity range. `python -m effattn bench --clock cpu --threads 1` runs the full
+# comparison.
 
 # %%
-from effattn.backend import set_blas_threads
-from effattn.tools.bench import fit_exponent, measure
+from effattn.tools.bench import cost_table
 
-set_blas_threads(1)  # one BLAS thread: CPU time then counts the work done, whatever else runs on the machine
-
-
-def cpu_measure(spec, n, causal=False):
-    """Forward + backward at B = H = 1, d = 64, float32 (effattn.tools.bench.measure): (CPU seconds, peak traced bytes)."""
-    r = measure(spec, n, d=64, causal=causal, repeats=3, clock="cpu")
-    return r["time_s"], r["peak_bytes"]
-
-
-ns = [512, 1024, 2048, 4096]
+ns = {"full": [512, 1024, 2048], "*": [512, 1024, 2048, 4096]}
+rows, exps = cost_table(["full", "linformer", "nystromformer"], ns,
+                        expect={"full": (1.6, 2.6), "linformer": (0.5, 1.3), "nystromformer": (0.4, 1.3)},
+                        expect_memory={"full": (1.6, 2.2), "linformer": (0.7, 1.2), "nystromformer": (0.7, 1.2)})
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-exps = {}
-for name in ("full", "linformer", "nystromformer"):
-    ns_ = ns[:3] if name == "full" else ns
-    rs = [cpu_measure(effattn.get(name), n_) for n_ in ns_]
-    t_exp = fit_exponent(ns_, [r[0] for r in rs])
-    m_exp = exps[name] = fit_exponent(ns_, [r[1] for r in rs])
-    axes[0].loglog(ns_, [r[0] for r in rs], "o-", label=f"{name} ~N^{t_exp:.2f}")
-    axes[1].loglog(ns_, [r[1] / 2**20 for r in rs], "o-", label=f"{name} ~N^{m_exp:.2f}")
-    print(f"{name:14s} time exponent {t_exp:.2f}  memory exponent {m_exp:.2f}  at N={ns_[-1]}: "
-          f"{rs[-1][0] * 1e3:.0f} ms CPU, peak {rs[-1][1] / 2**20:.1f} MiB")
+for name, rs in rows.items():
+    ns_ = [r["n"] for r in rs]
+    axes[0].loglog(ns_, [r["time_s"] for r in rs], "o-", label=f"{name} ~N^{exps[name]['time']:.2f}")
+    axes[1].loglog(ns_, [r["peak_bytes"] / 2**20 for r in rs], "o-", label=f"{name} ~N^{exps[name]['memory']:.2f}")
 axes[0].set_title("forward + backward CPU time (s)"); axes[1].set_title("peak memory (MiB)")
 for ax in axes:
     ax.set_xlabel("N"); ax.legend(fontsize=8); ax.grid(alpha=0.3, which="both")
 plt.tight_layout(); plt.show()
-assert exps["linformer"] < 1.2 and exps["nystromformer"] < 1.2
 
 # %% [markdown]
 # ## Summary

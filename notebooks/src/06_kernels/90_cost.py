@@ -2,40 +2,30 @@
 # ## 4 · Linear time, measured
 #
 # Forward + backward of one head, float32, d = 64 (Performer: m = 128 orthogonal features; causal runs use chunks of
-# 128). CPU time, so that other users of a shared machine barely move the numbers.
+# 128), measured by `effattn.tools.bench.cost_table`, the one measuring helper of every notebook: CPU time on one BLAS
+# thread (the median of three runs), so that other users of a shared machine barely move the numbers, and the peak
+# memory `tracemalloc` sees. Each fitted exponent has an asserted sanity range.
 
 # %%
-from effattn.backend import set_blas_threads
-from effattn.tools.bench import fit_exponent, measure
+from effattn.tools.bench import cost_table
 
-set_blas_threads(1)  # one BLAS thread: CPU time then counts the work done, whatever else runs on the machine
-
-
-def cpu_measure(spec, n, causal=False):
-    """Forward + backward at B = H = 1, d = 64, float32 (effattn.tools.bench.measure): (CPU seconds, peak traced bytes)."""
-    r = measure(spec, n, d=64, causal=causal, repeats=3, clock="cpu")
-    return r["time_s"], r["peak_bytes"]
-
-
-ns = [512, 1024, 2048, 4096]
 runs = [("full", False), ("performer", False), ("linear", False), ("performer", True), ("linear", True)]
+ns = {"full": [512, 1024, 2048], "*": [512, 1024, 2048, 4096]}
+linear_time, linear_memory = (0.6, 1.35), (0.7, 1.2)
+labels = ["performer", "linear", "performer causal", "linear causal"]
+rows, exps = cost_table(runs, ns, expect={"full": (1.6, 2.6), **{l_: linear_time for l_ in labels}},
+                        expect_memory={"full": (1.6, 2.2), **{l_: linear_memory for l_ in labels}})
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-exps = {}
-for name, causal in runs:
-    ns_ = ns[:3] if name == "full" else ns
-    rs = [cpu_measure(effattn.get(name), n_, causal=causal) for n_ in ns_]
-    label = name + (" causal" if causal else "")
-    t_exp = fit_exponent(ns_, [r[0] for r in rs])
-    m_exp = exps[label] = fit_exponent(ns_, [r[1] for r in rs])
-    axes[0].loglog(ns_, [r[0] for r in rs], "o-", label=f"{label} ~N^{t_exp:.2f}")
-    axes[1].loglog(ns_, [r[1] / 2**20 for r in rs], "o-", label=f"{label} ~N^{m_exp:.2f}")
-    print(f"{label:17s} time exponent {t_exp:.2f}  memory exponent {m_exp:.2f}  at N={ns_[-1]}: "
-          f"{rs[-1][0] * 1e3:.0f} ms CPU, peak {rs[-1][1] / 2**20:.1f} MiB")
+for label, rs in rows.items():
+    ns_ = [r["n"] for r in rs]
+    style = dict(marker="o", ls="--" if label.endswith("causal") else "-")
+    axes[0].loglog(ns_, [r["time_s"] for r in rs], label=f"{label} ~N^{exps[label]['time']:.2f}", **style)
+    axes[1].loglog(ns_, [r["peak_bytes"] / 2**20 for r in rs], label=f"{label} ~N^{exps[label]['memory']:.2f}",
+                   **style)
 axes[0].set_title("forward + backward CPU time (s)"); axes[1].set_title("peak memory (MiB)")
 for ax in axes:
     ax.set_xlabel("N"); ax.legend(fontsize=7); ax.grid(alpha=0.3, which="both")
 plt.tight_layout(); plt.show()
-assert all(e < 1.2 for label, e in exps.items() if label != "full")
 
 # %% [markdown]
 # ## Summary
