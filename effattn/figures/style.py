@@ -69,8 +69,19 @@ def plot_pattern(matrix, ax=None, title=None, *, weights=None, grid=None, xlabel
     return ax
 
 
-def plot_patterns(matrices, titles, suptitle=None, ncols=None, **kw):
-    """Several patterns side by side (e.g. one per head). Returns the figure."""
+def pattern_legend(fig, loc="lower center", **kw):
+    """The key of the boolean panels: the pattern colour = a key the query attends, the pale one = masked."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=PATTERN_CMAP(1.0), label="attended (allowed)"),
+               Patch(facecolor=PATTERN_CMAP(0.0), edgecolor="#999", label="masked (zero weight)")]
+    return fig.legend(handles=handles, loc=loc, ncol=2, frameon=False, fontsize=9, bbox_to_anchor=(0.5, 0.0), **kw)
+
+
+def plot_patterns(matrices, titles, suptitle=None, ncols=None, legend=None, **kw):
+    """Several patterns side by side (e.g. one per head). Returns the figure.
+
+    ``legend`` (default: when a panel is boolean) adds :func:`pattern_legend` under the panels."""
     k = len(matrices)
     ncols = ncols or min(k, 4)
     nrows = -(-k // ncols)
@@ -81,7 +92,12 @@ def plot_patterns(matrices, titles, suptitle=None, ncols=None, **kw):
         ax.axis("off")
     if suptitle:
         fig.suptitle(suptitle)
-    fig.tight_layout()
+    forced = kw.get("weights")
+    if legend is None:
+        legend = forced is False or (forced is None and any(host2d(m).dtype == bool for m in matrices))
+    fig.tight_layout(rect=(0, 0.4 / fig.get_figheight() if legend else 0, 1, 1))   # room for the legend (0.4 inch)
+    if legend:
+        pattern_legend(fig)
     return fig
 
 
