@@ -111,6 +111,7 @@ class Mechanism:
     min_n: int = 1                         # the shortest sequence its example() and forward accept
     windows: tuple = ()                    # config sizes that may exceed the sequence: clipped, never allocated
     summary: str = ""
+    aux_loss: Callable | None = None       # layers with auxiliary losses: cache -> the weighted scalar backward adds to sum(dout * out)
 
     def __post_init__(self):
         if self.kind not in KINDS:

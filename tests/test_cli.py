@@ -1,4 +1,5 @@
 """The command line: every subcommand runs, errors are one clear line with a non-zero exit."""
+import os
 import pathlib
 import subprocess
 import sys
@@ -6,6 +7,8 @@ import sys
 import pytest
 
 from effattn.tools.cli import main
+
+ROOT = pathlib.Path(__file__).parents[1]
 
 
 def test_list_markdown_has_every_mechanism(capsys):
@@ -17,21 +20,51 @@ def test_list_markdown_has_every_mechanism(capsys):
         assert f"`{name}`" in out
 
 
-def test_figures_only_full(tmp_path):
+def test_figures_only_full(tmp_path, capsys):
     assert main(["figures", "--out", str(tmp_path), "--only", "full"]) == 0
     names = sorted(p.name for p in tmp_path.glob("*.png"))
     assert "full_pattern.png" in names and "full_modes.png" in names
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == f"wrote {len(names)} files for 1 mechanism into {tmp_path}{os.sep}"
+    assert err == ""                                   # no tqdm bar when stderr is not a terminal (a log)
 
 
 def test_check_full_passes(capsys):
     assert main(["check", "--only", "full"]) == 0
-    assert "PASS" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "PASS" in out and err == ""                 # no tqdm bar into a log
+
+
+def test_bars_only_on_a_terminal_and_never_with_tqdm_disable(monkeypatch):
+    from effattn.tools.cli import _no_bar
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert _no_bar() is None and _no_bar(progress=False) is True     # None: tqdm shows a bar on a tty only
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert _no_bar() is True
 
 
 def test_bench_tiny(tmp_path, capsys):
-    assert main(["bench", "--names", "full", "--n", "64", "128", "--repeats", "1", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    assert main(["bench", "--names", "full", "local", "--n", "64", "128", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
     assert "time exp" in out and (tmp_path / "scaling.csv").exists() and (tmp_path / "scaling_time.png").exists()
+    # off a terminal: no bar, one progress line per mechanism on stderr
+    assert err.splitlines() == [line for line in err.splitlines() if line.startswith("bench [")]
+    assert [line.split(":")[0] for line in err.splitlines()] == ["bench [1/2] full", "bench [2/2] local"]
+    assert all("N = 64..128" in line for line in err.splitlines())
+
+
+def test_bench_default_out_is_not_the_committed_figures():
+    from effattn.tools.cli import build_parser
+
+    out = build_parser().parse_args(["bench"]).out
+    assert pathlib.Path(out).resolve() != (ROOT / "figures").resolve()
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert f"{out}/" in ignored or out in ignored, f"bench's default --out {out!r} is not git-ignored"
+    help_text = subprocess.run([sys.executable, "-m", "effattn", "bench", "--help"], capture_output=True, text=True,
+                               timeout=120).stdout
+    help_text = " ".join(help_text.split())               # argparse wraps lines at the terminal's width
+    assert "--out figures && python -m effattn readme" in help_text and "--quick" in help_text
 
 
 def test_bench_decode_reports_time_per_token_and_state(tmp_path, capsys):
@@ -78,15 +111,17 @@ def test_scaling_table_from_csv(tmp_path):
     assert "| `local` | 1024-4096 | 1.00 | 1.00 | 40.0 | 0.025 |" in table
 
 
-def test_figures_write_a_png_for_every_mechanism(tmp_path):
+def test_figures_write_a_png_for_every_mechanism(tmp_path, capsys):
     import effattn
 
     assert main(["figures", "--out", str(tmp_path)]) == 0
     written = [p.name for p in tmp_path.glob("*.png")]
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary == f"wrote {len(written)} files for {len(effattn.names())} mechanisms into {tmp_path}{os.sep}"
     missing = [n for n in effattn.names() if not any(w.startswith(n + "_") for w in written)]
     assert not missing, f"no figure for {missing}"
     assert "overview_patterns.png" in written
     # every committed figure (but the bench's scaling and decoding curves) is one the command writes
-    committed = {p.name for p in (pathlib.Path(__file__).parents[1] / "figures").glob("*.png")}
+    committed = {p.name for p in (ROOT / "figures").glob("*.png")}
     lost = sorted(n for n in committed - set(written) if not n.startswith(("scaling_", "decode_")))
     assert not lost, f"figures/ holds PNGs that python -m effattn figures no longer writes: {lost}"

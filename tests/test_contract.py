@@ -44,6 +44,27 @@ def random_key_mask(rng, case, frac=0.3):
 
 
 # --------------------------------------------------------------------------- gradients
+def contract_gradients(spec, inputs, config, rng):
+    """check_gradients on the scalar ``backward`` differentiates: sum(dout * out), plus, for a layer
+    with auxiliary losses (registry field ``aux_loss``), the weighted auxiliary loss aux_loss(cache)
+    (finite differences of the output with the scalar appended, its upstream gradient 1)."""
+    if spec.aux_loss is None:
+        return check_gradients(spec.forward, spec.backward, inputs, config, rng=rng)
+
+    def forward(**kw):
+        out, cache = spec.forward(**kw)
+        xp = get_namespace(out)
+        aux = xp.asarray(spec.aux_loss(cache), dtype=out.dtype).reshape(1)
+        return xp.concatenate([out.reshape(-1), aux]), cache
+
+    def backward(d, cache):
+        return spec.backward(d[:-1].reshape(cache.shape), cache)
+
+    out, _ = spec.forward(**inputs, **config)
+    dout = asarray(np.concatenate([rng.standard_normal(out.size), [1.0]]), dtype=out.dtype)
+    return check_gradients(forward, backward, inputs, config, dout=dout)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name", NAMES)
 @HYP
@@ -54,7 +75,7 @@ def test_gradients_match_finite_differences(name, causal, n, seed):
         pytest.skip("not a causal mechanism")
     rng = np.random.default_rng(seed)
     case = spec.example(rng, batch=1, heads=2, n=n, d=3, causal=causal)
-    errors = check_gradients(spec.forward, spec.backward, case.inputs, case.config, rng=rng)
+    errors = contract_gradients(spec, case.inputs, case.config, rng)
     assert set(errors) == set(case.inputs)
     bad = {k: e for k, e in errors.items() if not e < 1e-6}
     assert not bad, f"{name}: gradient relative errors {bad}"
@@ -66,7 +87,7 @@ def test_gradients_with_key_mask():
         rng = np.random.default_rng(3)
         case = spec.example(rng, batch=2, heads=1, n=9, d=3)
         km = random_key_mask(rng, case)
-        errors = check_gradients(spec.forward, spec.backward, case.inputs, {**case.config, "key_mask": km}, rng=rng)
+        errors = contract_gradients(spec, case.inputs, {**case.config, "key_mask": km}, rng)
         bad = {k: e for k, e in errors.items() if not e < 1e-6}
         assert not bad, f"{name} with key_mask: gradient relative errors {bad}"
 

@@ -20,6 +20,8 @@ default ``<name>_pattern.png`` (kernels) and then the function in the table.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .. import registry
@@ -29,6 +31,7 @@ from .style import mechanism_pattern_figure
 
 FIGURES = {
     "full": background.full_figures,
+    "flash": None,
     "local": fixed_patterns.local_figures,
     "memory_compressed": fixed_patterns.memory_compressed_figures,
     "image_local_1d": fixed_patterns.image_local_1d_figures,
@@ -50,12 +53,16 @@ FIGURES = {
     "nystromformer": low_rank.nystromformer_figures,
     "linear": kernels.linear_figures,
     "performer": kernels.performer_figures,
+    "switch": None,
 }
 
 
 def write(names=None, out_dir="figures", progress=False):
     """Draw the figures of ``names`` (default: every registered mechanism, plus the overview)
-    into ``out_dir``; returns the paths written, in order."""
+    into ``out_dir``; returns the paths written, in order (a mechanism draws one to four files).
+
+    ``progress``: a tqdm bar on a terminal only (``disable=None``: no bar when stderr is not a
+    terminal, so logs stay clean; ``TQDM_DISABLE=1`` turns it off on a terminal too)."""
     every = names is None
     names = registry.names() if every else list(names)
     for name in names:
@@ -65,7 +72,8 @@ def write(names=None, out_dir="figures", progress=False):
     from tqdm import tqdm
 
     written = []
-    for name in tqdm(names, desc="figures", disable=not progress):
+    off = not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
+    for name in tqdm(names, desc="figures", unit="mechanism", disable=True if off else None):
         spec = registry.get(name)
         if spec.kind == "kernel":
             written.append(mechanism_pattern_figure(spec, out_dir))

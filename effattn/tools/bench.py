@@ -21,6 +21,7 @@ import csv
 import gc
 import math
 import os
+import sys
 import time
 import tracemalloc
 
@@ -139,6 +140,8 @@ def run(mech_names=None, ns=DEFAULT_N, *, d=64, dtype="float32", causal=False, r
 
     ``full`` is skipped above ``full_max_n`` (an N x N float32 matrix at 65536 is 16 GiB);
     a mechanism whose last point took longer than ``max_seconds`` skips its larger N.
+    ``progress``: a tqdm bar on a terminal; off one (or with ``TQDM_DISABLE`` set) one line per
+    mechanism on stderr instead, so that a long run in a log is not silent.
     Every size is checked first (ValueError naming it): ``ns`` needs two distinct positive
     lengths at least, since an exponent is fitted through them.
     """
@@ -164,21 +167,28 @@ def run(mech_names=None, ns=DEFAULT_N, *, d=64, dtype="float32", causal=False, r
     gemm_n = min(max(ns), full_max_n, 4096)
     gemm_rate = attention_gemm_rate(gemm_n, d)
     rows = []
-    jobs = [(name, n) for name in mech_names for n in sorted(ns)]
-    skip = set()
-    bar = tqdm(jobs, desc="bench", disable=not progress or None)
-    for name, n in bar:
-        bar.set_postfix_str(f"{name} N={n}")
+    # a bar on a terminal; off one (a log, CI) or with TQDM_DISABLE set, one line per mechanism on stderr
+    off = not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
+    bar = tqdm(total=len(mech_names) * len(ns), desc="bench", unit="point", disable=True if off else None)
+    lines = progress and bar.disable
+    for i, name in enumerate(mech_names, 1):
         spec = get(name)
-        if name in skip or (name == "full" and n > full_max_n):
-            continue
-        if causal and not spec.causal:
-            skip.add(name)
-            continue
-        row = measure(spec, n, d=d, dtype=dtype, causal=causal, repeats=repeats, clock=clock)
-        rows.append(row)
-        if row["time_s"] * repeats > max_seconds:
-            skip.add(name)
+        t0, done = time.perf_counter(), []
+        for n in sorted(ns):
+            bar.set_postfix_str(f"{name} N={n}")
+            bar.update(1)
+            if (causal and not spec.causal) or (name == "full" and n > full_max_n):
+                continue
+            row = measure(spec, n, d=d, dtype=dtype, causal=causal, repeats=repeats, clock=clock)
+            rows.append(row)
+            done.append(n)
+            if row["time_s"] * repeats > max_seconds:
+                break                                # its larger N would take longer still
+        if lines:
+            what = f"N = {done[0]}..{done[-1]}" if done else "skipped (not causal)" if causal and not spec.causal else "skipped"
+            print(f"bench [{i}/{len(mech_names)}] {name}: {what}, {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr, flush=True)
+    bar.close()
     summary = summarise(rows, rate, d)
     summary["attention_gemm_gflops"] = gemm_rate / 1e9
     summary["attention_gemm_n"] = gemm_n
@@ -356,7 +366,8 @@ def cost_table(names, ns, *, causal=False, d=64, repeats=3, expect=None, expect_
     BLAS thread(s) (the count is restored afterwards), the median of ``repeats`` runs, and the peak
     memory that ``tracemalloc`` sees (:func:`measure` with ``clock="cpu"``).
 
-    ``names``: registry names, or ``(name, causal)`` pairs (label "name causal"); ``causal`` is the
+    ``names``: registry names (or ``Mechanism`` objects, e.g. an unregistered baseline made with
+    ``dataclasses.replace``), or ``(name, causal)`` pairs (label "name causal"); ``causal`` is the
     default of the plain names. ``ns``: the lengths, one list for all or ``{label: list}`` (labels not
     in it get ``ns["*"]``). ``expect`` / ``expect_memory``: ``{label: (lo, hi)}`` sanity ranges of the
     fitted time / memory exponents; after printing the table, an exponent outside its range raises
@@ -365,10 +376,12 @@ def cost_table(names, ns, *, causal=False, d=64, repeats=3, expect=None, expect_
     Returns ``(rows, exponents)``: ``rows[label]`` the :func:`measure` dicts in N order,
     ``exponents[label] = {"time": ..., "memory": ..., "n": [...]}`` (:func:`fit_exponent`).
     """
-    entries = [(e, causal) if isinstance(e, str) else (e[0], bool(e[1])) for e in names]
-    labels = [name if isinstance(e, str) else name + (" causal" if c else "") for e, (name, c) in zip(names, entries)]
-    for name, _ in entries:
-        get(name)                                    # unknown names fail before any work
+    def spec_of(e):
+        return get(e) if isinstance(e, str) else e   # unknown names fail before any work
+
+    entries = [(spec_of(e), causal) if not isinstance(e, tuple) else (spec_of(e[0]), bool(e[1])) for e in names]
+    labels = [spec.name if not isinstance(e, tuple) else spec.name + (" causal" if c else "")
+              for e, (spec, c) in zip(names, entries)]
     if isinstance(ns, dict):
         sizes = {label: list(ns.get(label, ns.get("*", ()))) for label in labels}
     else:
@@ -378,12 +391,12 @@ def cost_table(names, ns, *, causal=False, d=64, repeats=3, expect=None, expect_
             raise ValueError(f"ns: {label} needs at least two distinct lengths, got {s}")
     before = blas_threads()
     pinned = threads is not None and backend.get_backend() == "numpy" and backend.set_blas_threads(threads)
-    rows, exponents = {}, {}
+    rows, exponents, specs = {}, {}, {}
     try:
-        for (name, c), label in zip(entries, labels):
-            spec = get(name)
+        for (spec, c), label in zip(entries, labels):
             rows[label] = [measure(spec, n, d=d, dtype=dtype, causal=c, repeats=repeats, clock="cpu")
                            for n in sorted(sizes[label])]
+            specs[label] = spec
     finally:
         if pinned and before is not None:
             backend.set_blas_threads(before)
@@ -392,7 +405,7 @@ def cost_table(names, ns, *, causal=False, d=64, repeats=3, expect=None, expect_
         exponents[label] = {"time": fit_exponent(n_, [r["time_s"] for r in rs]),
                             "memory": fit_exponent(n_, [r["peak_bytes"] for r in rs]), "n": n_}
     if verbose:
-        print(format_cost_table(rows, exponents, threads=threads))
+        print(format_cost_table(rows, exponents, threads=threads, complexity={k: s.complexity for k, s in specs.items()}))
     failures = []
     for what, ranges in (("time", expect or {}), ("memory", expect_memory or {})):
         for label, (lo, hi) in ranges.items():
@@ -406,7 +419,7 @@ def cost_table(names, ns, *, causal=False, d=64, repeats=3, expect=None, expect_
     return rows, exponents
 
 
-def format_cost_table(rows, exponents, threads=1):
+def format_cost_table(rows, exponents, threads=1, complexity=None):
     """The table :func:`cost_table` prints: per mechanism the survey's complexity, the N range, the two
     fitted exponents, and the CPU time and memory relative to ``full`` at the largest N both have."""
     full = {r["n"]: r for r in rows.get("full", [])}
@@ -423,7 +436,7 @@ def format_cost_table(rows, exponents, threads=1):
             at = str(r["n"])
             tr = f"{r['time_s'] / full[r['n']]['time_s']:.2f}"
             mr = f"{r['peak_bytes'] / full[r['n']]['peak_bytes']:.2f}"
-        complexity = get(rs[0]["name"]).complexity
-        lines.append(f"{label:20s} {complexity:>16s} {e['n'][0]:>5d}-{e['n'][-1]:<5d} {e['time']:8.2f} "
+        survey = (complexity or {}).get(label) or get(rs[0]["name"]).complexity
+        lines.append(f"{label:20s} {survey:>16s} {e['n'][0]:>5d}-{e['n'][-1]:<5d} {e['time']:8.2f} "
                      f"{e['memory']:8.2f} {at:>6s} {tr:>9s} {mr:>9s}")
     return "\n".join(lines)

@@ -3,7 +3,7 @@
     python -m effattn list [--markdown]
     python -m effattn figures [--out DIR] [--only NAME ...]
     python -m effattn check [--backend cupy] [--only NAME ...]
-    python -m effattn bench [--names ...] [--n ...] [--quick] [--causal]
+    python -m effattn bench [--names ...] [--n ...] [--quick] [--causal] [--out bench_results]
     python -m effattn train --task copy --attention full ...
     python -m effattn readme [--path README.md] [--figures figures]
 
@@ -30,6 +30,7 @@ import sys
 from .. import registry
 
 PROG = "effattn"
+BENCH_OUT = "bench_results"      # bench's default --out: git-ignored, never the committed figures/
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,6 +83,13 @@ class _TwoOrMore(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _no_bar(progress=True):
+    """tqdm's ``disable=``: True when progress is off or ``TQDM_DISABLE`` is set, else None (a bar on a
+    terminal only, never into a log). tqdm reads ``TQDM_DISABLE`` only when no ``disable=`` is given."""
+    off = not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
+    return True if off else None
+
+
 # --------------------------------------------------------------------------- commands
 def _selected(only):
     names = only or registry.names()
@@ -108,16 +116,20 @@ def cmd_readme(args):
     """Rewrite the README's mechanism table, scaling table and figure gallery (between their marker comments)."""
     from . import readme
 
-    readme.update(args.path, args.figures)
-    print(f"updated {args.path}")
+    _, changed = readme.update(args.path, args.figures)
+    print(f"updated {args.path}" if changed else f"{args.path} is up to date")
     return 0
 
 
 def cmd_figures(args):
     from .. import figures
 
-    for path in figures.write(args.only, args.out, progress=True):
+    paths = figures.write(args.only, args.out, progress=True)
+    for path in paths:
         print(path)
+    count = len(dict.fromkeys(args.only)) if args.only else len(registry.names())
+    print(f"wrote {len(paths)} files for {count} mechanism{'s' if count != 1 else ''} into "
+          f"{os.path.join(args.out, '')}")
     return 0
 
 
@@ -130,7 +142,8 @@ def cmd_check(args):
 
     if args.backend:
         backend.set_backend(args.backend)
-    rows = [check_mechanism(name) for name in tqdm(_selected(args.only), desc="check")]
+    names = _selected(args.only)
+    rows = [check_mechanism(name) for name in tqdm(names, desc="check", unit="mechanism", disable=_no_bar())]
     print(format_rows(rows))
     return 0 if all(r["ok"] for r in rows) else 1
 
@@ -214,7 +227,10 @@ def build_parser():
     s.add_argument("--only", nargs="+", metavar="NAME")
     s.set_defaults(func=cmd_check)
 
-    s = sub.add_parser("bench", help="time and memory against N, fitted exponents, ratios to full")
+    s = sub.add_parser("bench", help="time and memory against N, fitted exponents, ratios to full",
+                       description="Forward + backward time and peak memory of every mechanism against N. The "
+                                   "defaults (N = 1024..16384, 3 repeats) take minutes: --quick for a first look. "
+                                   "Progress: a bar on a terminal, else one line per mechanism on stderr.")
     s.add_argument("--names", nargs="+", metavar="NAME")
     s.add_argument("--n", nargs="+", type=positive_int, action=_TwoOrMore, metavar="N",
                    help="sequence lengths, at least two distinct (the exponents are fitted through them)")
@@ -229,7 +245,10 @@ def build_parser():
                    help="wall time (default) or process CPU time (steadier on a shared machine)")
     s.add_argument("--threads", type=positive_int, help="set the BLAS thread count first (e.g. 1 on a busy machine)")
     s.add_argument("--backend", choices=["numpy", "cupy"])
-    s.add_argument("--out", default="figures", type=out_folder)
+    s.add_argument("--out", default=BENCH_OUT, type=out_folder,
+                   help=f"folder for scaling.csv and the curves (default {BENCH_OUT}/, git-ignored, so a run never "
+                        f"overwrites the committed figures/scaling.*; to refresh those and the README's table: "
+                        f"python -m effattn bench --out figures && python -m effattn readme)")
     s.add_argument("--json", action="store_true", help="also print the summary as JSON")
     s.add_argument("--decode", action="store_true",
                    help="instead: decode --steps tokens after a --prompt-token prefill, time per token and state size")

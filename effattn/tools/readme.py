@@ -67,9 +67,10 @@ def gallery(figures_dir):
 
 
 def update(path="README.md", figures_dir="figures"):
-    """Rewrite the generated blocks of the README at ``path``; returns the new text."""
+    """Rewrite the generated blocks of the README at ``path``; returns ``(text, changed)``: the new
+    text, and whether it differs from what the file held (the file is written only then)."""
     with open(path) as fh:
-        text = fh.read()
+        text = before = fh.read()
     blocks = [("mechanisms", markdown_table()), ("gallery", gallery(figures_dir))]
     scaling_csv = os.path.join(figures_dir, "scaling.csv")
     if os.path.exists(scaling_csv) and "<!-- scaling:start -->" in text:
@@ -81,6 +82,7 @@ def update(path="README.md", figures_dir="figures"):
         if not pat.search(text):
             raise ValueError(f"{path} has no <!-- {marker}:start/end --> markers")
         text = pat.sub(lambda mt: mt.group(1) + body + "\n" + mt.group(2), text)
-    with open(path, "w") as fh:
-        fh.write(text)
-    return text
+    if text != before:
+        with open(path, "w") as fh:
+            fh.write(text)
+    return text, text != before

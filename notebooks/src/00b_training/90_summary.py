@@ -7,6 +7,9 @@
 #   modules' backwards chained in reverse, checked against finite differences for every parameter.
 # * The mechanism decides what a model *can* learn: recalling a token 19 positions back is easy for full attention
 #   and impossible for a local window that reaches 7 positions back, at any number of steps.
+# * Not only the attention is swappable: `switch`, the Switch / GShard mixture-of-experts feed-forward
+#   (`effattn/layers/switch.py`, a registry layer with its auxiliary losses), passes the same contract; the
+#   notebook of sparse models (09) that trains it inside a block is still to come.
 # * `python -m effattn train` trains any of them with Adam, warmup and decay, gradient clipping; same seed, same
 #   numbers; a checkpoint resumes bit for bit.
 # * Every causal kernel decodes token by token with a state that holds only what its pattern can still reach;

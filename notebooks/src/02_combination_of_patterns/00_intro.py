@@ -29,6 +29,8 @@
 # array is ever allocated — the banded part runs as batched products over blocks (`effattn.nn.sparse.attend_forward`),
 # the global rows as a dense $g \times N$ attention (`effattn.nn.global_tokens`, shared by the three). Each module also has
 # `build_pattern(n, *, <its configuration>)`, the boolean pattern from sizes alone, which the pictures below use.
+# Beside each rule, a cell prints the package's own lines that compute it (`effattn.tools.teach.show_source`: the
+# source itself, never a copy), and the notebook ends with an exercise: a window + global kernel of your own.
 
 # %%
 import time
@@ -39,6 +41,7 @@ import numpy as np
 import effattn
 from effattn.gradcheck import check_gradients, rel_error
 from effattn.figures.style import plot_pattern, plot_patterns
+from effattn.tools.teach import check, check_kernel, load_answer, show_source
 
 for name in ("longformer", "etc", "bigbird"):
     s = effattn.get(name)

@@ -18,10 +18,24 @@
 # **Conventions.** `w` is one-sided; HuggingFace's `config.attention_window` is two-sided, so
 # `w = attention_window // 2`. A global key inside the window is counted once (HuggingFace removes global positions
 # from the windowed scores).
+#
+# **The code.** The band rule, as `_forward` in `effattn/attention/longformer.py` computes it on blocks of $w$ queries
+# (in the residue-ordered layout, so that a dilated band is a plain band): `diff` is $j - i$, `lay.dil` is $\delta$,
+# `abs(diff) <= w * lay.dil` with `diff % lay.dil == 0` is $j = i + t\delta,\ |t| \le w$, `is_global` marks $G$ (a
+# global key joins every block from the appended list, so the band drops it), and `rule` leaves the rows of $G$ to the
+# second cell: the dense rows $\mathrm{softmax}(q^g_i K_g^\top/\sqrt d)\,V_g$, `global_rows_forward` of
+# `effattn/nn/global_tokens.py` (shared with ETC and BigBird), then written over `out[..., gidx, :]`.
 
 # %%
 lf = effattn.get("longformer")
 from effattn.attention import longformer as lf_mod
+from effattn.nn import global_tokens
+
+show_source(lf_mod._forward, "diff = lay.kpos", "ob, _, band_cache = attend_forward")
+show_source(lf_mod._forward, "qsrc, ksrc, vsrc", "out[..., gidx, :] = og")
+show_source(global_tokens.global_rows_forward)
+
+# %%
 
 rng = np.random.default_rng(0)
 B, H, N, d = 2, 2, 40, 8

@@ -25,10 +25,25 @@
 # **Layout.** One sequence of length $n_g + N_l$ whose first `n_global` positions are the global tokens, so the kernel
 # keeps the contract `q, k, v -> out` and `out == weights @ v`. **No decoding:** the global tokens summarise the whole
 # input, so `causal=True` raises.
+#
+# **The code** (`forward` in `effattn/attention/etc.py`). `relative_labels` is $\mathrm{clip}(j - i, -k, k) + k$ (the row
+# of `rel_emb` holding $a_l$); `qa = q @ rel_emb.T` holds $q_i\cdot a_l$ for every label $l$ at once, and
+# `select_forward(..., onehot)` picks $q_i\cdot a_{l(i,j)}$ for each pair, so `bias` $\cdot$ `scale` is the extra
+# $q_i\cdot a_{l(i,j)}/\sqrt d$ of $e_{ij}$. The first cell is the global rows (g2g with the bias, g2l plain or
+# hard-masked by `segment_ids`), the second the long rows: blocks of $r$ queries whose keys are the $n_g$ globals (l2g)
+# and the blocks $c-1, c, c+1$ cut to $|i - j| \le r$ (l2l, with the bias).
 
 # %%
 etc = effattn.get("etc")
 from effattn.attention import etc as etc_mod
+
+show_source(etc_mod.relative_labels)
+show_source(etc_mod.forward, "qa = q @ rel_emb.T", "bias=bias_g)")
+
+# %%
+show_source(etc_mod.forward, "qb = blocks(q)", "ol, _, long_cache = attend_forward")
+
+# %%
 
 rng = np.random.default_rng(2)
 n_g, n_l, d = 4, 36, 8

@@ -17,10 +17,21 @@
 #
 # **No decoding:** global blocks read everything and random blocks point into the future; the paper's BigBird is
 # an encoder, so `causal=True` raises.
+#
+# **The code** (`effattn/attention/bigbird.py`). `block_slots` lists, for every query block $c$, its key blocks
+# `kblk` = [the $g$ globals, $c-1, c, c+1$, the $r$ random ones] and which of them count (`valid`: inside the sequence,
+# not a global block again, a random block outside the window and not repeated). In `forward`, `keys(x)` gathers those
+# blocks of K and V into one `(..., n_b, (g+3+r) b, d)` array per query block, and one batched `attend_forward` is the
+# softmax over them; the rows of the global blocks (`is_gq`) are left to a dense `global_rows_forward`, as in Longformer.
 
 # %%
 bb = effattn.get("bigbird")
 from effattn.attention import bigbird as bb_mod
+
+show_source(bb_mod.block_slots, "c = xp.arange(nb)", "valid = xp.concatenate")
+show_source(bb_mod.forward, "def keys(x):", "ob, _, band_cache = attend_forward")
+
+# %%
 
 rng = np.random.default_rng(3)
 N, b, g, r, H = 64, 4, 1, 2, 3

@@ -49,6 +49,10 @@ plt.tight_layout(); plt.show()
 # * In the survey's taxonomy all three are **FP + M**: a fixed pattern plus global tokens as a memory.
 # * All three are exact, $O(N)$ in memory for fixed window / global / random sizes, and the global tokens turn a
 #   path-like receptive field (diameter $\sim N/w$) into a two-hop one.
+# * The code beside each rule: the band rule and the global rows of Longformer, the relative bias and the four pieces
+#   of ETC, BigBird's key-block slots — and, in *Your turn*, a window + global-token kernel you wrote yourself (its
+#   mask checked against `longformer.build_pattern`, its output against `full` masked by that pattern, with a hidden
+#   worked answer).
 #
 # ## Exercises
 #

@@ -18,7 +18,9 @@
 # | Longformer / ETC / BigBird | a few **input tokens marked global** (e.g. `[CLS]`), next to a local pattern | `longformer`, `etc`, `bigbird` (notebook 02) |
 #
 # This notebook: (1) global memory as a mask over full attention; (2) the Set Transformer's blocks, their equations, the
-# code and its checks; (3) a set task trained with hand-written backprop; (4) measured cost against the O(N²) SAB.
+# code and its checks; (3) a set task trained with hand-written backprop; (4) an exercise: pooling by attention with
+# learned seeds, written and checked by you; (5) measured cost against the O(N²) SAB. Beside each equation a cell prints
+# the package's own lines that compute it (`effattn.tools.teach.show_source`: the source itself, never a copy).
 
 # %%
 import os
@@ -39,6 +41,7 @@ from effattn.gradcheck import check_gradients, rel_error
 from effattn.layers import isab, pma
 from effattn.nn import mab
 from effattn.figures.style import plot_pattern, plot_patterns
+from effattn.tools.teach import check, load_answer, show_source
 
 full = effattn.get("full")
 for name in ("isab", "pma"):
@@ -107,7 +110,20 @@ plt.show()
 
 # %% [markdown]
 # The models of notebook 02 (*fixed patterns with global memory*, FP + M) use input tokens as the memory, beside a local window. Where
-# they are registered, their effective attention shows the global rows and columns (the survey classes them FP + M):
+# they are registered, their effective attention shows the global rows and columns (the survey classes them FP + M).
+#
+# **The code of the memory** (`effattn/nn/global_tokens.py`, shared by the three). The two halves of the mask above
+# are two functions: the *gather* rows (memory row $i \in G$ attends to every key, $\mathrm{softmax}(q_i K^\top/\sqrt d)V$)
+# are `global_rows_forward`, a dense $(g \times N)$ attention (`q_rows` = the $g$ memory queries); the *read* columns
+# (every token attends to the memory) are `global_keys`, which appends the $g$ memory keys `x` to the keys of each of the
+# `groups` query blocks of the local pattern, as a broadcast view; its backward sums the blocks' gradients back.
+
+# %%
+from effattn.nn import global_tokens
+
+show_source(global_tokens.global_rows_forward)
+show_source(global_tokens.global_keys)
+show_source(global_tokens.global_keys_backward)
 
 # %%
 others = [name for name in ("longformer", "etc", "bigbird") if name in effattn.names()]

@@ -32,14 +32,30 @@
 #
 # The code: the block lives once in `effattn/nn/mab.py`, one `mab_forward` / `mab_backward` pair composed of the
 # functional pairs (`linear`, `layer_norm`, `relu`, the two-layer `mlp` for the rFF, `split_heads` / `merge_heads`) and
-# the shared attention kernel `attend_forward` / `attend_backward`. The two registered layers, `effattn/layers/isab.py`
-# and `effattn/layers/pma.py`, each a `forward` / `backward` / `weights` like every mechanism, nest its caches:
+# the shared attention kernel `attend_forward` / `attend_backward`. First $\mathrm{Multihead}(X, Y, Y)$ before $W^O$:
+# `Q, K, V` are $XW^Q, YW^K, YW^V$ for all heads at once, `split_heads` cuts their $D$ columns into $h$ blocks of
+# $d = D/h$, and `attend_forward` is $\mathrm{Att}$ per head; `A` is $\mathrm{concat}(O_1, \dots, O_h)$:
 
 # %%
-import inspect
+show_source(mab.mab_forward, "Q, cq = linear_forward", "A = merge_heads(a)")
 
-print(inspect.getsource(mab.mab_forward))
-print(inspect.getsource(isab.forward).split('"""')[2])
+# %% [markdown]
+# Then the rest of $\mathrm{MAB}(X, Y)$: `M` = $\mathrm{concat}(O_j)\,W^O$, `R0` = $X + \mathrm{Multihead}$, `H` its
+# LayerNorm, `F` = $\mathrm{rFF}(H)$, and `out` = $\mathrm{LayerNorm}(H + \mathrm{rFF}(H))$ (the `else` branches are the
+# official form):
+
+# %%
+show_source(mab.mab_forward, 'if form == "paper":', "return out, MABCache")
+
+# %% [markdown]
+# The two registered layers, `effattn/layers/isab.py` and `effattn/layers/pma.py`, each a `forward` / `backward` /
+# `weights` like every mechanism, are the table's definitions in one or two calls: ISAB's `H` is $\mathrm{MAB}(I, X)$
+# (`Ib` = the inducing points $I$, broadcast over the batch) and `out` is $\mathrm{MAB}(X, H)$; PMA's `Z` is
+# $\mathrm{rFF}(Z)$ and `out` is $\mathrm{MAB}(S, \mathrm{rFF}(Z))$ with the seeds `S`. Each nests the caches of its MABs:
+
+# %%
+show_source(isab.forward, "lead = tuple", "return out, ISABCache")
+show_source(pma.forward, 'if form == "paper":', "return out, PMACache")
 
 # %% [markdown]
 # Parameters are explicit keyword arrays (one flat dict, so the registry's `case.inputs` holds them and `backward`

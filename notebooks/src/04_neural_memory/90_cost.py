@@ -88,6 +88,10 @@ assert isab_mem < 1.2 and sab_last > 1.5
 #   `form="paper"` (default) follows the equations.
 # * Sets cannot be decoded left to right: `causal=True` is refused. Variable-size sets: pad and pass `key_mask`.
 # * The memory is a bottleneck: m slots must summarise everything that the elements need to know about each other.
+# * The code beside the equations: the global-token functions of `effattn/nn/global_tokens.py`, `mab_forward` in two
+#   parts, and the one or two MAB calls of ISAB and PMA. In *Your turn* you wrote PMA's core, pooling by attention with
+#   k learned seeds, and its backward; the dense check (against `full` with the seeds as queries) and the gradient
+#   check (x, S, W^K, W^V) judged it, and the hidden answer is checked for permutation invariance too.
 #
 # ## Exercises
 #

@@ -12,6 +12,9 @@
 # never need the N x N matrix. Linformer *learns* a projection of the sequence axis to k slots; Nyströmformer
 # reconstructs $P$ from a few landmark rows and columns and a pseudo-inverse. Both cost $O(N k)$ — and neither can
 # decode causally, because every compressed slot mixes the whole sequence, future included.
+#
+# Beside each equation a cell prints the package's own lines that compute it (`effattn.tools.teach.show_source`: the
+# source itself, never a copy); after the two mechanisms you write Linformer's attention and its backward yourself.
 
 # %%
 import math
@@ -24,6 +27,7 @@ import effattn
 from effattn.backend import to_numpy
 from effattn.gradcheck import check_gradients
 from effattn.figures.style import plot_patterns
+from effattn.tools.teach import check_kernel, load_answer, show_source
 
 linformer = effattn.get("linformer")
 nystromformer = effattn.get("nystromformer")

@@ -10,6 +10,17 @@
 # default), `"key_value"` (E = F) and `"layerwise"` (one E for every layer — at kernel level the same as key_value).
 # Inputs shorter than $N_{max}$ use the first N columns of E. `key_mask` zeroes masked rows of K and V *before* the
 # projection, so a masked token contributes a zero vector to every projected slot (it does not remove the slot).
+#
+# **The code** (`forward` and `weights` in `effattn/attention/linformer.py`): `e` and `f` are $E$ and $F$ cut to the
+# first $N$ columns, `kp` $= EK$ and `vp` $= FV$ are the $k$ projected keys and values, `attend_forward` is
+# $\bar P\,(FV)$ with $\bar P = \mathrm{softmax}(Q(EK)^\top/\sqrt d)$ (`scale` $= 1/\sqrt d$), and the implied matrix
+# `w` is $W = \bar P F$ (`cache.attend.p` is $\bar P$):
+
+# %%
+from effattn.attention import linformer as linformer_mod
+
+show_source(linformer_mod.forward, "km = key_mask", "out, _, ac = attend_forward")
+show_source(linformer_mod.weights)
 
 # %%
 rng = np.random.default_rng(1)

@@ -14,6 +14,19 @@
 # $Z_0 = A^\top/(\|A\|_1\|A\|_\infty)$ — only matrix products, so it runs well on accelerators and its backward is
 # written by hand in `effattn/attention/nystromformer.py`. An optional depthwise convolution of V (`conv_w`) is added
 # as a skip connection; it is linear in V, so `weights()` returns $W = F Z B + C$ with C the banded filter matrix.
+#
+# **The code** (`effattn/attention/nystromformer.py`). `segment_averages` is the $(m \times N)$ matrix whose row $j$
+# averages segment $j$, so `qt` $= \tilde Q$ and `kt` $= \tilde K$; `a` is $A$, `z` $= Z \approx A^+$ from `pinv_forward`;
+# `bv` $= BV$ is one softmax attention of the landmark queries over all keys, and the last line is $F\,(Z\,BV)$: an
+# attention of all queries over the $m$ landmark keys, whose "values" are `zbv`. In `pinv_forward`, `c` and `r` are
+# $\|A\|_1$ and $\|A\|_\infty$ and the loop is the iteration for $Z_{j+1}$ (`t` $= AZ_j$):
+
+# %%
+from effattn.attention import nystromformer as nystromformer_mod
+
+show_source(nystromformer_mod.segment_averages)
+show_source(nystromformer_mod.forward, "avg_q = segment_averages", "out, _, f_cache = attend_forward")
+show_source(nystromformer_mod.pinv_forward, "colsum = a.sum", "return z, (zs")
 
 # %%
 from effattn.attention.nystromformer import pinv_forward

@@ -41,6 +41,11 @@ plt.tight_layout(); plt.show()
 # Both rely on attention being approximately low rank (section 1). Linformer's approximation is learned for a fixed
 # maximum length; Nyströmformer's is computed afresh for every input and becomes exact with m = N landmarks.
 #
+# The package's lines that compute both are printed beside their equations (Linformer's projections and implied matrix;
+# Nyströmformer's segment means, three kernels and the pseudo-inverse iteration). In *Your turn* you wrote Linformer's
+# projected attention and its backward for given E, F: the dense check against `effattn.get("linformer")` with the same
+# E, F and the gradient check of q, k, v, E and F judged it (a hidden worked answer passes both).
+#
 # ## Exercises
 #
 # 1. Section 1: make the content attention sharper (scale q by 3). How many singular values now hold 90 % of the

@@ -33,9 +33,22 @@ from effattn.attention import performer as performer_mod
 from effattn.backend import to_numpy
 from effattn.gradcheck import check_gradients
 from effattn.figures.style import plot_patterns
+from effattn.nn import kernel_attention
+from effattn.tools.teach import check_kernel, load_answer, show_source
 
 performer = effattn.get("performer")
 linear = effattn.get("linear")
 full = effattn.get("full")
 for spec in (performer, linear):
     print(f"{spec.title:20s} | {spec.citation:26s} | {spec.classes} | {spec.complexity} | causal={spec.causal} exact={spec.exact}")
+
+# %% [markdown]
+# **The code.** Both mechanisms hand their feature maps to one function, `kernel_attention_forward` of
+# `effattn/nn/kernel_attention.py` (the package's own lines below, printed by `effattn.tools.teach.show_source`, never a
+# copy). Without a causal mask it is the equation above, term by term: `s` $= S = \sum_j \phi(k_j) v_j^\top$ (one
+# product `phi_k^T v`), `z` $= \sum_j \phi(k_j)$, `num` $= \phi(q_i)^\top S$ and `den` $= \phi(q_i)^\top z$ for every
+# query at once, and `inv` $= 1/(\text{den} + \epsilon)$ (0 where that is 0). The causal form (section 3) replaces S and
+# z by prefix sums; the notebook ends with an exercise in which you write that form yourself.
+
+# %%
+show_source(kernel_attention.kernel_attention_forward, "if not causal:", "out = num * inv")

@@ -11,6 +11,14 @@
 # variance stays large when $\exp(x\cdot y) \to 0$, so small weights come out with large relative errors — and even
 # negative, which can make the normaliser $\sum_j$ vanish or flip sign. The positive estimator's variance goes to 0
 # with the kernel value (paper Lemma 2), and it never produces a negative weight.
+#
+# **The code** (`random_features` in `effattn/attention/performer.py`, the unstabilised map used for estimator studies
+# like this one): `features` holds the rows $w_l$, `u` $= w_l^\top x$ for every $l$, `sq` $= \|x\|^2/2$; the positive
+# branch is $\phi_+$, the last line $\phi_{\text{trig}}$ (and `hyperbolic`, $e^{-\|x\|^2/2}[e^{u}, e^{-u}]/\sqrt{2m}$,
+# is the positive map of $W$ and $-W$):
+
+# %%
+show_source(performer_mod.random_features, "m = features.shape", "return xp.exp(sq)")
 
 # %%
 rng = np.random.default_rng(0)

@@ -12,6 +12,19 @@
 # outputs (through rounding and underflow). Here causal mode subtracts nothing for keys; it cannot overflow, since
 # $w^\top x - \|x\|^2/2 = \|w\|^2/2 - \|x - w\|^2/2 \le \|w\|^2/2$. The contract test checks that outputs before t are
 # bit-for-bit unchanged when inputs from t on change.
+#
+# **The code** (`effattn/attention/performer.py`). `draw_features`: blocks of $d$ Gaussian rows made orthonormal
+# (`_gram_schmidt`), then given lengths — $\sqrt d$ (`"fixed"`) or the norm of a fresh Gaussian row (`"resample"`,
+# chi(d)). `_log_features` computes the exponents of $\phi_+$: `b` $= w_l^\top x_i$ for the queries (their
+# $-\|x_i\|^2/2$ is common to all features of a query and cancels), `a` $= w_l^\top y_j - \|y_j\|^2/2$ for the keys
+# (with `xq`, `xk` the inputs times $d^{-1/4}$). `_positive_features` is the non-causal stabiliser: `s` is the max of `a`
+# over the keys (per feature), and `_query_features` subtracts each query's own max `t`, so every exponent is $\le 0$.
+
+# %%
+show_source(performer_mod.draw_features, "if not orthogonal:", "return w * ((g * g)")
+show_source(performer_mod._log_features, "if kernel ==", "return b, a, w")
+show_source(performer_mod._positive_features)
+show_source(performer_mod._query_features)
 
 # %%
 case = performer.example(np.random.default_rng(1), batch=2, heads=2, n=20, d=8, causal=True)

@@ -10,6 +10,18 @@
 # The parallel form computes the prefix sums in chunks of C positions (inside a chunk the C x C lower-triangular block,
 # across chunks the carried state); `step` of `effattn/attention/linear.py`, from the empty state `init_state`, is the
 # RNN a decoder calls one token at a time (the shared core: `kernel_attention_step` in `effattn/nn/kernel_attention.py`).
+#
+# **The code.** `linear.forward` is the feature map and a call: `feature_map` is $\phi(x) = \mathrm{elu}(x) + 1$ and
+# `kernel_attention_forward` does the rest. Its causal branch is the chunked prefix sum: the sequence in `nc` chunks of
+# `c` $= C$ positions (`pq`, `pk`, `pv`: $\phi(Q_b), \phi(K_b), V_b$), `kv` the chunk's $\sum \phi(k_j) v_j^\top$, `s`
+# and `z` the *exclusive* cumulative sums over earlier chunks ($S$ and $z$ at the chunk's start), `a` the lower-triangular
+# $C \times C$ block $\mathrm{tril}(\phi(Q_b)\phi(K_b)^\top)$ for the positions inside the chunk; then
+# $\mathrm{out}_i = (\phi(q_i)^\top S_i)/(\phi(q_i)^\top z_i + \epsilon)$ is `num * inv`.
+
+# %%
+show_source(linear_mod.feature_map)
+show_source(linear_mod.forward, "phi_q, elu_q = feature_map", "out, kcache = kernel_attention_forward")
+show_source(kernel_attention.kernel_attention_forward, "c = min(chunk, n)", "out = num * inv")
 
 # %%
 rng = np.random.default_rng(4)

@@ -42,6 +42,11 @@ plt.tight_layout(); plt.show()
 # constant memory per step. Positive features matter because attention is mostly small weights, where trigonometric
 # features are unreliable and can flip the normaliser's sign.
 #
+# The shared core `kernel_attention_forward` (non-causal sums and the chunked prefix sums), the feature maps and
+# Performer's stabiliser are printed beside their equations. In *Your turn* you wrote causal linear attention by prefix
+# sums: the dense check against the quadratic masked form (`linear.reference`) and the bit-for-bit causality probe judged
+# it, and the hidden worked answer also equals the package's chunked kernel and its RNN `step`.
+#
 # ## Exercises
 #
 # 1. Section 1: repeat with the `"hyperbolic"` kernel. Where is its variance lower than the positive one?
