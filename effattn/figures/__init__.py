@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import registry
 from . import (background, combination_of_patterns, fixed_patterns, kernels, learned_patterns, low_rank,
-               neural_memory, scaling)
+               neural_memory, scaling, sparse_models)
 from .style import mechanism_pattern_figure
 
 FIGURES = {
@@ -53,7 +53,7 @@ FIGURES = {
     "nystromformer": low_rank.nystromformer_figures,
     "linear": kernels.linear_figures,
     "performer": kernels.performer_figures,
-    "switch": None,
+    "switch": sparse_models.switch_figures,
 }
 
 
