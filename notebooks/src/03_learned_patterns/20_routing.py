@@ -19,6 +19,16 @@
 # $O(N\sqrt N)$. The centroids are *state*, moved by `routing.update_centroids` (no gradient); the layer norms are
 # differentiated.
 
+# %% [markdown]
+# The lines of `routing.forward` that compute the equations above — the layer norms, the balanced top-$w$ memberships,
+# attention inside each cluster, and the mean over a token's clusters — and the centroid update, as they are in the
+# package:
+
+# %%
+show_source(RT.forward, "qn, lnq = layer_norm_forward", "out = scatter_rows(ob, q_idx, n)")
+show_source(RT._topk_members)
+show_source(RT.update_centroids, "new = decay * centroids")
+
 # %%
 rng = np.random.default_rng(3)
 N, d, C = 96, 16, 6

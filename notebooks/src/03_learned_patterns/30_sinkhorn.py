@@ -46,6 +46,16 @@ full = effattn.get("full")
 print(sinkhorn.title, "|", sinkhorn.citation, "|", sinkhorn.complexity, "| classes", sinkhorn.classes)
 
 # %% [markdown]
+# The code beside the equations: the forward of `sinkhorn` from the blocks to the attention, SortNet $R$, and the
+# Sinkhorn iterations $\mathcal F_c(\mathcal F_r(\cdot))$ of `effattn/nn/sinkhorn.py`:
+
+# %%
+from effattn.tools.teach import show_source
+show_source(sk.forward, "pos, qb, kb, vb, real = _blocks", "out, acache = _attend_sortcut")
+show_source(sk._sortnet)
+show_source(balancing.sinkhorn_forward, docstring=False)
+
+# %% [markdown]
 # ### Shapes
 #
 # The registered example picks $b = \mathrm{round}(\sqrt{N/2})$ for length $N$ (see *Cost* below for why).

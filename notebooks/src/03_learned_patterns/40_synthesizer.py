@@ -43,6 +43,18 @@ for spec in (dense, random_):
     print(spec.name, "|", spec.title, "|", spec.complexity, "| classes", spec.classes, "| exact:", spec.exact)
 
 # %% [markdown]
+# The code beside the equations: the dense logits $B$ (the MLP, or the factorized $F_A \cdot F_B$) and the softmax core
+# $Y = \mathrm{softmax}(B)\,G(X)$ that both synthesizers share, with its backward:
+
+# %%
+from effattn.tools.teach import show_source
+from effattn.nn import synthetic
+show_source(SD._logits)
+show_source(SR._table)
+show_source(synthetic.attend_logits, docstring=False)
+show_source(synthetic.attend_logits_backward, "dv = p.swapaxes", "db = softmax_backward")
+
+# %% [markdown]
 # ### Shapes, and what each variant reads
 
 # %%
