@@ -61,6 +61,14 @@ class Case:
     key_inputs: names of inputs whose axis -2 is indexed by key position (key_mask test)
     out_follows_keys: output rows are the key positions too (layers such as ISAB,
         shared-QK Reformer): the key_mask test then compares only unmasked rows
+    out_positions: layers whose output is shorter or longer than their input (downsampling,
+        Perceiver AR): for each output row, the input position it stands for -- a causal layer's
+        row r may read inputs up to out_positions[r] only (the causality test). None: row r is
+        position r.
+    real_rows: such layers' key-mask rule: ``real_rows(key_mask (..., M)) -> bool (..., N')``,
+        the output rows that are real (a pooled position is real if any of its inputs is); the
+        key_mask test compares only those. None: every row (or, with out_follows_keys, the
+        unmasked ones).
     n, m: query and key lengths
     """
 
@@ -69,6 +77,8 @@ class Case:
     seq_inputs: tuple = ("q", "k", "v")
     key_inputs: tuple = ("k", "v")
     out_follows_keys: bool = False
+    out_positions: tuple | None = None
+    real_rows: Callable | None = None
     n: int = 0
     m: int = 0
 
