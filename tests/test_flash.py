@@ -275,3 +275,22 @@ def test_inside_multi_head_attention():
         dx = mha.backward(np.ones_like(ys[name]))[0]
         assert dx.shape == x.shape and np.isfinite(dx).all()
     np.testing.assert_allclose(ys["flash"], ys["full"], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("m, bk", [(16, 4), (13, 5), (7, 32)])
+def test_online_softmax_trace_ends_at_the_softmax_and_its_log_sum_exp(m, bk):
+    rng = np.random.default_rng(11)
+    q, k, v = qkv(rng, (2,), 6, m)
+    scale = 1 / np.sqrt(q.shape[-1])
+    tr = flash.online_softmax_trace(q, k, v, block_k=bk)
+    want, want_lse = dense_softmax(q, k, v, np.ones((6, m), bool), scale)
+    assert tr.bounds[0][0] == 0 and tr.bounds[-1][1] == m and len(tr.bounds) == -(-m // bk)
+    assert np.max(np.abs(tr.out[-1] - want)) < 1e-12
+    assert np.max(np.abs(tr.m[-1] + np.log(tr.l[-1]) - want_lse)) < 1e-12
+    s = scale * q @ k.swapaxes(-1, -2)
+    # after tile t: the softmax over the keys seen so far, and m their max
+    j1 = tr.bounds[0][1]
+    assert np.max(np.abs(tr.m[0] - s[..., :j1].max(-1))) < 1e-14
+    allowed = np.zeros((6, m), bool)
+    allowed[:, :j1] = True
+    assert np.max(np.abs(tr.out[0] - dense_softmax(q, k, v, allowed, scale)[0])) < 1e-12

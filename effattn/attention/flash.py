@@ -216,6 +216,43 @@ def backward(dout, cache):
     return {"q": dq, "k": dk, "v": dv}
 
 
+class TileTrace(NamedTuple):
+    """The online-softmax state of some query rows after each key tile (:func:`online_softmax_trace`)."""
+    bounds: list     # [(j0, j1), ...] the key tiles, in the order visited
+    m: object        # (T, ..., N) running max of the logits (natural log)
+    l: object        # (T, ..., N) running sum of exp(S - m)
+    out: object      # (T, ..., N, dv) acc / l: attention over the keys seen so far
+
+
+def online_softmax_trace(q, k, v, *, block_k, scale=None):
+    """The recurrence of :func:`forward`'s inner loop, step by step, for teaching and figures:
+    m, l and the partial output acc / l after each key tile (no causal or key mask; natural log).
+
+    q (..., N, d), k (..., M, d), v (..., M, dv). After the last tile ``out[-1]`` is full attention
+    and ``m[-1] + log(l[-1])`` its log-sum-exp. Keeps all T states: for small examples only."""
+    n, m_len, d, dv = check_qkv(q, k, v)
+    bk = min(check_int("block_k", block_k), m_len)
+    scale = check_scale(scale, d)
+    xp = get_namespace(q, k, v)
+    mx = xp.full(q.shape[:-1], NEG_INF, dtype=q.dtype)
+    l = xp.zeros(q.shape[:-1], dtype=q.dtype)
+    acc = xp.zeros(q.shape[:-1] + (dv,), dtype=q.dtype)
+    bounds, ms, ls, outs = [], [], [], []
+    for j0 in range(0, m_len, bk):
+        j1 = min(j0 + bk, m_len)
+        s = scale * (q @ k[..., j0:j1, :].swapaxes(-1, -2))             # S_IJ (..., N, b_k)
+        m_new = xp.maximum(mx, s.max(axis=-1))                           # m' = max(m, rowmax S_IJ)
+        p = xp.exp(s - m_new[..., None])                                 # P~ = exp(S_IJ - m')
+        l = l * xp.exp(mx - m_new) + p.sum(axis=-1)                      # l' = l e^(m - m') + rowsum P~
+        acc = acc * xp.exp(mx - m_new)[..., None] + p @ v[..., j0:j1, :]  # acc' = acc e^(m - m') + P~ V_J
+        mx = m_new
+        bounds.append((j0, j1))
+        ms.append(mx)
+        ls.append(l)
+        outs.append(acc / l[..., None])
+    return TileTrace(bounds, xp.stack(ms), xp.stack(ls), xp.stack(outs))
+
+
 @reads_cache("flash")
 def weights(cache):
     """The dense (..., N, M) matrix P = exp(S - lse), recomputed from q, k and the saved

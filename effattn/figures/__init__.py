@@ -11,6 +11,8 @@ mechanisms:
     neural_memory.py            04: Set Transformer's inducing points and seeds
     low_rank.py                 05: Linformer, Nystromformer
     kernels.py                  06: Performer's features
+    sparse_models.py            09: a mixture of experts' routing
+    techniques.py               10: the online softmax of flash, tile by tile
     scaling.py                  the overview of every kernel, the measured scaling curves
 
 :data:`FIGURES` maps each registry name to the function that draws its own figures,
@@ -26,12 +28,12 @@ import numpy as np
 
 from .. import registry
 from . import (background, combination_of_patterns, fixed_patterns, kernels, learned_patterns, low_rank,
-               neural_memory, scaling, sparse_models)
+               neural_memory, scaling, sparse_models, techniques)
 from .style import mechanism_pattern_figure
 
 FIGURES = {
     "full": background.full_figures,
-    "flash": None,
+    "flash": techniques.flash_figures,
     "local": fixed_patterns.local_figures,
     "memory_compressed": fixed_patterns.memory_compressed_figures,
     "image_local_1d": fixed_patterns.image_local_1d_figures,

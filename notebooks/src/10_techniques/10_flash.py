@@ -32,6 +32,24 @@ for causal in (False, True):
     assert err < 1e-10
 
 # %% [markdown]
+# The recurrence drawn tile by tile. `flash.online_softmax_trace` runs the same three updates and keeps every
+# intermediate state (for small examples only): four query rows, 64 keys in tiles of 8, and one late key made to
+# match row 0 so that its maximum jumps at tile 6, where $\ell$ is rescaled by $e^{m - m'}$ and drops.
+
+# %%
+from effattn.figures.techniques import flash_figures
+
+(path,) = flash_figures("/tmp/effattn_flash", np.random.default_rng(0))
+plt.figure(figsize=(12, 7.7))
+plt.imshow(plt.imread(path))
+plt.axis("off")
+plt.show()
+tr = flash_src.online_softmax_trace(q[0, 0, :4], k[0, 0], v[0, 0], block_k=48)
+o_full, _ = effattn.get("full").forward(q[0, 0, :4], k[0, 0], v[0, 0])
+assert np.abs(tr.out[-1] - o_full).max() < 1e-12 and len(tr.bounds) == 7     # 300 keys in tiles of 48
+assert np.all(np.diff(tr.m, axis=0) >= 0)                                      # the running max never falls
+
+# %% [markdown]
 # Memory against N (float32, d = 64, forward + backward, `tracemalloc` peak), flash against full:
 
 # %%
