@@ -55,8 +55,9 @@ from ..backend import get_namespace, to_numpy
 from ..validate import check_bool, check_choice, check_int, check_nonnegative_float
 from ..nn import functional as F
 from ..nn.functional import IGNORE
-from ..nn.modules import Embedding, FeedForward, LayerNorm, Linear, Module
+from ..nn.modules import Embedding, LayerNorm, Linear, Module
 from .attention import CrossAttentionState, MultiHeadAttention, SelfAttentionState
+from .ffn import SparseFeedForward, make_ffn
 
 
 class BlockState(NamedTuple):
@@ -80,7 +81,7 @@ class Block(Module):
 
     def __init__(self, d_model, heads, d_ff, rng, *, attention="full", attn_config=None, causal=False,
                  cross=False, cross_attention="full", cross_config=None, max_len=512, dtype="float64",
-                 ffn_chunk=None):
+                 ffn_chunk=None, ffn="dense", ffn_config=None):
         super().__init__()
         self.ln1 = LayerNorm(d_model, dtype=dtype)
         self.attn = MultiHeadAttention(d_model, heads, rng, attention=attention, attn_config=attn_config,
@@ -91,13 +92,13 @@ class Block(Module):
             self.xattn = MultiHeadAttention(d_model, heads, rng, attention=cross_attention,
                                             attn_config=cross_config, causal=False, max_len=max_len, dtype=dtype)
         self.ln3 = LayerNorm(d_model, dtype=dtype)
-        self.ff = FeedForward(d_model, d_ff, rng, dtype=dtype, chunk=ffn_chunk)
+        self.ff = make_ffn(ffn, d_model, d_ff, rng, config=ffn_config, causal=causal, dtype=dtype, chunk=ffn_chunk)
 
     def forward(self, x, key_mask=None, memory=None, memory_mask=None):
         x = x + self.attn.forward(self.ln1.forward(x), key_mask=key_mask)                  # (B, N, D)
         if self.cross:
             x = x + self.xattn.forward(self.ln2.forward(x), kv=memory, key_mask=memory_mask)  # (B, N, D)
-        return x + self.ff.forward(self.ln3.forward(x))                                      # (B, N, D)
+        return x + self.ff.forward(self.ln3.forward(x), key_mask=key_mask)                   # (B, N, D)
 
     def init_state(self, batch, memory=None, memory_mask=None):
         """A :class:`BlockState`: the self-attention's state, and the cross-attention's memory."""
@@ -113,7 +114,7 @@ class Block(Module):
         x = x + a
         if self.cross:
             x = x + self.xattn.prefill(self.ln2.forward(x), state.xattn)[0]
-        return x + self.ff.forward(self.ln3.forward(x)), state._replace(attn=sa)
+        return x + self.ff.forward(self.ln3.forward(x), key_mask=key_mask), state._replace(attn=sa)
 
     def step(self, x_t, state, key_mask_t=None):
         """One token x_t (B, D): (y_t (B, D), state); the same sublayers as ``forward``."""
@@ -121,7 +122,7 @@ class Block(Module):
         x_t = x_t + a
         if self.cross:
             x_t = x_t + self.xattn.step(self.ln2.forward(x_t), state.xattn)[0]
-        return x_t + self.ff.forward(self.ln3.forward(x_t)), state._replace(attn=sa)
+        return x_t + self.ff.forward(self.ln3.forward(x_t), key_mask=key_mask_t), state._replace(attn=sa)
 
     def backward(self, dy):
         """Returns (dx, dmemory); dmemory is None without cross-attention."""
@@ -158,9 +159,9 @@ class Block(Module):
         da, _ = self.attn.backward(df + dh)
         return dh + self.ln1.backward(da), dmem
 
-    def rev_g(self, x):
+    def rev_g(self, x, key_mask=None):
         """G(x) = FFN(LN_3 x) (B, N, D)."""
-        return self.ff.forward(self.ln3.forward(x))
+        return self.ff.forward(self.ln3.forward(x), key_mask=key_mask)
 
     def rev_g_backward(self, dg):
         return self.ln3.backward(self.ff.backward(dg))
@@ -168,7 +169,7 @@ class Block(Module):
     def rev_forward(self, x1, x2, key_mask=None, memory=None, memory_mask=None):
         """(X_1, X_2) -> (Y_1, Y_2) = (X_1 + F(X_2), X_2 + G(Y_1))."""
         y1 = x1 + self.rev_f(x2, key_mask, memory, memory_mask)
-        return y1, x2 + self.rev_g(y1)
+        return y1, x2 + self.rev_g(y1, key_mask)
 
     def rev_backward_stored(self, dy1, dy2):
         """The chain rule through the stored forward: returns (dX_1, dX_2, dmemory).
@@ -187,7 +188,7 @@ class Block(Module):
             X_1 = Y_1 - F(X_2)        (F re-run: its cache, then its backward)
 
         and the gradients as :meth:`rev_backward_stored`; the caches are dropped after."""
-        x2 = y2 - self.rev_g(y1)
+        x2 = y2 - self.rev_g(y1, key_mask)
         dy1 = dy1 + self.rev_g_backward(dy2)
         x1 = y1 - self.rev_f(x2, key_mask, memory, memory_mask)
         dfx, dmem = self.rev_f_backward(dy1)
@@ -220,6 +221,9 @@ class Stack(Module):
       reconstructing backward, ``reconstruction_error`` is max |X_rec - x| / max |x| over both
       halves at the bottom of the stack (0 in exact arithmetic).
 
+    ``ffn="switch"`` (with ``ffn_config``) makes every block's feed-forward a mixture of experts
+    (:mod:`effattn.models.ffn`, issue 15); its auxiliary losses enter the backward with their weights.
+
     ``checkpoint`` and ``reversible`` exclude each other. Decoding token by token
     (``prefill``/``step``) is the plain blocks' only: a reversible stack decodes by recomputing
     (``generate`` falls back to it by itself).
@@ -228,7 +232,7 @@ class Stack(Module):
     def __init__(self, vocab, rng, *, d_model=32, heads=2, layers=2, d_ff=None, max_len=128,
                  attention="full", attn_config=None, causal=False, cross=False, cross_attention="full",
                  cross_config=None, positions="sinusoidal", dtype="float64", ffn_chunk=None,
-                 checkpoint=None, reversible=False, reconstruct=True):
+                 checkpoint=None, reversible=False, reconstruct=True, ffn="dense", ffn_config=None):
         super().__init__()
         self.reversible = check_bool("reversible", reversible)
         self.reconstruct = check_bool("reconstruct", reconstruct)
@@ -254,7 +258,8 @@ class Stack(Module):
         self.blocks = [self.add(f"blocks.{i}", Block(d_model, heads, d_ff, rng, attention=attention,
                                                      attn_config=attn_config, causal=causal, cross=cross,
                                                      cross_attention=cross_attention, cross_config=cross_config,
-                                                     max_len=max_len, dtype=dtype, ffn_chunk=ffn_chunk))
+                                                     max_len=max_len, dtype=dtype, ffn_chunk=ffn_chunk,
+                                                     ffn=ffn, ffn_config=ffn_config))
                        for i in range(layers)]
         self.ln_f = LayerNorm(d_model, dtype=dtype)
 
@@ -449,8 +454,21 @@ class Model(Module):
         if backward:
             # cross_entropy_backward gives float64 for float32 logits (bool mask * float): cast back
             dlogits = F.cross_entropy_backward(cache)
+            for _, ff in self.sparse_ffns():     # their auxiliary losses are scaled by S too
+                ff.grad_scale = 1.0 if loss_scale is None else float(loss_scale)
             self.backward(dlogits if loss_scale is None else dlogits * float(loss_scale))
         return loss, correct, count
+
+    def sparse_ffns(self):
+        """(qualified name, :class:`~effattn.models.ffn.SparseFeedForward`) of every sparse feed-forward."""
+        return [(prefix.rstrip("."), m) for prefix, m in self.modules() if isinstance(m, SparseFeedForward)]
+
+    def aux(self):
+        """The last forward's auxiliary losses: {"loss": the weighted sum over the sparse
+        feed-forwards (what the backward adds to the cross-entropy; 0.0 without any),
+        "layers": {name: that layer's losses and statistics}}."""
+        layers = {name: ff.aux() for name, ff in self.sparse_ffns()}
+        return {"loss": sum(a.get("loss", 0.0) for a in layers.values()), "layers": layers}
 
     def attention_layers(self):
         out = []

@@ -217,7 +217,9 @@ class FeedForward(Module):
         self.fc1 = Linear(d_model, d_ff, rng, dtype=dtype)
         self.fc2 = Linear(d_ff, d_model, rng, dtype=dtype)
 
-    def forward(self, x):
+    def forward(self, x, key_mask=None):
+        """x (..., D) -> (..., D). ``key_mask`` is accepted and unused (the MLP acts on each position
+        alone), so a block calls every feed-forward alike (a sparse one routes only real tokens)."""
         if self.chunk is not None:
             return self._chunked_forward(x)
         h = self.fc1.forward(x)                  # (..., D) -> (..., D_ff)

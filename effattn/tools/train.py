@@ -59,6 +59,7 @@ import numpy as np
 from .. import backend, registry
 from ..models import MODES
 from ..models.attention import resolve_kernel
+from ..models.ffn import FFN_KINDS
 from ..nn.optim import Adam, WarmupDecay, clip_grad_norm
 from ..nn.precision import PRECISIONS, LossScaler, set_storage
 from ..validate import NonFiniteError
@@ -68,9 +69,9 @@ FORMAT = "effattn-train-1"
 # settings that must match for a checkpoint to be resumed
 STRUCTURAL = ("task", "attention", "attn", "decoder_attention", "cross_attention", "layers", "d_model", "heads",
               "d_ff", "seq_len", "dtype", "positions", "pool", "seed", "schedule", "warmup", "decay_steps",
-              "reversible")
+              "reversible", "ffn", "ffn_config")
 # what a checkpoint written before a structural setting existed had instead
-STRUCTURAL_DEFAULTS = {"reversible": False}
+STRUCTURAL_DEFAULTS = {"reversible": False, "ffn": "dense", "ffn_config": {}}
 # kernel arguments the trainer passes itself, so --attn may not set them (where each comes from)
 TRAINER_SETS = {"q": "the model's query projection", "k": "the model's key projection",
                 "v": "the model's value projection", "causal": "the task (decoders are causal)",
@@ -173,7 +174,35 @@ def add_train_arguments(parser):
     g.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="bf16/fp16: linear layers compute and store in 16 bits over float32 master weights "
                         "(fp16 with dynamic loss scaling; needs --dtype float32)")
+    g = p.add_argument_group("sparse feed-forward (issue 15; notebook 09)")
+    g.add_argument("--ffn", default="dense", choices=FFN_KINDS,
+                   help="every block's feed-forward: the dense MLP, or switch (a mixture of --experts expert MLPs "
+                        "of width --d-ff; its load-balancing and z losses enter the training loss)")
+    g.add_argument("--experts", type=int, default=None, metavar="E", help="--ffn switch: experts (default 8)")
+    g.add_argument("--capacity", type=float, default=None, metavar="CF",
+                   help="--ffn switch: capacity factor, tokens an expert takes = CF x tokens / E (default 1.25; "
+                        "decoders never drop: that would leak the future)")
+    g.add_argument("--router-k", type=int, default=None, metavar="K",
+                   help="--ffn switch: experts per token, 1 (Switch) or 2 (GShard) (default 1)")
     return parser
+
+
+def ffn_config_from_args(args):
+    """(ffn, ffn_config) from --ffn and its options; an option without its --ffn is refused."""
+    ffn = getattr(args, "ffn", "dense")
+    opts = {"experts": getattr(args, "experts", None), "capacity_factor": getattr(args, "capacity", None),
+            "k": getattr(args, "router_k", None)}
+    flags = {"experts": "--experts", "capacity_factor": "--capacity", "k": "--router-k"}
+    given = {k: v for k, v in opts.items() if v is not None}
+    if ffn != "switch" and given:
+        raise ValueError(f"{flags[next(iter(given))]} is an option of --ffn switch (got --ffn {ffn})")
+    if "experts" in given and (isinstance(given["experts"], bool) or given["experts"] < 1):
+        raise ValueError(f"--experts must be a positive integer, got {given['experts']!r}")
+    if "k" in given and given["k"] not in (1, 2):
+        raise ValueError(f"--router-k must be 1 (Switch) or 2 (GShard), got {given['k']!r}")
+    if "capacity_factor" in given and not (given["capacity_factor"] > 0 and math.isfinite(given["capacity_factor"])):
+        raise ValueError(f"--capacity must be a positive number, got {given['capacity_factor']!r}")
+    return ffn, given
 
 
 def settings_from_args(args):
@@ -201,6 +230,10 @@ def settings_from_args(args):
         "reversible": bool(getattr(args, "reversible", False)), "checkpoint": getattr(args, "checkpoint", None),
         "ffn_chunk": getattr(args, "ffn_chunk", None), "precision": getattr(args, "precision", "fp32"),
     }
+    s["ffn"], s["ffn_config"] = ffn_config_from_args(args)
+    if s["ffn"] != "dense" and s["ffn_chunk"] is not None:
+        raise ValueError(f"--ffn-chunk: a {s['ffn']} feed-forward routes the tokens of the whole batch together; "
+                         "chunking is for --ffn dense")
     for key in ("steps", "layers", "d_model", "heads", "seq_len", "batch_size"):
         v = s[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -320,7 +353,8 @@ def build(s):
     rng = np.random.default_rng([s["seed"], 1])
     kw = dict(d_model=s["d_model"], heads=s["heads"], layers=s["layers"], d_ff=s["d_ff"], max_len=s["max_len"],
               attention=s["attention"], attn_config=attn_config, positions=s["positions"], dtype=s["dtype"],
-              reversible=s.get("reversible", False), checkpoint=s.get("checkpoint"), ffn_chunk=s.get("ffn_chunk"))
+              reversible=s.get("reversible", False), checkpoint=s.get("checkpoint"), ffn_chunk=s.get("ffn_chunk"),
+              ffn=s.get("ffn", "dense"), ffn_config=s.get("ffn_config") or None)
     cls = MODES[task.mode]
     if task.mode == "encoder":
         model = cls(task.vocab, task.n_classes, rng, pool=s["pool"], **kw)
@@ -339,6 +373,19 @@ def build(s):
     opt = Adam(params, lr=s["lr"])
     sched = WarmupDecay(s["lr"], warmup=s["warmup"], total=s["decay_steps"], kind=s["schedule"])
     return task, model, opt, sched
+
+
+def ffn_summary(model):
+    """After the last forward (the last held-out batch): the weighted auxiliary loss, each expert's share of the dispatched
+    tokens summed over the layers, and the share of the tokens' choices dropped (mean over layers)."""
+    layers = model.aux()["layers"].values()
+    loads = [a["load"] for a in layers if "load" in a]
+    out = {"aux_loss": round(model.aux()["loss"], 6)}
+    if loads:
+        tot = np.sum(loads, axis=0)
+        out["expert_load"] = [round(float(c) / max(float(tot.sum()), 1.0), 4) for c in tot]
+        out["dropped"] = round(float(np.mean([a["dropped"] for a in layers if "dropped" in a])), 4)
+    return out
 
 
 def to_device(batch):
@@ -647,6 +694,8 @@ def _run(s, progress=True):
         "seconds": round(time.time() - t0, 2), "precision": s.get("precision", "fp32"),
         "loss_scale": None if scaler is None else scaler.scale, "skipped_steps": len(h.get("skipped", ())),
     }
+    if s.get("ffn", "dense") != "dense":
+        result.update(ffn=s["ffn"], **ffn_summary(model))
     return {"result": result, "task": task, "model": model, "history": h, "settings": s}
 
 
