@@ -152,6 +152,53 @@ def test_fp16_overflow_skips_steps_and_shrinks_the_scale():
     assert any(not np.array_equal(before[k], after[k]) for k in before)
 
 
+def test_a_resumed_fp16_run_goes_on_with_its_saved_loss_scale(tmp_path):
+    """Four steps from a scale far too large (2^30: the first steps are skipped, the scale halves),
+    a checkpoint, four more steps from it with a fresh scaler: the same parameters, bit for bit,
+    and the same scale as eight steps in one go (a fresh 2^30 would skip steps again)."""
+    import argparse
+
+    from effattn.tools import train as T
+
+    ap = argparse.ArgumentParser()
+    T.add_train_arguments(ap)
+    s = T.settings_from_args(ap.parse_args(["--task", "lm", "--steps", "8", "--d-model", "16", "--heads", "2",
+                                            "--layers", "1", "--seq-len", "16", "--batch-size", "8",
+                                            "--precision", "fp16"]))
+
+    def run(steps, start=0, resume=None):
+        task, model, opt, sched = T.build(s)
+        scaler, rng = P.LossScaler(scale=2.0 ** 30, growth_interval=1000), np.random.default_rng(0)
+        if resume:
+            assert T.load_checkpoint(resume, model, opt, rng, s, scaler=scaler) == start
+        T.fit(model, task, opt, sched, rng, steps=steps, start=start, batch_size=8, progress=False, scaler=scaler)
+        return model, opt, rng, scaler
+
+    whole = run(8)
+    half = run(4)
+    assert half[3].skipped >= 1 and half[3].scale < 2.0 ** 30
+    ck = str(tmp_path / "half.npz")
+    T.save_checkpoint(ck, *half[:2], 4, half[2], s, scaler=half[3])
+    resumed = run(8, start=4, resume=ck)
+    assert resumed[3].scale == whole[3].scale and resumed[3].skipped == whole[3].skipped
+    a, b = dict(whole[0].parameters()), dict(resumed[0].parameters())
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    bad = str(tmp_path / "bad.npz")
+    T.save_checkpoint(bad, *half[:2], 4, half[2], s, scaler=half[3])
+    import json
+    with np.load(bad) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["scaler"]["scale"] = -1.0
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(bad, **arrays)
+    fresh = P.LossScaler(scale=8.0)
+    task, model, opt, sched = T.build(s)
+    with pytest.raises(ValueError, match="loss-scaler state"):
+        T.load_checkpoint(bad, model, opt, np.random.default_rng(0), s, scaler=fresh)
+    assert fresh.scale == 8.0
+
+
 @pytest.mark.parametrize("kw", [{"checkpoint": 1}, {"ffn_chunk": 5}])
 def test_trainer_techniques_change_nothing_but_memory(kw):
     from effattn.tools.train import train_model

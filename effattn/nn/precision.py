@@ -139,6 +139,22 @@ class LossScaler:
     def state_dict(self):
         return {"scale": self.scale, "good": self.good, "skipped": self.skipped}
 
+    def load_state_dict(self, state):
+        """Restore :meth:`state_dict`'s ``scale``, ``good`` and ``skipped`` (checked first: nothing
+        changes on a bad entry), so a resumed float16 run goes on with the scale it had."""
+        from ..validate import check_positive_float
+
+        if not isinstance(state, dict) or set(state) != {"scale", "good", "skipped"}:
+            raise ValueError(f"loss-scaler state must have scale, good and skipped, got {state!r}")
+        scale = check_positive_float("scale", state["scale"])
+        counts = {}
+        for key in ("good", "skipped"):
+            v = state[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"loss-scaler state: {key} must be an integer >= 0, got {v!r}")
+            counts[key] = v
+        self.scale, self.good, self.skipped = scale, counts["good"], counts["skipped"]
+
 
 # --------------------------------------------------------------------------- softmax in float16
 def softmax_in(x, dtype="float16", *, subtract_max=True):

@@ -516,8 +516,9 @@ def fit(model, task, opt, sched, rng, *, steps, start=0, batch_size=32, clip=1.0
 
 
 # --------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, model, opt, step, rng, settings):
-    """Write parameters, optimizer state, step, generator state and settings to ``path`` (.npz).
+def save_checkpoint(path, model, opt, step, rng, settings, scaler=None):
+    """Write parameters, optimizer state, step, generator state, settings (and a float16 run's
+    loss-scaler state, ``scaler``) to ``path`` (.npz).
 
     Atomic: the file is written under a temporary name in the same folder, then moved over
     ``path`` (``os.replace``), so ``path`` holds the old checkpoint or the new one, never half of
@@ -527,6 +528,8 @@ def save_checkpoint(path, model, opt, step, rng, settings):
         arrays[f"opt/{k}"] = np.asarray(backend.to_numpy(v))
     meta = {"format": FORMAT, "step": int(step), "rng": rng.bit_generator.state,
             "settings": {k: settings.get(k) for k in STRUCTURAL}}
+    if scaler is not None:
+        meta["scaler"] = scaler.state_dict()
     arrays["meta"] = np.array(json.dumps(meta))
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
@@ -579,18 +582,20 @@ def _read_meta(path, data, rng):
         copy.deepcopy(rng).bit_generator.state = rng_state     # validated on a copy
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
         raise ValueError(f"checkpoint {path!r} has an invalid generator state ({type(exc).__name__}: {exc})") from None
-    return step, saved, rng_state
+    return step, saved, rng_state, meta.get("scaler")
 
 
-def load_checkpoint(path, model, opt, rng, settings):
-    """Restore a :func:`save_checkpoint` file into ``model``, ``opt`` and ``rng``; returns the step.
+def load_checkpoint(path, model, opt, rng, settings, scaler=None):
+    """Restore a :func:`save_checkpoint` file into ``model``, ``opt`` and ``rng`` (and the loss
+    scale into ``scaler``, when the checkpoint has one: a float16 run; a checkpoint without one
+    leaves ``scaler`` at its fresh scale); returns the step.
 
     Everything is read and checked first (a readable .npz, its metadata, the generator state,
     the settings, every name, shape and finiteness); on any problem a ValueError naming the file
     explains it and nothing is changed (neither the model nor the file).
     """
     data = _read_npz(path)
-    step, saved, rng_state = _read_meta(path, data, rng)
+    step, saved, rng_state, scaler_state = _read_meta(path, data, rng)
     diff = [f"{k}: checkpoint {saved.get(k)!r} != now {settings.get(k)!r}" for k in STRUCTURAL
             if _norm(saved.get(k, STRUCTURAL_DEFAULTS.get(k))) != _norm(settings.get(k))]
     if diff:
@@ -608,9 +613,16 @@ def load_checkpoint(path, model, opt, rng, settings):
         raise ValueError(f"checkpoint {path!r} does not match this model: {exc}") from None
     if step > settings["steps"]:
         raise ValueError(f"checkpoint {path!r} is at step {step}, beyond --steps {settings['steps']}")
+    if scaler is not None and scaler_state is not None:
+        try:
+            copy.deepcopy(scaler).load_state_dict(scaler_state)          # validated on a copy
+        except ValueError as exc:
+            raise ValueError(f"checkpoint {path!r} has an invalid loss-scaler state ({exc})") from None
     model.load_parameters(params)
     opt.load_state_dict(state)
     rng.bit_generator.state = rng_state
+    if scaler is not None and scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
     return step
 
 
@@ -651,12 +663,12 @@ def _run(s, progress=True):
     t0 = time.time()
     task, model, opt, sched = build(s)
     # float16 needs loss scaling (its gradients underflow); bfloat16 has float32's range and does not.
-    # A resumed run starts the scale afresh (the first steps may be skipped until it settles).
+    # A resumed run goes on with the scale its checkpoint saved.
     scaler = LossScaler() if s.get("precision") == "fp16" else None
     rng = np.random.default_rng([s["seed"], 2])
     start = done = 0
     if s["resume"]:
-        start = done = load_checkpoint(s["resume"], model, opt, rng, s)
+        start = done = load_checkpoint(s["resume"], model, opt, rng, s, scaler=scaler)
     try:
         # NumPy's overflow warnings are silenced: the checks of fit report a divergence in one line
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -676,14 +688,14 @@ def _run(s, progress=True):
         done = getattr(exc, "step", done)
         if not s["save"]:
             raise Interrupted(f"after step {done} of {s['steps']}; nothing saved (no --save)", done) from None
-        save_checkpoint(s["save"], model, opt, done, rng, s)
+        save_checkpoint(s["save"], model, opt, done, rng, s, scaler=scaler)
         raise Interrupted(f"after step {done} of {s['steps']}; its state is saved in {s['save']!r}, "
                           f"continue with --resume {s['save']}", done) from None
     except Diverged as exc:
         kept = f"{s['save']!r} keeps what it held" if s["save"] else "no --save"
         raise Diverged(f"{exc}; nothing saved ({kept})", exc.step) from None
     if s["save"]:
-        save_checkpoint(s["save"], model, opt, s["steps"], rng, s)
+        save_checkpoint(s["save"], model, opt, s["steps"], rng, s, scaler=scaler)
     result = {
         "task": s["task"], "attention": s["attention"], "mode": task.mode, "steps": s["steps"],
         "loss": round(loss, 6), "accuracy": round(acc, 6), "metric": task.metric,
