@@ -56,6 +56,7 @@ FIGURES = {
     "linear": kernels.linear_figures,
     "performer": kernels.performer_figures,
     "switch": sparse_models.switch_figures,
+    "pkm": sparse_models.pkm_figures,
 }
 
 

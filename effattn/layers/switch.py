@@ -271,6 +271,13 @@ def weights(cache):
 
 
 @reads_cache("switch")
+def probabilities(cache):
+    """The router probabilities p (..., N, E) = softmax(l_t) (padding rows included: they are
+    routed nowhere, whatever p says)."""
+    return cache.soft[0].reshape(cache.lead + (cache.Wr.shape[1],))
+
+
+@reads_cache("switch")
 def aux_losses(cache):
     """{"balance": L_aux, "z": L_z, "load": (E,) dispatched choices per expert, "dropped": share of
     the real tokens' choices that were dropped}."""
@@ -282,6 +289,9 @@ def aux_losses(cache):
     load = xp.bincount(c.idx.reshape(-1)[c.sa], minlength=E)
     return {"balance": c.balance, "z": c.z, "load": load,
             "dropped": 0.0 if wanted == 0 else 1.0 - dispatched / wanted}
+
+
+statistics = aux_losses     # what a model's SparseFeedForward.aux() reports
 
 
 @reads_cache("switch")

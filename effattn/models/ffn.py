@@ -5,11 +5,17 @@ builds its feed-forward with :func:`make_ffn`::
 
     ffn="dense"    FFN(x) = GELU(x W_1 + b_1) W_2 + b_2           (effattn.nn.modules.FeedForward)
     ffn="switch"   a mixture of E expert FFNs of width d_ff, top-k routing (effattn.layers.switch)
+    ffn="pkm"      a product-key memory of K value rows, k read per token (effattn.layers.pkm)
 
 and ``ffn_config`` sets the sparse layer's options (``switch``: ``experts`` E (default 8), ``k``
 (1: Switch, 2: GShard), ``capacity_factor`` (default 1.25), ``aux_weight`` (Switch's alpha,
 1e-2), ``z_weight`` (ST-MoE's c_z, 1e-3)). Each expert has the dense FFN's shape, so a Switch
 block holds E times the feed-forward parameters for about the FLOPs of one (k = 1).
+``pkm``: ``keys`` K (a square, default 1024), ``topk`` k (default 32, at most sqrt(K)), ``heads``
+(default 4), ``dq`` the query size per head (default d_model rounded up to even). The memory
+replaces the feed-forward as in the paper, so ``d_ff`` is not used; its parameters are
+K d_model + d_model heads dq + heads sqrt(K) dq, its FLOPs per token about
+d_model heads dq + heads (sqrt(K) dq + k^2 + k d_model).
 
 :class:`SparseFeedForward` wraps any registered layer that is not attention (kind "layer",
 ``x (..., N, D) -> y (..., N, D)``) as a :class:`~effattn.nn.modules.Module`: its learnable
@@ -33,7 +39,7 @@ from .. import registry
 from ..nn.modules import FeedForward, Module
 from ..validate import check_choice, check_int
 
-FFN_KINDS = ("dense", "switch")
+FFN_KINDS = ("dense", "switch", "pkm")
 
 
 def _switch_build(rng, d_model, d_ff, config, causal, dtype):
@@ -52,7 +58,30 @@ def _switch_build(rng, d_model, d_ff, config, causal, dtype):
     return switch.init_params(rng, d_model, d_ff, experts, dtype=dtype), opts
 
 
-BUILDERS = {"switch": _switch_build}
+def _pkm_build(rng, d_model, d_ff, config, causal, dtype):
+    import math
+
+    from ..layers import pkm
+
+    allowed = {"keys", "topk", "heads", "dq"}
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise ValueError(f"ffn_config: unknown option {unknown[0]!r} for ffn='pkm'; "
+                         f"options: {', '.join(sorted(allowed))}")
+    keys = check_int("ffn_config['keys']", config.get("keys", 1024))
+    sqrtK = math.isqrt(keys)
+    if sqrtK * sqrtK != keys:
+        raise ValueError(f"ffn_config['keys'] must be a square (K = sqrtK^2 product keys), got {keys}")
+    heads = check_int("ffn_config['heads']", config.get("heads", 4))
+    dq = check_int("ffn_config['dq']", config.get("dq", d_model + d_model % 2))
+    params = pkm.init_params(rng, d_model, sqrtK=sqrtK, dq=dq, heads=heads, dtype=dtype)
+    topk = check_int("ffn_config['topk']", config.get("topk", min(32, sqrtK)))
+    if topk > sqrtK:
+        raise ValueError(f"ffn_config['topk'] must be at most sqrt(keys) = {sqrtK}, got {topk}")
+    return params, {"heads": heads, "topk": topk}
+
+
+BUILDERS = {"switch": _switch_build, "pkm": _pkm_build}
 
 
 def make_ffn(kind, d_model, d_ff, rng, *, config=None, causal=False, dtype="float64", chunk=None):
@@ -107,13 +136,14 @@ class SparseFeedForward(Module):
 
     def aux(self):
         """The last forward's weighted auxiliary loss (``"loss"``) and the layer's own statistics
-        (``switch``: ``balance``, ``z``, ``load`` per expert, ``dropped`` share), host floats."""
+        (the layer module's ``statistics``; ``switch``: ``balance``, ``z``, ``load`` per expert,
+        ``dropped`` share; ``pkm``: ``usage``, the share of memory slots read), host floats."""
         if self.cache is None:
             return {}
         out = {"loss": float(self.spec.aux_loss(self.cache))} if self.spec.aux_loss is not None else {}
         from importlib import import_module
 
-        stats = getattr(import_module(self.spec.forward.__module__), "aux_losses", None)
+        stats = getattr(import_module(self.spec.forward.__module__), "statistics", None)
         if stats is not None:
             for name, v in stats(self.cache).items():
                 out[name] = [int(c) for c in v.tolist()] if hasattr(v, "tolist") and getattr(v, "ndim", 0) else float(v)

@@ -184,24 +184,53 @@ def add_train_arguments(parser):
                         "decoders never drop: that would leak the future)")
     g.add_argument("--router-k", type=int, default=None, metavar="K",
                    help="--ffn switch: experts per token, 1 (Switch) or 2 (GShard) (default 1)")
+    g.add_argument("--aux-weight", type=float, default=None, metavar="A",
+                   help="--ffn switch: weight of the load-balancing loss (Switch's alpha, default 1e-2; 0: off)")
+    g.add_argument("--z-weight", type=float, default=None, metavar="Z",
+                   help="--ffn switch: weight of the router z-loss (ST-MoE's c_z, default 1e-3; 0: off)")
+    g.add_argument("--pkm-keys", type=int, default=None, metavar="K",
+                   help="--ffn pkm: memory slots K, a square (default 1024)")
+    g.add_argument("--pkm-topk", type=int, default=None, metavar="k",
+                   help="--ffn pkm: slots read per token and head, at most sqrt(K) (default 32)")
+    g.add_argument("--pkm-heads", type=int, default=None, metavar="H", help="--ffn pkm: memory heads (default 4)")
     return parser
+
+
+FFN_FLAGS = {  # ffn kind -> {ffn_config key: (args attribute, flag)}
+    "switch": {"experts": ("experts", "--experts"), "capacity_factor": ("capacity", "--capacity"),
+               "k": ("router_k", "--router-k"), "aux_weight": ("aux_weight", "--aux-weight"),
+               "z_weight": ("z_weight", "--z-weight")},
+    "pkm": {"keys": ("pkm_keys", "--pkm-keys"), "topk": ("pkm_topk", "--pkm-topk"),
+            "heads": ("pkm_heads", "--pkm-heads")},
+}
 
 
 def ffn_config_from_args(args):
     """(ffn, ffn_config) from --ffn and its options; an option without its --ffn is refused."""
     ffn = getattr(args, "ffn", "dense")
-    opts = {"experts": getattr(args, "experts", None), "capacity_factor": getattr(args, "capacity", None),
-            "k": getattr(args, "router_k", None)}
-    flags = {"experts": "--experts", "capacity_factor": "--capacity", "k": "--router-k"}
-    given = {k: v for k, v in opts.items() if v is not None}
-    if ffn != "switch" and given:
-        raise ValueError(f"{flags[next(iter(given))]} is an option of --ffn switch (got --ffn {ffn})")
-    if "experts" in given and (isinstance(given["experts"], bool) or given["experts"] < 1):
-        raise ValueError(f"--experts must be a positive integer, got {given['experts']!r}")
+    for kind, table in FFN_FLAGS.items():
+        if kind == ffn:
+            continue
+        for attr, flag in table.values():
+            if getattr(args, attr, None) is not None:
+                raise ValueError(f"{flag} is an option of --ffn {kind} (got --ffn {ffn})")
+    given = {key: getattr(args, attr, None) for key, (attr, _) in FFN_FLAGS.get(ffn, {}).items()}
+    given = {k: v for k, v in given.items() if v is not None}
+    for key in ("experts", "keys", "topk", "heads"):
+        if key in given and (isinstance(given[key], bool) or given[key] < 1):
+            raise ValueError(f"{FFN_FLAGS[ffn][key][1]} must be a positive integer, got {given[key]!r}")
+    if "keys" in given and math.isqrt(given["keys"]) ** 2 != given["keys"]:
+        raise ValueError(f"--pkm-keys must be a square (K = sqrtK^2 product keys), got {given['keys']}")
+    if "topk" in given and given["topk"] > math.isqrt(given.get("keys", 1024)):
+        raise ValueError(f"--pkm-topk must be at most sqrt(--pkm-keys) = {math.isqrt(given.get('keys', 1024))}, "
+                         f"got {given['topk']}")
     if "k" in given and given["k"] not in (1, 2):
         raise ValueError(f"--router-k must be 1 (Switch) or 2 (GShard), got {given['k']!r}")
     if "capacity_factor" in given and not (given["capacity_factor"] > 0 and math.isfinite(given["capacity_factor"])):
         raise ValueError(f"--capacity must be a positive number, got {given['capacity_factor']!r}")
+    for key in ("aux_weight", "z_weight"):
+        if key in given and not (given[key] >= 0 and math.isfinite(given[key])):
+            raise ValueError(f"{FFN_FLAGS[ffn][key][1]} must be a number >= 0, got {given[key]!r}")
     return ffn, given
 
 
@@ -377,7 +406,8 @@ def build(s):
 
 def ffn_summary(model):
     """After the last forward (the last held-out batch): the weighted auxiliary loss, each expert's share of the dispatched
-    tokens summed over the layers, and the share of the tokens' choices dropped (mean over layers)."""
+    tokens summed over the layers, and the share of the tokens' choices dropped (mean over layers); for a product-key
+    memory the share of its slots read (mean over layers)."""
     layers = model.aux()["layers"].values()
     loads = [a["load"] for a in layers if "load" in a]
     out = {"aux_loss": round(model.aux()["loss"], 6)}
@@ -385,6 +415,9 @@ def ffn_summary(model):
         tot = np.sum(loads, axis=0)
         out["expert_load"] = [round(float(c) / max(float(tot.sum()), 1.0), 4) for c in tot]
         out["dropped"] = round(float(np.mean([a["dropped"] for a in layers if "dropped" in a])), 4)
+    usage = [a["usage"] for a in layers if "usage" in a]
+    if usage:
+        out["memory_usage"] = round(float(np.mean(usage)), 4)
     return out
 
 
