@@ -54,3 +54,24 @@ def test_pad_and_round_up():
     assert sparse.pad_axis(x, 8).shape == (2, 8, 3) and sparse.pad_axis(x, 5) is x
     assert sparse.round_up(5, 4) == 8 and sparse.round_up(8, 4) == 8
     assert sparse.broadcast_shapes((2, 1, 3), (4, 3)) == (2, 4, 3)
+
+
+def test_index_add_sums_repeated_indices_like_add_at():
+    """The NumPy fast paths (sparse one-hot product, bincount) against ``np.add.at`` itself."""
+    from effattn.nn.sparse import index_add, index_add_weighted
+
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 9, (6, 5))                       # many repeats
+    for shape in ((30, 4), (30,), (30, 2, 3)):
+        vals = rng.standard_normal((30,) + shape[1:])
+        want = np.zeros((9,) + shape[1:])
+        np.add.at(want, idx.reshape(-1), vals)
+        got = index_add(np.zeros_like(want), idx, vals)
+        assert np.abs(got - want).max() < 1e-13, shape
+    w, g = rng.standard_normal((6, 5)), rng.standard_normal((6, 4))
+    want = np.zeros((9, 4))
+    np.add.at(want, idx.reshape(-1), (w[..., None] * g[:, None, :]).reshape(30, 4))
+    assert np.abs(index_add_weighted(np.zeros((9, 4)), idx, w, g) - want).max() < 1e-13
+    out = np.ones((9, 4), np.float32)                      # in place, adds to what is there, keeps the dtype
+    index_add(out, idx, np.ones((30, 4), np.float32))
+    assert out.dtype == np.float32 and out.sum() == 36 + 30 * 4

@@ -39,7 +39,7 @@ K D + D H dq + H sqrtK dq.
 
 Backward (the top-k choices A, B, I are constants; dy (D,) per token, i = (a_i, b_i)):
 
-    dvalues[i] += w_h,i dy                       only the chosen rows (``add.at``, sparse)
+    dvalues[i] += w_h,i dy                       only the chosen rows (``nn.sparse.index_add_weighted``)
     dw_h,i = <dy, values[i]>,   dz_h = w_h * (dw_h - <w_h, dw_h>)          (softmax)
     ds1_h[a_i] += dz_h,i,  ds2_h[b_i] += dz_h,i  only the chosen sub-keys get gradient
     dq1_h = ds1_h keys1_h,  dkeys1_h += ds1_h^T q1_h   (and the same for the second half)
@@ -83,6 +83,7 @@ from typing import NamedTuple
 
 from ..backend import asarray, get_namespace
 from ..nn.experts import check_tokens, flat_tokens, top_k
+from ..nn.sparse import index_add, index_add_weighted
 from ..registry import Case, Mechanism, backward_of, forward_of, reads_cache, register
 from ..validate import check_bool, check_int, check_param
 
@@ -197,16 +198,15 @@ def backward(dout, cache):
     it = idx.transpose(1, 0, 2).reshape(T, H * k)
     # the embedding bag: values and the weights
     dvalues = xp.zeros_like(c.values)
-    contrib = c.w.transpose(1, 0, 2).reshape(T, H * k)[..., None] * dy[:, None, :]
-    xp.add.at(dvalues, it.reshape(-1), contrib.reshape(-1, D))
+    index_add_weighted(dvalues, it, c.w.transpose(1, 0, 2).reshape(T, H * k), dy)
     dw = (c.values[it] @ dy[:, :, None])[..., 0].reshape(T, H, k).transpose(1, 0, 2)
     dz = c.w * (dw - (c.w * dw).sum(axis=-1, keepdims=True))              # softmax (w = 0: 0)
     # the sub-key scores: only the chosen sub-keys
     rows = (xp.arange(H * T) * sqrtK).reshape(H, T, 1)
     ds1 = xp.zeros(H * T * sqrtK, dtype=dout.dtype)
     ds2 = xp.zeros(H * T * sqrtK, dtype=dout.dtype)
-    xp.add.at(ds1, (rows + c.a).reshape(-1), dz.reshape(-1))
-    xp.add.at(ds2, (rows + c.b).reshape(-1), dz.reshape(-1))
+    index_add(ds1, rows + c.a, dz.reshape(-1))
+    index_add(ds2, rows + c.b, dz.reshape(-1))
     ds1, ds2 = ds1.reshape(H, T, sqrtK), ds2.reshape(H, T, sqrtK)
     dq1, dq2 = ds1 @ c.keys1, ds2 @ c.keys2                               # (H, T, half)
     dkeys1 = ds1.transpose(0, 2, 1) @ c.q1                                # (H, sqrtK, half)
@@ -228,7 +228,7 @@ def weights(cache):
     sqrtK = c.keys1.shape[1]
     W = xp.zeros(T * sqrtK * sqrtK, dtype=c.w.dtype)
     flat = xp.arange(T).reshape(1, T, 1) * (sqrtK * sqrtK) + c.a * sqrtK + c.b
-    xp.add.at(W, flat.reshape(-1), c.w.reshape(-1))
+    index_add(W, flat, c.w.reshape(-1))
     return W.reshape(c.lead + (sqrtK * sqrtK,))
 
 

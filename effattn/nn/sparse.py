@@ -77,6 +77,48 @@ def gather_rows(x, idx):
     return out.reshape(lead + (g, b, x.shape[-1]))
 
 
+def index_add(out, idx, values):
+    """``out[idx] += values`` with repeated indices adding up (what ``xp.add.at`` does), in place;
+    out (n, ...), idx (m,) ints (any shape, flattened), values (m, ...). NumPy's ``add.at`` is
+    slow; on NumPy the rows are summed by a sparse (unique rows x m) one-hot matrix product
+    (``scipy.sparse``; ``bincount`` for scalars): the same sums in another order (rounding
+    only). Other backends (CuPy: atomic adds on the GPU) use ``add.at``."""
+    xp = get_namespace(out)
+    idx = idx.reshape(-1)
+    if xp.__name__ != "numpy" or idx.size == 0:
+        xp.add.at(out, idx, values)
+        return out
+    if out.ndim == 1:
+        out += xp.bincount(idx, weights=values.reshape(-1), minlength=out.shape[0]).astype(out.dtype, copy=False)
+        return out
+    from scipy import sparse
+
+    rows, inv = xp.unique(idx, return_inverse=True)
+    onehot = sparse.csr_matrix((xp.ones(idx.size, dtype=out.dtype), (inv.reshape(-1), xp.arange(idx.size))),
+                               shape=(rows.size, idx.size))
+    out[rows] += (onehot @ values.reshape(idx.size, -1)).reshape((rows.size,) + out.shape[1:])
+    return out
+
+
+def index_add_weighted(out, idx, weights, g):
+    """``out[idx[t, j]] += weights[t, j] * g[t]`` for every t, j (repeats add up), in place: the
+    backward of an embedding bag. out (n, d), idx and weights (T, J), g (T, d). On NumPy one sparse
+    (n x T) matrix with the weights as entries times g (no (T, J, d) temporary); else ``add.at``."""
+    xp = get_namespace(out)
+    T, J = idx.shape
+    if xp.__name__ != "numpy":
+        xp.add.at(out, idx.reshape(-1), (weights[..., None] * g[:, None, :]).reshape(T * J, -1))
+        return out
+    from scipy import sparse
+
+    rows, inv = xp.unique(idx.reshape(-1), return_inverse=True)
+    cols = xp.repeat(xp.arange(T), J)
+    mat = sparse.csr_matrix((weights.reshape(-1).astype(out.dtype, copy=False), (inv.reshape(-1), cols)),
+                            shape=(rows.size, T))
+    out[rows] += mat @ g
+    return out
+
+
 def scatter_rows(g, idx, n):
     """Backward of :func:`gather_rows` (and the way groups are put back): sum rows of
     ``g (..., G, b, d)`` into an (..., n, d) array at ``idx``; repeated indices add up."""
@@ -87,7 +129,7 @@ def scatter_rows(g, idx, n):
     lead_size = math.prod(lead)
     flat = idx.reshape(lead_size, gg * b) + (xp.arange(lead_size) * n)[:, None]
     out = xp.zeros((lead_size * n, d), dtype=g.dtype)
-    xp.add.at(out, flat.reshape(-1), g.reshape(-1, d))
+    index_add(out, flat, g.reshape(-1, d))
     return out.reshape(lead + (n, d))
 
 
