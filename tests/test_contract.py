@@ -541,6 +541,8 @@ def test_windows_beyond_the_sequence_are_clipped_not_allocated(name):
         for size in spec.windows:
             if causal and size in ("look_ahead", "chunks_after"):
                 continue                                    # must be 0 when causal
+            if size not in case.config:
+                continue                                    # not a size of this mode (perceiver: causal only)
             results = []
             for value in (n + 5, 10**9):
                 tracemalloc.start()

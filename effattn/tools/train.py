@@ -59,6 +59,7 @@ import numpy as np
 from .. import backend, registry
 from ..models import MODES
 from ..models.attention import resolve_kernel
+from ..models.downsampling import ARCHS, FunnelEncoder, PerceiverEncoder
 from ..models.ffn import FFN_KINDS
 from ..nn.optim import Adam, WarmupDecay, clip_grad_norm
 from ..nn.precision import PRECISIONS, LossScaler, set_storage
@@ -69,9 +70,9 @@ FORMAT = "effattn-train-1"
 # settings that must match for a checkpoint to be resumed
 STRUCTURAL = ("task", "attention", "attn", "decoder_attention", "cross_attention", "layers", "d_model", "heads",
               "d_ff", "seq_len", "dtype", "positions", "pool", "seed", "schedule", "warmup", "decay_steps",
-              "reversible", "ffn", "ffn_config")
+              "reversible", "ffn", "ffn_config", "arch", "arch_config")
 # what a checkpoint written before a structural setting existed had instead
-STRUCTURAL_DEFAULTS = {"reversible": False, "ffn": "dense", "ffn_config": {}}
+STRUCTURAL_DEFAULTS = {"reversible": False, "ffn": "dense", "ffn_config": {}, "arch": "plain", "arch_config": {}}
 # kernel arguments the trainer passes itself, so --attn may not set them (where each comes from)
 TRAINER_SETS = {"q": "the model's query projection", "k": "the model's key projection",
                 "v": "the model's value projection", "causal": "the task (decoders are causal)",
@@ -193,7 +194,60 @@ def add_train_arguments(parser):
     g.add_argument("--pkm-topk", type=int, default=None, metavar="k",
                    help="--ffn pkm: slots read per token and head, at most sqrt(K) (default 32)")
     g.add_argument("--pkm-heads", type=int, default=None, metavar="H", help="--ffn pkm: memory heads (default 4)")
+    g = p.add_argument_group("downsampling encoders (issue 14; notebook 08): encoder tasks only")
+    g.add_argument("--arch", default="plain", choices=ARCHS,
+                   help="plain: --layers blocks at full length; funnel: stages of blocks with pooled-query "
+                        "attention between them; perceiver: latents cross-attend to the input (default plain)")
+    g.add_argument("--stages", default=None, metavar="K,K,...",
+                   help="--arch funnel: blocks per stage, e.g. 2,2,2 (default: --layers split into 3 stages)")
+    g.add_argument("--stride", type=int, default=None, metavar="S", help="--arch funnel: pooling stride (default 2)")
+    g.add_argument("--funnel-pool", default=None, choices=("mean", "max"), help="--arch funnel: pooling (default mean)")
+    g.add_argument("--decoder-layers", type=int, default=None, metavar="K",
+                   help="--arch funnel: full-length blocks after upsampling back to N (default 0)")
+    g.add_argument("--latents", type=int, default=None, metavar="M", help="--arch perceiver: latents (default 16)")
+    g.add_argument("--latent-layers", type=int, default=None, metavar="L",
+                   help="--arch perceiver: latent self-attention blocks (default --layers)")
     return parser
+
+
+ARCH_FLAGS = {  # arch -> {arch_config key: (args attribute, flag)}
+    "funnel": {"stages": ("stages", "--stages"), "stride": ("stride", "--stride"),
+               "funnel_pool": ("funnel_pool", "--funnel-pool"), "decoder_layers": ("decoder_layers", "--decoder-layers")},
+    "perceiver": {"latents": ("latents", "--latents"), "latent_layers": ("latent_layers", "--latent-layers")},
+}
+
+
+def arch_config_from_args(args, layers):
+    """(arch, arch_config) from --arch and its options; an option without its --arch is refused."""
+    arch = getattr(args, "arch", "plain")
+    for kind, table in ARCH_FLAGS.items():
+        if kind == arch:
+            continue
+        for attr, flag in table.values():
+            if getattr(args, attr, None) is not None:
+                raise ValueError(f"{flag} is an option of --arch {kind} (got --arch {arch})")
+    given = {key: getattr(args, attr, None) for key, (attr, _) in ARCH_FLAGS.get(arch, {}).items()}
+    given = {k: v for k, v in given.items() if v is not None}
+    if "stages" in given:
+        try:
+            stages = [int(t) for t in str(given["stages"]).split(",")]
+        except ValueError:
+            stages = []
+        if not stages or min(stages) < 1:
+            raise ValueError(f"--stages must be positive block counts separated by commas, e.g. 2,2,2; got "
+                             f"{given['stages']!r}")
+        given["stages"] = stages
+    elif arch == "funnel":
+        k = max(1, layers // 3)
+        given["stages"] = [layers - 2 * k, k, k] if layers >= 3 else [1] * layers
+    for key, lo in (("stride", 1), ("latents", 1), ("latent_layers", 0), ("decoder_layers", 0)):
+        if key in given and (isinstance(given[key], bool) or given[key] < lo):
+            raise ValueError(f"{ARCH_FLAGS[arch][key][1]} must be an integer >= {lo}, got {given[key]!r}")
+    if arch == "perceiver":
+        given.setdefault("latent_layers", layers)
+    if given.get("decoder_layers") and len(given["stages"]) < 2:
+        raise ValueError("--decoder-layers: the decoder upsamples a pooled sequence; give at least two --stages")
+    return arch, given
 
 
 FFN_FLAGS = {  # ffn kind -> {ffn_config key: (args attribute, flag)}
@@ -260,6 +314,19 @@ def settings_from_args(args):
         "ffn_chunk": getattr(args, "ffn_chunk", None), "precision": getattr(args, "precision", "fp32"),
     }
     s["ffn"], s["ffn_config"] = ffn_config_from_args(args)
+    s["arch"], s["arch_config"] = arch_config_from_args(args, s["layers"])
+    if s["arch"] != "plain":
+        clash = [flag for flag, on in (("--reversible", s["reversible"]), ("--checkpoint", s["checkpoint"] is not None),
+                                       ("--ffn-chunk", s["ffn_chunk"] is not None), ("--ffn", s["ffn"] != "dense"))
+                 if on]
+        if clash:
+            raise ValueError(f"{clash[0]} is an option of the plain encoder's stack, not of --arch {s['arch']}")
+        if task in ("copy", "reverse", "lm"):
+            raise ValueError(f"--arch {s['arch']} builds an encoder (classifier); task {task} needs "
+                             f"{'a decoder' if task == 'lm' else 'an encoder-decoder'}: use --arch plain")
+        if s["arch"] == "perceiver" and args.attention != "full":
+            raise ValueError("--attention: the perceiver's attention is its own (cross- and latent attention); "
+                             "leave --attention full")
     if s["ffn"] != "dense" and s["ffn_chunk"] is not None:
         raise ValueError(f"--ffn-chunk: a {s['ffn']} feed-forward routes the tokens of the whole batch together; "
                          "chunking is for --ffn dense")
@@ -385,7 +452,20 @@ def build(s):
               reversible=s.get("reversible", False), checkpoint=s.get("checkpoint"), ffn_chunk=s.get("ffn_chunk"),
               ffn=s.get("ffn", "dense"), ffn_config=s.get("ffn_config") or None)
     cls = MODES[task.mode]
-    if task.mode == "encoder":
+    arch, ac = s.get("arch", "plain"), dict(s.get("arch_config") or {})
+    if arch == "funnel":
+        model = FunnelEncoder(task.vocab, task.n_classes, rng, d_model=s["d_model"], heads=s["heads"], d_ff=s["d_ff"],
+                              max_len=s["max_len"], attention=s["attention"], attn_config=attn_config,
+                              positions=s["positions"], pool=s["pool"], dtype=s["dtype"], stages=tuple(ac["stages"]),
+                              stride=ac.get("stride", 2), funnel_pool=ac.get("funnel_pool", "mean"),
+                              decoder_layers=ac.get("decoder_layers", 0))
+    elif arch == "perceiver":
+        if s["pool"] != "mean":
+            raise ValueError("--pool: the perceiver classifies the mean of its latents; leave --pool mean")
+        model = PerceiverEncoder(task.vocab, task.n_classes, rng, d_model=s["d_model"], heads=s["heads"],
+                                 d_ff=s["d_ff"], max_len=s["max_len"], positions=s["positions"], dtype=s["dtype"],
+                                 latents=ac.get("latents", 16), latent_layers=ac["latent_layers"])
+    elif task.mode == "encoder":
         model = cls(task.vocab, task.n_classes, rng, pool=s["pool"], **kw)
     elif task.mode == "decoder":
         model = cls(task.vocab, rng, **kw)
@@ -741,6 +821,8 @@ def _run(s, progress=True):
     }
     if s.get("ffn", "dense") != "dense":
         result.update(ffn=s["ffn"], **ffn_summary(model))
+    if s.get("arch", "plain") != "plain":
+        result.update(arch=s["arch"], arch_config=s["arch_config"])
     return {"result": result, "task": task, "model": model, "history": h, "settings": s}
 
 
