@@ -11,6 +11,7 @@ mechanisms:
     neural_memory.py            04: Set Transformer's inducing points and seeds
     low_rank.py                 05: Linformer, Nystromformer
     kernels.py                  06: Performer's features
+    downsampling.py             08: the Funnel's pooled groups, Perceiver's cross-attention maps
     sparse_models.py            09: a mixture of experts' routing
     techniques.py               10: the online softmax of flash, tile by tile
     scaling.py                  the overview of every kernel, the measured scaling curves
@@ -27,8 +28,8 @@ import os
 import numpy as np
 
 from .. import registry
-from . import (background, combination_of_patterns, fixed_patterns, kernels, learned_patterns, low_rank,
-               neural_memory, scaling, sparse_models, techniques)
+from . import (background, combination_of_patterns, downsampling, fixed_patterns, kernels, learned_patterns,
+               low_rank, neural_memory, scaling, sparse_models, techniques)
 from .style import mechanism_pattern_figure
 
 FIGURES = {
@@ -57,6 +58,8 @@ FIGURES = {
     "performer": kernels.performer_figures,
     "switch": sparse_models.switch_figures,
     "pkm": sparse_models.pkm_figures,
+    "funnel": downsampling.funnel_figures,
+    "perceiver": downsampling.perceiver_figures,
 }
 
 

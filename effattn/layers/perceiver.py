@@ -50,6 +50,13 @@ Backward (hand-derived): each residual sub-layer Z + f(LN(Z)) passes dZ + LN'(f'
 cross-attention's gradient reaches x through K and V (and, causal, through Z^0 = x[N - m:]);
 the learned latents' gradient sums over the batch axes.
 
+Peers (tests/parity/peer_lucidrains_perceiver.py, float64, outputs and gradients within 1e-14):
+perceiver-ar-pytorch 0.0.10 for ``causal=True`` (its exact-erf GELU swapped for the tanh form;
+its query norm also normalises the latents' own keys, effattn's input norm does, so the two norms
+are set equal there; its missing biases set to 0), perceiver-pytorch 0.11.0 for the non-causal
+layer (its GEGLU feed-forward has no counterpart: both feed-forwards are zeroed, so the
+cross-attention, its two norms, the latents' gradient and the latent self-attention are compared).
+
 Cost: O(m N D + L m^2 D + (N + m) D^2) time; memory O(h m N) for the cross-attention weights,
 linear in N (nothing N x N).
 """
