@@ -200,7 +200,12 @@ def test_causal_outputs_ignore_the_future(name):
         a, b = np64(out), np64(out2)
         pos = np.arange(a.shape[-2]) if case.out_positions is None else np.asarray(case.out_positions)
         assert pos.shape == (a.shape[-2],), f"{name}: out_positions has {pos.shape} rows, the output {a.shape[-2]}"
-        assert np.array_equal(a[..., pos < t, :], b[..., pos < t, :]), f"{name}: output before {t} changed"
+        # 1e-12 of the output's scale, not bit equality: a layer that runs rows through a GEMM in groups
+        # whose sizes depend on other tokens (switch's experts) rounds a row's last bit differently when
+        # the group changes size (BLAS blocks the rows); a real leak moves outputs by O(1) here
+        tol = 1e-12 * max(1.0, float(np.abs(a).max()))
+        np.testing.assert_allclose(a[..., pos < t, :], b[..., pos < t, :], rtol=0, atol=tol,
+                                   err_msg=f"{name}: output before {t} changed")
         if (pos >= t).any():
             assert not np.array_equal(a[..., pos >= t, :], b[..., pos >= t, :])
 

@@ -139,7 +139,7 @@ from ..validate import (check_bool, check_choice, check_float_array, check_int, 
 from ..nn.decode import check_state, check_step_inputs
 from ..nn.lsh import (bucket_ranks, chunk_windows, chunk_windows_backward, draw_rotations, hash_buckets, lsh_layout,
                       put_slot_rows, put_slots, take_slot_rows)
-from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask
+from ..nn.sparse import attend_backward, attend_forward, dense_from_groups, group_mask, take_rows
 from ..registry import Mechanism, backward_of, forward_of, reads_cache, register
 
 SELF_PENALTY = 1e5   # the paper's m_ii = 10^5 (HF: self_mask_value_float32 = -1e5)
@@ -319,7 +319,7 @@ def _self_penalty(q_pos, k_pos, penalty, bias, dtype):
 
 def _unsort_rows(xs, token_slot):
     """Rows in slot order (..., R, P, d) -> per token (..., R, N, d)."""
-    return get_namespace(xs).take_along_axis(xs, token_slot[..., None], axis=-2)
+    return take_rows(xs, token_slot)
 
 
 def _round_weights(lse_r, combine, dtype):

@@ -194,7 +194,10 @@ def _topk_members(x_normed, mu, w, exclude=None):
     below = neg < thr
     tie = neg == thr
     need = w - below.sum(axis=-1, keepdims=True)
-    take = below | (tie & (xp.cumsum(tie, axis=-1) <= need))               # exactly w per row
+    if bool((tie.sum(axis=-1, keepdims=True) == need).all()):
+        take = below | tie                                                  # no surplus tie (the usual case)
+    else:
+        take = below | (tie & (xp.cumsum(tie, axis=-1) <= need))           # exactly w per row
     return xp.nonzero(take)[-1].reshape(sim.shape[:-1] + (w,))              # positions, ascending
 
 

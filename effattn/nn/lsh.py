@@ -34,7 +34,7 @@ import math
 
 from ..backend import get_namespace
 from ..validate import check_int
-from .sparse import pad_axis, round_up
+from .sparse import pad_axis, round_up, take_rows
 
 
 # --------------------------------------------------------------------------- random draws
@@ -163,9 +163,8 @@ def put_slot_rows(x, token_slot, p):
 def take_slot_rows(x, slot_token):
     """x (..., N, d) per token -> (..., R, P, d): the row of the token at every slot of every round
     (an empty slot, token N, gets a row of zeros: the dummy token)."""
-    xp = get_namespace(x, slot_token)
     xpad = pad_axis(x, x.shape[-2] + 1)                                  # row N = zeros (the dummy token)
-    return xp.take_along_axis(xpad[..., None, :, :], slot_token[..., None], axis=-2)
+    return take_rows(xpad[..., None, :, :], slot_token)
 
 
 # --------------------------------------------------------------------------- chunk windows
