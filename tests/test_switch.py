@@ -44,7 +44,7 @@ def test_capacity_dropping_leaks_the_future(k, B):
         x2[:, t:] = 3 * rng.standard_normal(x2[:, t:].shape)
         a, _ = switch.forward(x, k=k, capacity_factor=0.5, **p)
         b, _ = switch.forward(x2, k=k, capacity_factor=0.5, **p)
-        leaked |= not np.array_equal(a[:, :t], b[:, :t])
+        leaked |= np.abs(a[:, :t] - b[:, :t]).max() > 1e-6          # a real change, not rounding
     assert leaked
     with pytest.raises(ValueError, match="capacity_factor must be None when causal"):
         switch.forward(x, causal=True, capacity_factor=1.0, **p)
@@ -57,7 +57,7 @@ def test_one_sequence_top1_dropping_is_causal():
         x2 = x.copy()
         x2[:, t:] = 3 * rng.standard_normal(x2[:, t:].shape)
         b, _ = switch.forward(x2, k=1, capacity_factor=0.5, **p)
-        assert np.array_equal(a[:, :t], b[:, :t])
+        np.testing.assert_allclose(a[:, :t], b[:, :t], rtol=0, atol=1e-12)   # expert GEMMs: last-bit rounding only
 
 
 @pytest.mark.parametrize("k", [1, 2])
