@@ -63,7 +63,7 @@ except ValueError as e:
 yc0 = spec.forward(x[:2], k=1, capacity_factor=None, causal=True, **params)[0]
 yc1 = spec.forward(x2, k=1, capacity_factor=None, causal=True, **params)[0]
 print("decodable setting (no dropping): largest change in sequence 2:", np.abs(yc1[1] - yc0[1]).max())
-assert np.abs(yc1[1] - yc0[1]).max() == 0.0
+assert np.abs(yc1[1] - yc0[1]).max() < 1e-12     # 0, or the last bit of an expert GEMM whose row count changed
 
 # %% [markdown]
 # The decodable setting (`causal=True`) therefore drops nothing: each token reaches its k experts and $y_t$ depends
