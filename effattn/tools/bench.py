@@ -33,6 +33,10 @@ from ..validate import check_int, check_positive_float
 
 DEFAULT_N = (1024, 2048, 4096, 8192, 16384)
 QUICK_N = (256, 512, 1024, 2048)
+# bench --peers: what to install (development tools, never dependencies), and where its timing code lives
+PEERS_INSTALL = ("pip install torch==2.13.0 local-attention reformer-pytorch routing-transformer performer-pytorch "
+                 "sinkhorn-transformer")
+PEERS_SCRIPT = os.path.join("benchmarks", "peers.py")
 
 
 def _sync():
@@ -440,3 +444,37 @@ def format_cost_table(rows, exponents, threads=1, complexity=None):
         lines.append(f"{label:20s} {survey:>16s} {e['n'][0]:>5d}-{e['n'][-1]:<5d} {e['time']:8.2f} "
                      f"{e['memory']:8.2f} {at:>6s} {tr:>9s} {mr:>9s}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- against the PyTorch peers
+def peers_script(root=None):
+    """The path of ``benchmarks/peers.py`` in the repository this package was imported from (it is outside the
+    package: an installed effattn without its clone has none)."""
+    root = root or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(root, PEERS_SCRIPT)
+
+
+def run_peers(argv=(), script=None):
+    """``bench --peers [OPTIONS]``: effattn against the PyTorch peers, timed in one process by
+    ``benchmarks/peers.py`` (its ``main(argv)``; its docstring maps every row). Torch and the peers are
+    imported there, lazily; without torch this prints the one line of what to install and returns 0, without
+    importing it (nor the script's timing code). Returns the exit status."""
+    import importlib.util
+
+    script = script or peers_script()
+    if not os.path.exists(script):
+        print(f"bench --peers: {script} is not here (it is in the repository, not in the installed package): "
+              f"run it from a clone of effattn")
+        return 0
+    try:
+        have_torch = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        have_torch = False
+    if not have_torch:
+        print(f"bench --peers needs torch and the peers, which are not dependencies of effattn: {PEERS_INSTALL}")
+        return 0
+    spec = importlib.util.spec_from_file_location("effattn_peers_bench", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(list(argv))
+

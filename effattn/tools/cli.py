@@ -149,9 +149,13 @@ def cmd_check(args):
 
 
 def cmd_bench(args):
+    from . import bench
+
+    if args.peers is not None:                     # the options after --peers are benchmarks/peers.py's
+        return bench.run_peers((["--names", *args.names] if args.names and "--names" not in args.peers else [])
+                               + args.peers)
     from .. import backend
     from ..figures.scaling import scaling_figures
-    from . import bench
 
     if args.backend:
         backend.set_backend(args.backend)
@@ -254,6 +258,11 @@ def build_parser():
                    help="instead: decode --steps tokens after a --prompt-token prefill, time per token and state size")
     s.add_argument("--prompt", type=positive_int, default=4096, help="--decode: prompt length (default 4096)")
     s.add_argument("--steps", type=positive_int, default=4096, help="--decode: tokens generated (default 4096)")
+    s.add_argument("--peers", nargs=argparse.REMAINDER, metavar="OPTION",
+                   help="instead: effattn against the PyTorch peers in one process, ratio effattn / peer "
+                        "(benchmarks/peers.py; needs torch and the peers, else prints what to install). Every "
+                        "option after --peers is its own: --names, --n, --repeats (5), --threads (2), --out "
+                        "(figures/peers.csv); see --peers --help")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("train", help="train a small transformer with any attention (see --help)")

@@ -1,5 +1,6 @@
-"""The README's generated parts: the table of mechanisms, the measured-scaling table, the parity
-table (from the fixtures of ``tests/parity``), the gallery.
+"""The README's generated parts: the table of mechanisms, the measured-scaling table, the timings
+against the PyTorch peers (from ``figures/peers.csv``, written by ``bench --peers``; the section is added
+when a README has none), the parity table (from the fixtures of ``tests/parity``), the gallery.
 
 ``python -m effattn readme`` rewrites each between its ``<!-- marker:start -->`` and
 ``<!-- marker:end -->`` comments; ``tests/test_readme.py`` checks they are current.
@@ -13,7 +14,10 @@ import re
 
 from .. import registry
 from . import parity
-from .bench import fit_exponent
+from .bench import PEERS_INSTALL, fit_exponent
+
+PEERS_HEADING = "## Measured against the PyTorch peers"
+PEERS_BEFORE = "## Parity with the peers"       # where the section goes when a README has none yet
 
 
 def markdown_table() -> str:
@@ -49,6 +53,55 @@ def scaling_table(csv_path):
     return "\n".join(lines)
 
 
+def peers_section(csv_path):
+    """The README's "Measured against the PyTorch peers" from ``bench --peers``'s CSV (``figures/peers.csv``):
+    the protocol, the date, machine and versions of the run, one table row per CSV row; without the CSV, how
+    to make it."""
+    if not os.path.exists(csv_path):
+        return ("Not measured here yet. With torch and the peers installed (development tools, never dependencies: "
+                f"`{PEERS_INSTALL}`), `python -m effattn bench --peers` times effattn and each mechanism's PyTorch "
+                "peer side by side in one process ([benchmarks/peers.py](benchmarks/peers.py) maps every row) and "
+                "writes `figures/peers.csv`; `python -m effattn readme` then renders it here. Without torch the "
+                "command prints that install line and exits 0.")
+    with open(csv_path) as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return "`figures/peers.csv` holds no rows: run `python -m effattn bench --peers` again."
+
+    def values(key, default="?"):
+        return "; ".join(dict.fromkeys(r.get(key) or default for r in rows))
+
+    repeats, threads = values("repeats", "5"), values("threads", "2")
+    lines = [f"effattn (NumPy) and each mechanism's PyTorch peer, timed side by side in one process by "
+             f"`python -m effattn bench --peers` ([benchmarks/peers.py](benchmarks/peers.py); its docstring states, "
+             f"row by row, which settings correspond and what differs): forward + backward, float32, B = 1, H = 4, "
+             f"d = 64, {threads} threads on each side, runs interleaved (effattn, peer, ...), the median of {repeats} "
+             f"wall-clock runs after a warm-up. **effattn / peer < 1: effattn is faster.** Measured "
+             f"{values('date')} on {values('machine')}; torch {values('torch_version')}, NumPy "
+             f"{values('numpy_version')}; every row is in `figures/peers.csv`. The machine is shared: read the "
+             f"ratios, not the absolute times.",
+             "",
+             "| mechanism | setting | peer (version) | N | effattn ms | peer ms | effattn / peer |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        te, tp = float(r["effattn_s"]), float(r["peer_s"])
+        lines.append(f"| `{r['mechanism']}` | {r['setting']} | `{r['peer']}` {r['peer_version']} | {int(r['n'])} | "
+                     f"{te * 1e3:.1f} | {tp * 1e3:.1f} | {te / tp:.2f} |")
+    return "\n".join(lines)
+
+
+def _with_section(text, heading, marker, before):
+    """``text`` with an empty ``heading`` section holding ``marker``'s start/end comments, placed before the
+    ``before`` heading (appended when there is none); ``text`` itself when it has the markers already."""
+    if f"<!-- {marker}:start -->" in text:
+        return text
+    section = f"{heading}\n\n<!-- {marker}:start -->\n<!-- {marker}:end -->\n\n"
+    at = text.find(f"\n{before}\n")
+    if at < 0:
+        return text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    return text[:at + 1] + section + text[at + 1:]
+
+
 def gallery(figures_dir):
     """Markdown of every mechanism's figures (``<name>_*.png``), then the overview and scaling ones."""
     figs = sorted(glob.glob(os.path.join(figures_dir, "*.png")))
@@ -77,6 +130,8 @@ def update(path="README.md", figures_dir="figures"):
         blocks.append(("scaling", scaling_table(scaling_csv)))
     if parity.all_fixtures() and "<!-- parity:start -->" in text:
         blocks.append(("parity", parity.markdown_table()))
+    text = _with_section(text, PEERS_HEADING, "peers", PEERS_BEFORE)
+    blocks.append(("peers", peers_section(os.path.join(figures_dir, "peers.csv"))))
     for marker, body in blocks:
         pat = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
         if not pat.search(text):
