@@ -18,7 +18,7 @@ ns = [1024, 2048, 4096]
 names_fp = ["full"] + [n_ for n_ in effattn.names() if effattn.get(n_).notebook == "01_fixed_patterns"
                        and effattn.get(n_).kind == "kernel"]
 blockwise_names = ("local", "image_local_1d", "image_local_2d")
-expect = {"full": (1.6, 2.4), "memory_compressed": (1.1, 2.2), "axial": (0.8, 1.8), "sparse_strided": (0.8, 1.8),
+expect = {"full": (1.4, 2.4), "memory_compressed": (1.1, 2.2), "axial": (0.8, 1.8), "sparse_strided": (0.8, 1.8),
           "sparse_fixed": (0.8, 1.8), **{n_: (0.7, 1.35) for n_ in blockwise_names}}
 expect_memory = {"full": (1.6, 2.2), **{n_: (0.8, 1.2) for n_ in blockwise_names}}
 rows, exps = cost_table(names_fp, ns, expect={n_: r for n_, r in expect.items() if n_ in names_fp},
