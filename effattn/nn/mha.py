@@ -30,16 +30,12 @@ from typing import NamedTuple
 from ..validate import check_param
 from .functional import (gelu_backward, gelu_forward, layer_norm_backward, layer_norm_forward, linear_backward,
                          linear_forward, merge_heads, split_heads)
+from .mab import sub_params as sub  # noqa: F401  (the layers import it from here)
 from .sparse import attend_backward, attend_forward
 
 MHA_NAMES = ("Wq", "bq", "Wk", "Wv", "bv", "Wo", "bo")
 FF_NAMES = ("W1", "b1", "W2", "b2")
 LN_NAMES = ("g", "b")
-
-
-def sub(params, prefix):
-    """{name without ``prefix``: array} of the names that start with it."""
-    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
 
 
 def prefixed(grads, prefix):
