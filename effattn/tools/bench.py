@@ -364,7 +364,7 @@ def blas_threads():
 
 
 def cost_table(names, ns, *, causal=False, d=64, repeats=3, expect=None, expect_memory=None, dtype="float32",
-               threads=1, verbose=True):
+               threads=1, verbose=True, retries=2):
     """The measured cost of the notebooks, one helper for all: forward + backward of each mechanism's
     example (B = H = 1, head size ``d``) at each N, timed with the process's CPU time on ``threads``
     BLAS thread(s) (the count is restored afterwards), the median of ``repeats`` runs, and the peak
@@ -374,8 +374,10 @@ def cost_table(names, ns, *, causal=False, d=64, repeats=3, expect=None, expect_
     ``dataclasses.replace``), or ``(name, causal)`` pairs (label "name causal"); ``causal`` is the
     default of the plain names. ``ns``: the lengths, one list for all or ``{label: list}`` (labels not
     in it get ``ns["*"]``). ``expect`` / ``expect_memory``: ``{label: (lo, hi)}`` sanity ranges of the
-    fitted time / memory exponents; after printing the table, an exponent outside its range raises
-    AssertionError naming the label, the exponent and the range.
+    fitted time / memory exponents; a time exponent outside its range is measured again (up to
+    ``retries`` times, each point keeping its smallest time: a busy machine only adds time), and
+    after printing the table, an exponent still outside its range raises AssertionError naming the
+    label, the exponent and the range.
 
     Returns ``(rows, exponents)``: ``rows[label]`` the :func:`measure` dicts in N order,
     ``exponents[label] = {"time": ..., "memory": ..., "n": [...]}`` (:func:`fit_exponent`).
@@ -404,22 +406,49 @@ def cost_table(names, ns, *, causal=False, d=64, repeats=3, expect=None, expect_
     finally:
         if pinned and before is not None:
             backend.set_blas_threads(before)
-    for label, rs in rows.items():
+    def fit(label):
+        rs = rows[label]
         n_ = [r["n"] for r in rs]
         exponents[label] = {"time": fit_exponent(n_, [r["time_s"] for r in rs]),
                             "memory": fit_exponent(n_, [r["peak_bytes"] for r in rs]), "n": n_}
-    if verbose:
-        print(format_cost_table(rows, exponents, threads=threads, complexity={k: s.complexity for k, s in specs.items()}))
-    failures = []
-    for what, ranges in (("time", expect or {}), ("memory", expect_memory or {})):
+
+    def outside(what, ranges):
+        bad = {}
         for label, (lo, hi) in ranges.items():
             if label not in exponents:
                 raise ValueError(f"expect: {label!r} is not one of the measured {list(exponents)}")
             e = exponents[label][what]
             if not (lo < e < hi):
-                failures.append(f"{label}: {what} exponent {e:.2f} outside ({lo}, {hi})")
+                bad[label] = f"{label}: {what} exponent {e:.2f} outside ({lo}, {hi})"
+        return bad
+
+    for label in rows:
+        fit(label)
+    # A busy machine only ever adds time, so a time exponent outside its range is measured again
+    # (twice at most) and each point keeps its smallest time; memory is deterministic, measured once.
+    for _ in range(retries):
+        bad = outside("time", expect or {})
+        if not bad:
+            break
+        if verbose:
+            print("measured again (a busy machine only adds time): " + "; ".join(bad.values()))
+        pinned = threads is not None and backend.get_backend() == "numpy" and backend.set_blas_threads(threads)
+        try:
+            for label in bad:
+                spec, c = dict(zip(labels, entries))[label]
+                for r in rows[label]:
+                    again = measure(spec, r["n"], d=d, dtype=dtype, causal=c, repeats=repeats, clock="cpu")
+                    r["time_s"] = min(r["time_s"], again["time_s"])
+        finally:
+            if pinned and before is not None:
+                backend.set_blas_threads(before)
+        for label in bad:
+            fit(label)
+    if verbose:
+        print(format_cost_table(rows, exponents, threads=threads, complexity={k: s.complexity for k, s in specs.items()}))
+    failures = {**outside("time", expect or {}), **{k + " memory": v for k, v in outside("memory", expect_memory or {}).items()}}
     if failures:
-        raise AssertionError("; ".join(failures))
+        raise AssertionError("; ".join(failures.values()))
     return rows, exponents
 
 
