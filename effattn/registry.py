@@ -122,6 +122,8 @@ class Mechanism:
     windows: tuple = ()                    # config sizes that may exceed the sequence: clipped, never allocated
     summary: str = ""
     aux_loss: Callable | None = None       # layers with auxiliary losses: cache -> the weighted scalar backward adds to sum(dout * out)
+    next_memory: Callable | None = None    # recurrent layers: cache -> (memory, memory_mask), the next segment's state
+    one_pass: Callable | None = None       # recurrent layers: (x (.., T, D), *, segment, key_mask, **config) -> out, what the segments compute
 
     def __post_init__(self):
         if self.kind not in KINDS:

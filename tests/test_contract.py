@@ -277,6 +277,102 @@ def test_every_causal_kernel_decodes_or_says_why():
             assert all(r is not None for r in roles), f"{name}: init_state, prefill and step go together"
 
 
+# --------------------------------------------------------------------------- state across segments
+RECURRENT = [n for n in NAMES if effattn.get(n).next_memory is not None]
+STATE_KEYS = ("memory", "memory_mask")
+
+
+def run_segments(spec, case, x, segment, key_mask=None, **config):
+    """x (..., T, D) segment by segment, each segment given the memory the last one left
+    (``next_memory``): the outputs concatenated, and the memories after each segment."""
+    xp = get_namespace(x)
+    base = {k: v for k, v in {**case.config, **config}.items() if k not in STATE_KEYS}
+    params = {k: v for k, v in case.inputs.items() if k != "x"}
+    memory, memory_mask, outs, memories = None, None, [], []
+    for s0 in range(0, x.shape[-2], segment):
+        km = None if key_mask is None else key_mask[..., s0:s0 + segment]
+        out, cache = spec.forward(x=x[..., s0:s0 + segment, :], memory=memory, memory_mask=memory_mask,
+                                  key_mask=km, **params, **base)
+        memory, memory_mask = spec.next_memory(cache)
+        outs.append(out)
+        memories.append(memory)
+    return xp.concatenate(outs, axis=-2), memories
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", RECURRENT)
+def test_segment_by_segment_equals_the_one_pass_equivalent(name, causal, masked):
+    """A long sequence processed segment by segment, each segment handed the state the last one
+    left, equals the mechanism's documented one-pass equivalent (float64, 1e-10), for memories
+    shorter than, as long as and longer than a segment, with key masks carried in the state."""
+    spec = effattn.get(name)
+    rng = np.random.default_rng(40)
+    segment, n_seg = 6, 4
+    case = spec.example(rng, batch=2, heads=2, n=segment, d=4, causal=causal)
+    D = case.inputs["x"].shape[-1]
+    x = asarray(rng.standard_normal((2, segment * n_seg, D)))
+    km = None
+    if masked:
+        km = rng.random((2, segment * n_seg)) > 0.3
+        km[:, 0] = True
+        km = asarray(km)
+    params = {k: v for k, v in case.inputs.items() if k != "x"}
+    for mem_len in (0, 4, segment, 2 * segment + 1):
+        config = {k: v for k, v in case.config.items() if k not in STATE_KEYS}
+        config["mem_len"] = mem_len
+        got, _ = run_segments(spec, case, x, segment, key_mask=km, mem_len=mem_len)
+        want = spec.one_pass(x, segment=segment, key_mask=km, **params, **config)
+        np.testing.assert_allclose(np64(got), np64(want), rtol=0, atol=1e-10, err_msg=f"{name} mem_len {mem_len}")
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_the_state_carries_the_past_and_never_the_future(name):
+    """Across segment boundaries: changing tokens from position t on leaves every output before t
+    alone, causal or not (a segment never sees a later one); changing only the first segment moves
+    the second's outputs when it keeps a memory, and does not when mem_len = 0."""
+    spec = effattn.get(name)
+    rng = np.random.default_rng(41)
+    segment = 5
+    for causal in (False, True):
+        case = spec.example(rng, batch=2, heads=2, n=segment, d=4, causal=causal)
+        x = np64(rng.standard_normal((2, 3 * segment, case.inputs["x"].shape[-1])))
+        base, _ = run_segments(spec, case, asarray(x), segment)
+        t = segment + 2 if causal else segment                           # mid-segment for causal, a boundary otherwise
+        x2 = x.copy()
+        x2[..., t:, :] += 3 * rng.standard_normal(x2[..., t:, :].shape)
+        out2, _ = run_segments(spec, case, asarray(x2), segment)
+        np.testing.assert_allclose(np64(out2)[..., :t, :], np64(base)[..., :t, :], rtol=0, atol=1e-12,
+                                   err_msg=f"{name}: the future reached position < {t}")
+        x3 = x.copy()
+        x3[..., :segment, :] += 3 * rng.standard_normal(x3[..., :segment, :].shape)
+        out3, _ = run_segments(spec, case, asarray(x3), segment)
+        assert not np.allclose(np64(out3)[..., segment:2 * segment, :], np64(base)[..., segment:2 * segment, :]), \
+            f"{name}: the memory did not carry the first segment into the second"
+        a, _ = run_segments(spec, case, asarray(x), segment, mem_len=0)
+        b, _ = run_segments(spec, case, asarray(x3), segment, mem_len=0)
+        np.testing.assert_allclose(np64(a)[..., segment:, :], np64(b)[..., segment:, :], rtol=0, atol=1e-12,
+                                   err_msg=f"{name}: mem_len 0 still carried something")
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_the_state_gets_no_gradient_and_is_a_copy(name):
+    """The memory is a constant of the step (the paper's stop-gradient): backward returns no
+    gradient for it, and the memory handed on is not a view of the caller's arrays."""
+    spec = effattn.get(name)
+    rng = np.random.default_rng(42)
+    case = spec.example(rng, batch=2, heads=2, n=7, d=4, causal=True)
+    out, cache = run(spec, case)
+    grads = spec.backward(asarray(rng.standard_normal(out.shape)), cache)
+    assert not set(grads) & set(STATE_KEYS), f"{name}: the state got a gradient"
+    assert set(grads) == set(case.inputs), f"{name}: gradients {sorted(grads)} for inputs {sorted(case.inputs)}"
+    memory, _ = spec.next_memory(cache)
+    before = np64(memory).copy()
+    xp = get_namespace(case.inputs["x"])
+    case.inputs["x"][...] = xp.nan                                        # the caller reuses its buffer
+    np.testing.assert_array_equal(np64(memory), before)
+
+
 # --------------------------------------------------------------------------- key mask
 def perturb_masked(case, km, keys, rng):
     """The case's inputs with the rows of ``keys`` at masked positions replaced by large noise."""

@@ -46,8 +46,9 @@ class RegisteredLayer(Module):
         for key, a in params.items():
             self.add_param(key, a)
 
-    def forward(self, x, key_mask=None):
-        y, self.cache = self.spec.forward(x, key_mask=key_mask, **self.options, **self.params)
+    def forward(self, x, key_mask=None, **state):
+        """``state``: a recurrent layer's keywords (``memory=``, ``memory_mask=``), passed on."""
+        y, self.cache = self.spec.forward(x, key_mask=key_mask, **state, **self.options, **self.params)
         return y
 
     def backward(self, dy):

@@ -8,6 +8,7 @@ task          mode               what the model must do
 ``lm``        decoder            next character of English text (docstrings of the standard library)
 ``listops``   encoder            value (0-9) of a nested MAX/MIN/MED/SM expression (Long Range Arena)
 ``image``     encoder            class of a generated shape (circle, square, cross, line) from pixels
+``recall``    decoder            repeat the first half of the sequence (answers lie seq_len / 2 back)
 ============  =================  ===============================================
 
 Every task draws its data from explicit ``numpy.random.Generator`` objects:
@@ -34,7 +35,7 @@ import math
 
 import numpy as np
 
-TASKS = ("copy", "reverse", "lm", "listops", "image")
+TASKS = ("copy", "reverse", "lm", "listops", "image", "recall")
 
 # Settings per task that meet the README's targets in about a minute on two CPU cores.
 DEFAULTS = {
@@ -43,6 +44,7 @@ DEFAULTS = {
     "lm":      dict(steps=500, batch_size=32, seq_len=32, d_model=64, heads=4, layers=2, lr=3e-3, warmup=50),
     "listops": dict(steps=800, batch_size=32, seq_len=32, d_model=32, heads=2, layers=2, lr=2e-3, warmup=50),
     "image":   dict(steps=400, batch_size=32, seq_len=64, d_model=32, heads=2, layers=2, lr=2e-3, warmup=50),
+    "recall":  dict(steps=300, batch_size=32, seq_len=32, d_model=32, heads=2, layers=1, lr=3e-3, warmup=30),
 }
 
 
@@ -328,7 +330,7 @@ class Shapes(Task):
         return {"x": x, "y": y}
 
 
-_CLASSES = {"copy": Copy, "reverse": Reverse, "lm": CharLM, "listops": ListOps, "image": Shapes}
+_CLASSES = {"copy": Copy, "reverse": Reverse, "lm": CharLM, "listops": ListOps, "image": Shapes}  # recall: below
 
 
 def make_task(name, *, seq_len=None, seed=0, **kw):
@@ -349,12 +351,19 @@ class DistantRecall(Task):
     at t is the token at t + 1 - lag, ``lag - 1`` positions back. A mechanism whose stacked layers
     cannot reach that far sees only independent random symbols and stays at chance,
     1 / ``n_symbols``; full attention learns the fixed-offset lookup. Vocabulary: the symbols
-    0 .. n_symbols - 1. Not one of :data:`TASKS` (notebook 00b builds its model directly).
+    0 .. n_symbols - 1. In :data:`TASKS` as ``recall`` (``seq_len`` = 2 lag): cut into segments of
+    ``lag`` tokens, every answer of the second segment lies in the first, so a Transformer-XL
+    without memory stays at chance there and one with a memory of ``lag`` states can learn it
+    (``train --task recall --arch xl --segment 16 --mem-len 16|0``; notebook 07).
     """
 
     name, mode = "recall", "decoder"
 
-    def __init__(self, lag=20, seed=0, n_symbols=8, n_eval=256):
+    def __init__(self, lag=20, seed=0, n_symbols=8, n_eval=256, seq_len=None):
+        if seq_len is not None:
+            if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 4 or seq_len % 2:
+                raise ValueError(f"seq_len must be an even integer >= 4 (the recall task is two halves), got {seq_len!r}")
+            lag = seq_len // 2
         if isinstance(lag, bool) or not isinstance(lag, int) or lag < 2:
             raise ValueError(f"lag must be an integer >= 2, got {lag!r}")
         if isinstance(n_symbols, bool) or not isinstance(n_symbols, int) or n_symbols < 2:
@@ -375,3 +384,7 @@ class DistantRecall(Task):
         x, y = seq[:, :-1], seq[:, 1:].copy()                                           # (B, N) each
         y[:, :self.lag - 1] = IGNORE                                                    # not yet determined
         return {"x": x, "y": y}
+
+
+_CLASSES["recall"] = DistantRecall
+TASK_MODES = {name: cls.mode for name, cls in _CLASSES.items()}   # task -> "encoder" | "decoder" | "encoder-decoder"

@@ -59,12 +59,15 @@ import numpy as np
 from .. import backend, registry
 from ..models import MODES
 from ..models.attention import resolve_kernel
-from ..models.downsampling import ARCHS, FunnelEncoder, PerceiverEncoder
+from ..models.downsampling import ARCHS as ENCODER_ARCHS, FunnelEncoder, PerceiverEncoder
+from ..models.recurrence import XLDecoder
+
+ARCHS = ENCODER_ARCHS + ("xl",)
 from ..models.ffn import FFN_KINDS
 from ..nn.optim import Adam, WarmupDecay, clip_grad_norm
 from ..nn.precision import PRECISIONS, LossScaler, set_storage
 from ..validate import NonFiniteError
-from .tasks import DEFAULTS, TASKS, make_task
+from .tasks import DEFAULTS, TASK_MODES, TASKS, make_task
 
 FORMAT = "effattn-train-1"
 # settings that must match for a checkpoint to be resumed
@@ -207,6 +210,13 @@ def add_train_arguments(parser):
     g.add_argument("--latents", type=int, default=None, metavar="M", help="--arch perceiver: latents (default 16)")
     g.add_argument("--latent-layers", type=int, default=None, metavar="L",
                    help="--arch perceiver: latent self-attention blocks (default --layers)")
+    g = p.add_argument_group("recurrence (issue 13; notebook 07): --arch xl, a Transformer-XL language model")
+    g.add_argument("--segment", type=int, default=None, metavar="N",
+                   help="--arch xl: tokens per segment; each batch runs segment by segment (default seq_len / 2)")
+    g.add_argument("--mem-len", type=int, default=None, metavar="L",
+                   help="--arch xl: states each layer keeps for the next segment, 0: no memory (default --segment)")
+    g.add_argument("--eval-mem-len", type=int, default=None, metavar="L",
+                   help="--arch xl: the memory at evaluation, may exceed --mem-len (default --mem-len)")
     return parser
 
 
@@ -214,6 +224,8 @@ ARCH_FLAGS = {  # arch -> {arch_config key: (args attribute, flag)}
     "funnel": {"stages": ("stages", "--stages"), "stride": ("stride", "--stride"),
                "funnel_pool": ("funnel_pool", "--funnel-pool"), "decoder_layers": ("decoder_layers", "--decoder-layers")},
     "perceiver": {"latents": ("latents", "--latents"), "latent_layers": ("latent_layers", "--latent-layers")},
+    "xl": {"segment": ("segment", "--segment"), "mem_len": ("mem_len", "--mem-len"),
+           "eval_mem_len": ("eval_mem_len", "--eval-mem-len")},
 }
 
 
@@ -240,7 +252,8 @@ def arch_config_from_args(args, layers):
     elif arch == "funnel":
         k = max(1, layers // 3)
         given["stages"] = [layers - 2 * k, k, k] if layers >= 3 else [1] * layers
-    for key, lo in (("stride", 1), ("latents", 1), ("latent_layers", 0), ("decoder_layers", 0)):
+    for key, lo in (("stride", 1), ("latents", 1), ("latent_layers", 0), ("decoder_layers", 0), ("segment", 1),
+                    ("mem_len", 0), ("eval_mem_len", 0)):
         if key in given and (isinstance(given[key], bool) or given[key] < lo):
             raise ValueError(f"{ARCH_FLAGS[arch][key][1]} must be an integer >= {lo}, got {given[key]!r}")
     if arch == "perceiver":
@@ -321,9 +334,18 @@ def settings_from_args(args):
                  if on]
         if clash:
             raise ValueError(f"{clash[0]} is an option of the plain encoder's stack, not of --arch {s['arch']}")
-        if task in ("copy", "reverse", "lm"):
+        if s["arch"] == "xl":
+            if TASK_MODES[task] != "decoder":
+                raise ValueError(f"--arch xl builds a language model (decoder); task {task} needs "
+                                 f"{'an encoder' if TASK_MODES[task] == 'encoder' else 'an encoder-decoder'}: "
+                                 "use --task lm or recall")
+            if args.attention != "full":
+                raise ValueError("--attention: the xl layer's attention is its own (relative positions over "
+                                 "[memory; segment]); leave --attention full")
+            s["arch_config"].setdefault("segment", max(1, s["seq_len"] // 2))
+        elif TASK_MODES[task] != "encoder":
             raise ValueError(f"--arch {s['arch']} builds an encoder (classifier); task {task} needs "
-                             f"{'a decoder' if task == 'lm' else 'an encoder-decoder'}: use --arch plain")
+                             f"{'a decoder' if TASK_MODES[task] == 'decoder' else 'an encoder-decoder'}: use --arch plain")
         if s["arch"] == "perceiver" and args.attention != "full":
             raise ValueError("--attention: the perceiver's attention is its own (cross- and latent attention); "
                              "leave --attention full")
@@ -465,6 +487,9 @@ def build(s):
         model = PerceiverEncoder(task.vocab, task.n_classes, rng, d_model=s["d_model"], heads=s["heads"],
                                  d_ff=s["d_ff"], max_len=s["max_len"], positions=s["positions"], dtype=s["dtype"],
                                  latents=ac.get("latents", 16), latent_layers=ac["latent_layers"])
+    elif arch == "xl":
+        model = XLDecoder(task.vocab, rng, d_model=s["d_model"], heads=s["heads"], layers=s["layers"], d_ff=s["d_ff"],
+                          segment=ac["segment"], mem_len=ac.get("mem_len"), dtype=s["dtype"], max_len=s["max_len"])
     elif task.mode == "encoder":
         model = cls(task.vocab, task.n_classes, rng, pool=s["pool"], **kw)
     elif task.mode == "decoder":
@@ -505,14 +530,22 @@ def to_device(batch):
     return {k: backend.asarray(v) for k, v in batch.items()}
 
 
-def evaluate(model, task, size=64):
-    """(mean loss, accuracy) over the task's fixed held-out set (no gradients)."""
+def evaluate(model, task, size=64, mem_len=None):
+    """(mean loss, accuracy) over the task's fixed held-out set (no gradients). ``mem_len``: a
+    Transformer-XL evaluates with this memory (restored afterwards)."""
+    train_mem = getattr(model, "mem_len", None)
+    if mem_len is not None:
+        model.set_mem_len(mem_len)
     tot_loss = tot_correct = tot_count = 0
-    for b in task.eval_batches(size):
-        loss, correct, count = model.loss_and_backward(to_device(b), backward=False)
-        tot_loss += loss * count
-        tot_correct += correct
-        tot_count += count
+    try:
+        for b in task.eval_batches(size):
+            loss, correct, count = model.loss_and_backward(to_device(b), backward=False)
+            tot_loss += loss * count
+            tot_correct += correct
+            tot_count += count
+    finally:
+        if mem_len is not None:
+            model.set_mem_len(train_mem)
     return tot_loss / max(tot_count, 1), tot_correct / max(tot_count, 1)
 
 
@@ -790,7 +823,7 @@ def _run(s, progress=True):
                     desc=f"{s['task']}/{s['attention']}", scaler=scaler)
             done = s["steps"]
             try:
-                loss, acc = evaluate(model, task)
+                loss, acc = evaluate(model, task, mem_len=(s.get("arch_config") or {}).get("eval_mem_len"))
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"the held-out loss is {loss}")
             except (ValueError, FloatingPointError) as exc:
