@@ -122,7 +122,9 @@ class Mechanism:
     windows: tuple = ()                    # config sizes that may exceed the sequence: clipped, never allocated
     summary: str = ""
     aux_loss: Callable | None = None       # layers with auxiliary losses: cache -> the weighted scalar backward adds to sum(dout * out)
-    next_memory: Callable | None = None    # recurrent layers: cache -> (memory, memory_mask), the next segment's state
+    aux_trains: tuple | None = None        # the inputs the auxiliary loss's gradient reaches (None: all; compressive: Wc, bc -- a stop-gradient elsewhere)
+    next_memory: Callable | None = None    # recurrent layers: cache -> the next segment's state, a tuple in state_keys order
+    state_keys: tuple = ()                 # recurrent layers: the forward's keywords that next_memory's tuple fills
     one_pass: Callable | None = None       # recurrent layers: (x (.., T, D), *, segment, key_mask, **config) -> out, what the segments compute
 
     def __post_init__(self):

@@ -62,7 +62,17 @@ def contract_gradients(spec, inputs, config, rng):
 
     out, _ = spec.forward(**inputs, **config)
     dout = asarray(np.concatenate([rng.standard_normal(out.size), [1.0]]), dtype=out.dtype)
-    return check_gradients(forward, backward, inputs, config, dout=dout)
+    if spec.aux_trains is None:
+        return check_gradients(forward, backward, inputs, config, dout=dout)
+    # a stop-gradient auxiliary loss (the Compressive Transformer's reconstruction loss trains only the
+    # compression): the inputs it trains are checked on out and the loss together, the others on out alone
+    trains = [k for k in inputs if k in spec.aux_trains]
+    errors = check_gradients(forward, backward, inputs, config, dout=dout, names=trains)
+    others = [k for k in inputs if k not in spec.aux_trains]
+    errors.update(check_gradients(spec.forward, spec.backward, inputs, config, dout=dout[:-1].reshape(out.shape),
+                                  names=others))
+    assert spec.aux_loss(spec.forward(**inputs, **config)[1]) > 0, f"{spec.name}: the example has no auxiliary loss"
+    return errors
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -279,24 +289,24 @@ def test_every_causal_kernel_decodes_or_says_why():
 
 # --------------------------------------------------------------------------- state across segments
 RECURRENT = [n for n in NAMES if effattn.get(n).next_memory is not None]
-STATE_KEYS = ("memory", "memory_mask")
 
 
 def run_segments(spec, case, x, segment, key_mask=None, **config):
     """x (..., T, D) segment by segment, each segment given the memory the last one left
     (``next_memory``): the outputs concatenated, and the memories after each segment."""
     xp = get_namespace(x)
-    base = {k: v for k, v in {**case.config, **config}.items() if k not in STATE_KEYS}
+    base = {k: v for k, v in {**case.config, **config}.items() if k not in spec.state_keys}
     params = {k: v for k, v in case.inputs.items() if k != "x"}
-    memory, memory_mask, outs, memories = None, None, [], []
+    state, outs, states = {}, [], []
     for s0 in range(0, x.shape[-2], segment):
         km = None if key_mask is None else key_mask[..., s0:s0 + segment]
-        out, cache = spec.forward(x=x[..., s0:s0 + segment, :], memory=memory, memory_mask=memory_mask,
-                                  key_mask=km, **params, **base)
-        memory, memory_mask = spec.next_memory(cache)
+        out, cache = spec.forward(x=x[..., s0:s0 + segment, :], key_mask=km, **state, **params, **base)
+        nxt = spec.next_memory(cache)
+        assert len(nxt) == len(spec.state_keys), f"{spec.name}: next_memory gives {len(nxt)}, state_keys {spec.state_keys}"
+        state = dict(zip(spec.state_keys, nxt))
         outs.append(out)
-        memories.append(memory)
-    return xp.concatenate(outs, axis=-2), memories
+        states.append(state)
+    return xp.concatenate(outs, axis=-2), states
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -319,7 +329,7 @@ def test_segment_by_segment_equals_the_one_pass_equivalent(name, causal, masked)
         km = asarray(km)
     params = {k: v for k, v in case.inputs.items() if k != "x"}
     for mem_len in (0, 4, segment, 2 * segment + 1):
-        config = {k: v for k, v in case.config.items() if k not in STATE_KEYS}
+        config = {k: v for k, v in case.config.items() if k not in spec.state_keys}
         config["mem_len"] = mem_len
         got, _ = run_segments(spec, case, x, segment, key_mask=km, mem_len=mem_len)
         want = spec.one_pass(x, segment=segment, key_mask=km, **params, **config)
@@ -330,7 +340,7 @@ def test_segment_by_segment_equals_the_one_pass_equivalent(name, causal, masked)
 def test_the_state_carries_the_past_and_never_the_future(name):
     """Across segment boundaries: changing tokens from position t on leaves every output before t
     alone, causal or not (a segment never sees a later one); changing only the first segment moves
-    the second's outputs when it keeps a memory, and does not when mem_len = 0."""
+    the second's outputs when it keeps a memory, and does not when every memory length is 0."""
     spec = effattn.get(name)
     rng = np.random.default_rng(41)
     segment = 5
@@ -349,8 +359,9 @@ def test_the_state_carries_the_past_and_never_the_future(name):
         out3, _ = run_segments(spec, case, asarray(x3), segment)
         assert not np.allclose(np64(out3)[..., segment:2 * segment, :], np64(base)[..., segment:2 * segment, :]), \
             f"{name}: the memory did not carry the first segment into the second"
-        a, _ = run_segments(spec, case, asarray(x), segment, mem_len=0)
-        b, _ = run_segments(spec, case, asarray(x3), segment, mem_len=0)
+        none = {k: 0 for k in ("mem_len", "cmem_len") if k == "mem_len" or k in case.config}   # every memory off
+        a, _ = run_segments(spec, case, asarray(x), segment, **none)
+        b, _ = run_segments(spec, case, asarray(x3), segment, **none)
         np.testing.assert_allclose(np64(a)[..., segment:, :], np64(b)[..., segment:, :], rtol=0, atol=1e-12,
                                    err_msg=f"{name}: mem_len 0 still carried something")
 
@@ -364,13 +375,18 @@ def test_the_state_gets_no_gradient_and_is_a_copy(name):
     case = spec.example(rng, batch=2, heads=2, n=7, d=4, causal=True)
     out, cache = run(spec, case)
     grads = spec.backward(asarray(rng.standard_normal(out.shape)), cache)
-    assert not set(grads) & set(STATE_KEYS), f"{name}: the state got a gradient"
+    assert not set(grads) & set(spec.state_keys), f"{name}: the state got a gradient"
     assert set(grads) == set(case.inputs), f"{name}: gradients {sorted(grads)} for inputs {sorted(case.inputs)}"
-    memory, _ = spec.next_memory(cache)
-    before = np64(memory).copy()
+    state = [a for a in spec.next_memory(cache) if a is not None and a.dtype.kind == "f"]
+    assert state, f"{name}: an example with a memory handed on no state"
+    before = [np64(a).copy() for a in state]
     xp = get_namespace(case.inputs["x"])
-    case.inputs["x"][...] = xp.nan                                        # the caller reuses its buffer
-    np.testing.assert_array_equal(np64(memory), before)
+    case.inputs["x"][...] = xp.nan                                        # the caller reuses its buffers
+    for k, v in case.config.items():
+        if k in spec.state_keys and v is not None and v.dtype.kind == "f":
+            v[...] = xp.nan
+    for a, b in zip(state, before):
+        np.testing.assert_array_equal(np64(a), b)
 
 
 # --------------------------------------------------------------------------- key mask

@@ -136,3 +136,25 @@ def test_xl_settings_are_refused_where_they_do_not_apply():
         train_model("lm", "local", arch="xl", steps=1)
     with pytest.raises(ValueError, match="--segment must be an integer >= 1"):
         train_model("lm", arch="xl", segment=0, steps=1)
+
+
+def test_a_compressed_memory_makes_every_layer_compressive_and_reaches_further_back():
+    """cmem_len > 0: the blocks are the compressive layer; a segment whose memory has been
+    overwritten still depends on the first segment through the compressed memory, and the
+    reconstruction loss of each segment is recorded."""
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 7, (2, 16))
+    x2 = x.copy()
+    x2[:, :4] = (x2[:, :4] + 1) % 7
+    xl_only = model(np.random.default_rng(7), layers=1, mem_len=4)
+    comp = model(np.random.default_rng(7), layers=1, mem_len=4, cmem_len=4, rate=2)
+    assert comp.blocks[0].attn.spec.name == "compressive" and xl_only.blocks[0].attn.spec.name == "transformer_xl"
+    # one layer, memory 4 = one segment: segment 3 (positions 8..11) no longer sees segment 1 without compression
+    a, b = xl_only.forward_batch({"x": x}), xl_only.forward_batch({"x": x2})
+    np.testing.assert_allclose(a[:, 8:12], b[:, 8:12], rtol=0, atol=1e-12)
+    a, b = comp.forward_batch({"x": x}), comp.forward_batch({"x": x2})
+    assert not np.allclose(a[:, 8:12], b[:, 8:12])
+    comp.zero_grad()
+    comp.loss_and_backward({"x": x, "y": rng.integers(0, 7, (2, 16))})
+    assert comp.recon[0] == 0.0 and all(r > 0 for r in comp.recon[1:])
+    assert np.abs(dict(comp.gradients())["blocks.0.attn.Wc"]).max() > 0

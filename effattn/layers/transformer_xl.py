@@ -57,25 +57,18 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import asarray, get_namespace
-from ..nn.functional import layer_norm_backward, layer_norm_forward, merge_heads, split_heads
-from ..nn.relative import distances, rel_attend_backward, rel_attend_forward, sinusoid, weights_of
+from ..nn.relative import (XL_NAMES, check_xl_params, init_xl_params, weights_of, xl_layer_backward, xl_layer_forward,
+                           xl_layer_loop)
 from ..registry import Case, Mechanism, backward_of, forward_of, reads_cache, register
-from ..validate import check_bool, check_float_array, check_int, check_key_mask, check_param
+from ..validate import check_bool, check_float_array, check_int, check_key_mask
 
-PARAM_NAMES = ("Wq", "Wk", "Wv", "Wr", "u", "vb", "Wo", "ln_g", "ln_b")
+PARAM_NAMES = XL_NAMES
 
 
 class XLCache(NamedTuple):
-    x: object
-    h: object          # [memory; x] (..., M, D)
+    layer: object      # nn.relative.XLLayerCache (x, h = [memory; x], R, the heads' RelCache, ...)
     mask: object       # the key mask over [memory; x] (..., M), or None
-    R: object          # (W, D) sinusoids of the distances M - 1, ..., -(N - 1)
-    rel: object        # RelCache of the heads
-    a: object          # merged attention output before W_o (..., N, D)
-    ln: object
-    heads: int
     mem_len: int
-    params: dict
 
 
 def _check(x, memory, memory_mask, key_mask, causal, heads, mem_len, params):
@@ -107,13 +100,7 @@ def _check(x, memory, memory_mask, key_mask, causal, heads, mem_len, params):
     if missing or extra:
         raise ValueError(f"transformer_xl parameters: missing {missing}, unexpected {extra} "
                          "(see effattn.layers.transformer_xl.PARAM_NAMES)")
-    d = D // heads
-    for name in ("Wq", "Wk", "Wv", "Wr", "Wo"):
-        check_param(name, params[name], (D, D), x.dtype)
-    for name in ("u", "vb"):
-        check_param(name, params[name], (heads, d), x.dtype)
-    for name in ("ln_g", "ln_b"):
-        check_param(name, params[name], (D,), x.dtype)
+    check_xl_params(params, D, heads, x.dtype)
     return causal, heads, mem_len, L
 
 
@@ -138,91 +125,39 @@ def forward(x, *, memory=None, memory_mask=None, key_mask=None, causal=False, he
     """y = LN(x + RelMHA(x, [memory; x])): x (..., N, D) -> (out (..., N, D), XLCache)."""
     causal, heads, mem_len, L = _check(x, memory, memory_mask, key_mask, causal, heads, mem_len, params)
     xp = get_namespace(x)
-    n, D = x.shape[-2:]
-    lead = tuple(x.shape[:-2])
+    lead, n = tuple(x.shape[:-2]), x.shape[-2]
     h = x if L == 0 else xp.concatenate([memory, x], axis=-2)
-    m = L + n
     mask = _key_mask(xp, memory_mask, key_mask, lead, L, n)
-    R = sinusoid(distances(n, m, xp), D, xp, dtype=x.dtype)                 # (W, D)
-    q = split_heads(x @ params["Wq"], heads)
-    k = split_heads(h @ params["Wk"], heads)
-    v = split_heads(h @ params["Wv"], heads)
-    r = split_heads(R @ params["Wr"], heads)                                # (h, W, d)
-    allowed = None if mask is None else mask[..., None, None, :]
-    o, rc = rel_attend_forward(q, k, v, r, params["u"], params["vb"], scale=(D // heads) ** -0.5,
-                               allowed=allowed, diagonal=L if causal else None)
-    a = merge_heads(o)
-    y, cl = layer_norm_forward(x + a @ params["Wo"], params["ln_g"], params["ln_b"])
-    return y, XLCache(x, h, mask, R, rc, a, cl, heads, mem_len, params)
+    y, layer = xl_layer_forward(x, h, params, heads=heads, mask=mask, causal=causal)
+    return y, XLCache(layer, mask, mem_len)
 
 
 @backward_of("transformer_xl")
 def backward(dout, cache):
     """{"x": dx, "Wq", "Wk", "Wv", "Wr", "u", "vb", "Wo", "ln_g", "ln_b"} (the memory has none: SG)."""
-    x, h, _, R, rc, a, cl, heads, _, p = cache
-    gl = layer_norm_backward(dout, cache.ln)
-    dres = gl["x"]
-    D = x.shape[-1]
-    da = dres @ p["Wo"].T
-    g = rel_attend_backward(split_heads(da, heads), rc)
-    dq, dk, dv = merge_heads(g["q"]), merge_heads(g["k"]), merge_heads(g["v"])
-    dr = merge_heads(g["r"])                                                # (W, D)
-    n = x.shape[-2]
-    flat = lambda t: t.reshape(-1, D)                                       # noqa: E731
-    dx = dres + dq @ p["Wq"].T + (dk[..., -n:, :] @ p["Wk"].T + dv[..., -n:, :] @ p["Wv"].T)
-    return {"x": dx, "Wq": flat(x).T @ flat(dq), "Wk": flat(h).T @ flat(dk), "Wv": flat(h).T @ flat(dv),
-            "Wr": R.T @ dr, "u": g["u"], "vb": g["v_bias"], "Wo": flat(a).T @ flat(dres),
-            "ln_g": gl["gamma"], "ln_b": gl["beta"]}
+    return xl_layer_backward(dout, cache.layer)
 
 
 @reads_cache("transformer_xl")
 def weights(cache):
     """The attention weights (..., h, N, L + N) over [memory; segment]."""
-    return weights_of(cache.rel)
+    return weights_of(cache.layer.rel)
 
 
 @reads_cache("transformer_xl")
 def next_memory(cache):
     """(memory, memory_mask) for the next segment: the last mem_len rows of [memory; x] (copies,
     no gradient) and their mask (None when every row is real). mem_len 0 gives (None, None)."""
-    keep = min(cache.mem_len, cache.h.shape[-2])
+    h = cache.layer.h
+    keep = min(cache.mem_len, h.shape[-2])
     if keep == 0:
         return None, None
-    mem = cache.h[..., cache.h.shape[-2] - keep:, :].copy()
+    mem = h[..., h.shape[-2] - keep:, :].copy()
     mask = None if cache.mask is None else cache.mask[..., cache.mask.shape[-1] - keep:].copy()
     return mem, mask
 
 
 # --------------------------------------------------------------------------- oracles
-def _pair_scores(x, h, L, heads, params):
-    """Every pair's score written out: (..., h, N, M) with the distance matrix L + i - j and the
-    sinusoid of each distance computed directly (no shift)."""
-    xp = get_namespace(x)
-    n, D = x.shape[-2:]
-    m = h.shape[-2]
-    d = D // heads
-    q = split_heads(x @ params["Wq"], heads)
-    k = split_heads(h @ params["Wk"], heads)
-    dist = (L + xp.arange(n))[:, None] - xp.arange(m)[None, :]              # (N, M)
-    r = split_heads(sinusoid(dist, D, xp, dtype=x.dtype) @ params["Wr"], heads)   # (N, h, M, d)
-    u, vb = params["u"][:, None, :], params["vb"][:, None, :]
-    ac = (q + u) @ k.swapaxes(-1, -2)                                       # (..., h, N, M)
-    bd = ((q + vb).swapaxes(-3, -2)[..., :, None, :] * r).sum(axis=-1)     # (..., N, h, M)
-    return (ac + bd.swapaxes(-3, -2)) * d ** -0.5
-
-
-def _attend(x, h, scores, allowed, heads, params):
-    xp = get_namespace(x)
-    s = xp.where(allowed, scores, -xp.inf)
-    mx = s.max(axis=-1, keepdims=True)
-    e = xp.where(allowed, xp.exp(s - xp.where(xp.isfinite(mx), mx, 0.0)), 0.0)
-    z = e.sum(axis=-1, keepdims=True)
-    p = e / xp.where(z > 0, z, 1.0)
-    o = merge_heads(p @ split_heads(h @ params["Wv"], heads))
-    y, _ = layer_norm_forward(x + o @ params["Wo"], params["ln_g"], params["ln_b"])
-    return y
-
-
 def loop(x, *, memory=None, memory_mask=None, key_mask=None, causal=False, heads=1, mem_len=None, **params):
     """The layer with every pair's distance written out (no relative shift): the readable form."""
     xp = get_namespace(x)
@@ -237,7 +172,7 @@ def loop(x, *, memory=None, memory_mask=None, key_mask=None, causal=False, heads
         allowed = (xp.arange(L + n)[None, :] <= L + xp.arange(n)[:, None])
     if mask is not None:
         allowed = allowed & mask[..., None, None, :]
-    return _attend(x, h, _pair_scores(x, h, L, heads, params), allowed, heads, params)
+    return xl_layer_loop(x, h, params, heads=heads, allowed=allowed)
 
 
 reference = loop
@@ -265,19 +200,13 @@ def one_pass(x, *, segment, key_mask=None, causal=False, heads=1, mem_len=None, 
     allowed = segment_pattern(t, segment, mem_len, causal, xp)
     if key_mask is not None:
         allowed = allowed & xp.broadcast_to(key_mask, tuple(x.shape[:-2]) + (t,))[..., None, None, :]
-    return _attend(x, x, _pair_scores(x, x, 0, heads, params), allowed, heads, params)
+    return xl_layer_loop(x, x, params, heads=heads, allowed=allowed)
 
 
 # --------------------------------------------------------------------------- parameters and example
 def init_params(rng, D, heads, *, dtype="float64", jitter=0.1):
     """W_q, W_k, W_v, W_R, W_o ~ N(0, 1/D); u, vb ~ jitter N(0, 1) (heads, d); ln_g = 1 + jitter N(0, 1), ln_b = jitter N(0, 1)."""
-    d = D // heads
-    p = {n: rng.standard_normal((D, D)) / D ** 0.5 for n in ("Wq", "Wk", "Wv", "Wr", "Wo")}
-    p["u"] = jitter * rng.standard_normal((heads, d))
-    p["vb"] = jitter * rng.standard_normal((heads, d))
-    p["ln_g"] = 1.0 + jitter * rng.standard_normal(D)
-    p["ln_b"] = jitter * rng.standard_normal(D)
-    return {k: asarray(v, dtype=dtype) for k, v in p.items()}
+    return {k: asarray(v, dtype=dtype) for k, v in init_xl_params(rng, D, heads, jitter=jitter).items()}
 
 
 def example(rng, batch=2, heads=2, n=64, d=8, causal=False, dtype="float64"):
@@ -310,6 +239,7 @@ MECHANISM = register(Mechanism(
     make_example=example,
     reference=reference,
     next_memory=next_memory,
+    state_keys=("memory", "memory_mask"),
     one_pass=one_pass,
     sizes=("heads",),
     subquadratic=False,     # within a segment it is full attention; the saving is the constant memory

@@ -20,12 +20,19 @@ gradients of the segments add up, and the loss is the mean over every counted ta
 batch. ``mem_len = 0`` is the same model without memory (each segment alone): the baseline of
 "accuracy with and without memory at equal segment length". ``eval_mem_len`` lets evaluation use
 a longer memory than training (the paper's Section 3.2 point: the context grows at test time for
-free); it applies when ``train(False)``... set it with :meth:`set_mem_len`.
+free): :meth:`set_mem_len` (the trainer's ``--eval-mem-len``).
+
+``cmem_len > 0`` makes every layer the registered ``compressive`` layer (Rae et al., 2020): the
+states falling out of the memory are compressed by ``rate`` with a learned convolution into a
+compressed memory of ``cmem_len`` rows; each segment's backward adds the attention-reconstruction
+loss's gradient (its weight ``recon_weight`` = 1, once per segment and layer, in the compression's
+parameters only) and ``self.recon`` lists each segment's summed reconstruction loss.
 """
 from __future__ import annotations
 
 from .. import registry
 from ..backend import get_namespace
+from ..layers import compressive as _compressive
 from ..layers.transformer_xl import init_params
 from ..nn import functional as F
 from ..nn.functional import IGNORE
@@ -36,20 +43,30 @@ from .transformer import Model
 
 
 class XLBlock(Module):
-    """The registered ``transformer_xl`` attention layer, then LN(a + FFN(a))."""
+    """The registered recurrent attention layer (``transformer_xl``, or ``compressive`` when
+    ``cmem_len`` > 0), then LN(a + FFN(a)). Its state is the layer's ``next_memory`` tuple."""
 
-    def __init__(self, d_model, heads, d_ff, rng, *, mem_len, dtype="float64"):
+    def __init__(self, d_model, heads, d_ff, rng, *, mem_len, cmem_len=0, rate=2, dtype="float64"):
         super().__init__()
-        self.attn = RegisteredLayer("transformer_xl", init_params(rng, d_model, heads, dtype=dtype),
-                                    {"heads": heads, "causal": True, "mem_len": mem_len})
+        if cmem_len:
+            params = _compressive.init_params(rng, d_model, heads, rate=rate, dtype=dtype)
+            self.attn = RegisteredLayer("compressive", params, {"heads": heads, "causal": True, "mem_len": mem_len,
+                                                                "cmem_len": cmem_len, "rate": rate})
+        else:
+            self.attn = RegisteredLayer("transformer_xl", init_params(rng, d_model, heads, dtype=dtype),
+                                        {"heads": heads, "causal": True, "mem_len": mem_len})
         self.ff = FeedForward(d_model, d_ff, rng, dtype=dtype)
         self.ln = LayerNorm(d_model, dtype=dtype)
 
-    def forward(self, x, memory=None, memory_mask=None, key_mask=None):
-        """x (B, N, D) -> (y (B, N, D), (memory, memory_mask) for the next segment)."""
-        a = self.attn.forward(x, key_mask=key_mask, memory=memory, memory_mask=memory_mask)
+    def forward(self, x, state=None, key_mask=None):
+        """x (B, N, D) -> (y (B, N, D), the state for the next segment)."""
+        a = self.attn.forward(x, key_mask=key_mask, **dict(zip(self.attn.spec.state_keys, state or ())))
         nxt = self.attn.spec.next_memory(self.attn.cache)
         return self.ln.forward(a + self.ff.forward(a)), nxt
+
+    def aux_loss(self):
+        """The layer's weighted reconstruction loss of the last call (0.0 for Transformer-XL)."""
+        return 0.0 if self.attn.spec.aux_loss is None else float(self.attn.spec.aux_loss(self.attn.cache))
 
     def backward(self, dy):
         da = self.ln.backward(dy)
@@ -62,18 +79,22 @@ class XLDecoder(Model):
     mode = "decoder"
 
     def __init__(self, vocab, rng, *, d_model=32, heads=2, layers=2, d_ff=None, segment=16, mem_len=None,
-                 dtype="float64", max_len=None):
+                 cmem_len=0, rate=2, dtype="float64", max_len=None):
         super().__init__()
         self.d_model, self.heads = check_int("d_model", d_model), check_int("heads", heads)
         if d_model % heads or d_model % 2:
             raise ValueError(f"d_model must be even and divisible by heads={heads}, got {d_model}")
         self.segment = check_int("segment", segment)
         self.mem_len = self.segment if mem_len is None else check_int("mem_len", mem_len, minimum=0)
+        self.cmem_len = check_int("cmem_len", cmem_len, minimum=0)
+        self.rate = check_int("rate", rate)
         self.max_len = max_len           # unused: no absolute positions (kept for the trainer's checks)
         d_ff = 4 * d_model if d_ff is None else check_int("d_ff", d_ff)
         self.embed = Embedding(check_int("vocab", vocab), d_model, rng, dtype=dtype)
-        self.blocks = [self.add(f"blocks.{i}", XLBlock(d_model, heads, d_ff, rng, mem_len=self.mem_len, dtype=dtype))
+        self.blocks = [self.add(f"blocks.{i}", XLBlock(d_model, heads, d_ff, rng, mem_len=self.mem_len,
+                                                        cmem_len=self.cmem_len, rate=self.rate, dtype=dtype))
                        for i in range(check_int("layers", layers))]
+        self.recon = []                  # the summed reconstruction loss of each segment of the last batch
         self.head = Linear(d_model, vocab, rng, dtype=dtype)
         self.memory = None
 
@@ -90,16 +111,17 @@ class XLDecoder(Model):
         """One segment ids (B, N) with the memory the last call left; returns logits (B, N, V)."""
         if ids.ndim != 2:
             raise ValueError(f"ids must have shape (B, N), got {tuple(ids.shape)}")
-        if self.memory is not None and self.memory[0][0] is not None and self.memory[0][0].shape[0] != ids.shape[0]:
+        held = [a for a in (self.memory[0] if self.memory else ()) if a is not None]
+        if held and held[0].shape[0] != ids.shape[0]:
             raise ValueError(f"ids: a batch of {ids.shape[0]} sequences, but the memory holds "
-                             f"{self.memory[0][0].shape[0]}; call reset_memory() first")
+                             f"{held[0].shape[0]}; call reset_memory() first")
         x = self.embed.forward(ids)
-        mems = self.memory or [(None, None)] * len(self.blocks)
+        mems = self.memory or [None] * len(self.blocks)
         new = []
-        for blk, (m, mm) in zip(self.blocks, mems):
-            x, nxt = blk.forward(x, memory=m, memory_mask=mm, key_mask=key_mask)
+        for blk, state in zip(self.blocks, mems):
+            x, nxt = blk.forward(x, state=state, key_mask=key_mask)
             new.append(nxt)
-        self.memory = new if self.mem_len > 0 else None
+        self.memory = new if (self.mem_len > 0 or self.cmem_len > 0) else None
         return self.head.forward(x)
 
     def backward(self, dlogits):
@@ -129,12 +151,15 @@ class XLDecoder(Model):
         total = int((y != IGNORE).sum())
         scale = 1.0 if loss_scale is None else float(loss_scale)
         self.reset_memory()
-        loss_sum, correct = 0.0, 0
+        loss_sum, correct, self.recon = 0.0, 0, []
         for a, b in self.segments(x.shape[1]):
             logits = self.forward(x[:, a:b], None if mask is None else mask[:, a:b])
+            self.recon.append(sum(blk.aux_loss() for blk in self.blocks))
             ys = y[:, a:b]
             count = int((ys != IGNORE).sum())
             if count == 0:
+                if backward and self.cmem_len:       # the reconstruction loss still trains the compression
+                    self.backward(get_namespace(logits).zeros_like(logits))
                 continue
             loss, cache = F.cross_entropy_forward(logits, ys, ignore_index=IGNORE)
             loss_sum += float(loss) * count

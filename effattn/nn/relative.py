@@ -38,7 +38,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import get_namespace
+from ..validate import check_param
+from .functional import layer_norm_backward, layer_norm_forward, merge_heads, split_heads
 from .sparse import attend_backward, attend_forward
+
+XL_NAMES = ("Wq", "Wk", "Wv", "Wr", "u", "vb", "Wo", "ln_g", "ln_b")
 
 
 def distances(n, m, xp):
@@ -106,3 +110,97 @@ def rel_attend_backward(dout, cache):
 def weights_of(cache):
     """The attention weights (..., h, N, M) of the last call."""
     return cache.attend.e * cache.attend.rz
+
+
+# --------------------------------------------------------------------------- the recurrent layers' attention sub-layer
+def check_xl_params(params, D, heads, dtype):
+    """Shapes of :data:`XL_NAMES`: Wq, Wk, Wv, Wr, Wo (D, D); u, vb (heads, d); ln_g, ln_b (D,)."""
+    d = D // heads
+    for name in ("Wq", "Wk", "Wv", "Wr", "Wo"):
+        check_param(name, params[name], (D, D), dtype)
+    for name in ("u", "vb"):
+        check_param(name, params[name], (heads, d), dtype)
+    for name in ("ln_g", "ln_b"):
+        check_param(name, params[name], (D,), dtype)
+
+
+def init_xl_params(rng, D, heads, jitter=0.1):
+    """Host draws: W_q, W_k, W_v, W_R, W_o ~ N(0, 1/D); u, vb ~ jitter N(0, 1); ln_g = 1 + jitter N(0, 1), ln_b = jitter N(0, 1)."""
+    d = D // heads
+    p = {n: rng.standard_normal((D, D)) / D ** 0.5 for n in ("Wq", "Wk", "Wv", "Wr", "Wo")}
+    p["u"] = jitter * rng.standard_normal((heads, d))
+    p["vb"] = jitter * rng.standard_normal((heads, d))
+    p["ln_g"] = 1.0 + jitter * rng.standard_normal(D)
+    p["ln_b"] = jitter * rng.standard_normal(D)
+    return p
+
+
+class XLLayerCache(NamedTuple):
+    x: object
+    h: object          # the keys' rows (..., M, D); x is its last N rows
+    R: object          # (W, D) sinusoids of the distances M - 1, ..., -(N - 1)
+    rel: object        # RelCache of the heads
+    a: object          # merged attention output before W_o (..., N, D)
+    ln: object
+    heads: int
+    params: dict
+
+
+def xl_layer_forward(x, h, params, *, heads, mask=None, causal=False):
+    """y = LN(x + RelMHA(x, h) W_o): queries x (..., N, D) at the last N positions of the keys' rows
+    h (..., M, D) (x itself is h's tail); ``mask`` (..., M) bool or None. Returns (y, XLLayerCache)."""
+    xp = get_namespace(x)
+    n, D = x.shape[-2:]
+    m = h.shape[-2]
+    R = sinusoid(distances(n, m, xp), D, xp, dtype=x.dtype)                 # (W, D)
+    q = split_heads(x @ params["Wq"], heads)
+    k = split_heads(h @ params["Wk"], heads)
+    v = split_heads(h @ params["Wv"], heads)
+    r = split_heads(R @ params["Wr"], heads)                                # (h, W, d)
+    allowed = None if mask is None else mask[..., None, None, :]
+    o, rc = rel_attend_forward(q, k, v, r, params["u"], params["vb"], scale=(D // heads) ** -0.5,
+                               allowed=allowed, diagonal=m - n if causal else None)
+    a = merge_heads(o)
+    y, cl = layer_norm_forward(x + a @ params["Wo"], params["ln_g"], params["ln_b"])
+    return y, XLLayerCache(x, h, R, rc, a, cl, heads, params)
+
+
+def xl_layer_backward(dout, cache):
+    """{"x": dx (query rows and x's rows among the keys), "Wq", "Wk", "Wv", "Wr", "u", "vb", "Wo",
+    "ln_g", "ln_b"}; the rows of h before x (memories) get none."""
+    x, h, R, rc, a, cl, heads, p = cache
+    gl = layer_norm_backward(dout, cl)
+    dres = gl["x"]
+    D, n = x.shape[-1], x.shape[-2]
+    g = rel_attend_backward(split_heads(dres @ p["Wo"].T, heads), rc)
+    dq, dk, dv = merge_heads(g["q"]), merge_heads(g["k"]), merge_heads(g["v"])
+
+    def flat(t):
+        return t.reshape(-1, D)
+
+    dx = dres + dq @ p["Wq"].T + (dk[..., -n:, :] @ p["Wk"].T + dv[..., -n:, :] @ p["Wv"].T)
+    return {"x": dx, "Wq": flat(x).T @ flat(dq), "Wk": flat(h).T @ flat(dk), "Wv": flat(h).T @ flat(dv),
+            "Wr": R.T @ merge_heads(g["r"]), "u": g["u"], "vb": g["v_bias"], "Wo": flat(a).T @ flat(dres),
+            "ln_g": gl["gamma"], "ln_b": gl["beta"]}
+
+
+def xl_layer_loop(x, h, params, *, heads, allowed):
+    """The same layer with every pair's distance written out (no shift): ``allowed`` bool
+    broadcastable to (..., heads, N, M); query i at position M - N + i, key j at j."""
+    xp = get_namespace(x)
+    n, D = x.shape[-2:]
+    m = h.shape[-2]
+    d = D // heads
+    q = split_heads(x @ params["Wq"], heads)
+    k = split_heads(h @ params["Wk"], heads)
+    dist = (m - n + xp.arange(n))[:, None] - xp.arange(m)[None, :]          # (N, M)
+    r = split_heads(sinusoid(dist, D, xp, dtype=x.dtype) @ params["Wr"], heads)   # (N, h, M, d)
+    ac = (q + params["u"][:, None, :]) @ k.swapaxes(-1, -2)                 # (..., h, N, M)
+    bd = ((q + params["vb"][:, None, :]).swapaxes(-3, -2)[..., :, None, :] * r).sum(axis=-1)   # (..., N, h, M)
+    s = xp.where(allowed, (ac + bd.swapaxes(-3, -2)) * d ** -0.5, -xp.inf)
+    mx = s.max(axis=-1, keepdims=True)
+    e = xp.where(allowed, xp.exp(s - xp.where(xp.isfinite(mx), mx, 0.0)), 0.0)
+    z = e.sum(axis=-1, keepdims=True)
+    o = merge_heads((e / xp.where(z > 0, z, 1.0)) @ split_heads(h @ params["Wv"], heads))
+    y, _ = layer_norm_forward(x + o @ params["Wo"], params["ln_g"], params["ln_b"])
+    return y

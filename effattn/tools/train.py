@@ -217,6 +217,10 @@ def add_train_arguments(parser):
                    help="--arch xl: states each layer keeps for the next segment, 0: no memory (default --segment)")
     g.add_argument("--eval-mem-len", type=int, default=None, metavar="L",
                    help="--arch xl: the memory at evaluation, may exceed --mem-len (default --mem-len)")
+    g.add_argument("--cmem-len", type=int, default=None, metavar="L",
+                   help="--arch xl: a Compressive Transformer's compressed memory per layer (default 0: Transformer-XL)")
+    g.add_argument("--compress-rate", type=int, default=None, metavar="C",
+                   help="--arch xl --cmem-len L: states per compressed state (default 2)")
     return parser
 
 
@@ -225,7 +229,8 @@ ARCH_FLAGS = {  # arch -> {arch_config key: (args attribute, flag)}
                "funnel_pool": ("funnel_pool", "--funnel-pool"), "decoder_layers": ("decoder_layers", "--decoder-layers")},
     "perceiver": {"latents": ("latents", "--latents"), "latent_layers": ("latent_layers", "--latent-layers")},
     "xl": {"segment": ("segment", "--segment"), "mem_len": ("mem_len", "--mem-len"),
-           "eval_mem_len": ("eval_mem_len", "--eval-mem-len")},
+           "eval_mem_len": ("eval_mem_len", "--eval-mem-len"), "cmem_len": ("cmem_len", "--cmem-len"),
+           "rate": ("compress_rate", "--compress-rate")},
 }
 
 
@@ -253,7 +258,7 @@ def arch_config_from_args(args, layers):
         k = max(1, layers // 3)
         given["stages"] = [layers - 2 * k, k, k] if layers >= 3 else [1] * layers
     for key, lo in (("stride", 1), ("latents", 1), ("latent_layers", 0), ("decoder_layers", 0), ("segment", 1),
-                    ("mem_len", 0), ("eval_mem_len", 0)):
+                    ("mem_len", 0), ("eval_mem_len", 0), ("cmem_len", 0), ("rate", 1)):
         if key in given and (isinstance(given[key], bool) or given[key] < lo):
             raise ValueError(f"{ARCH_FLAGS[arch][key][1]} must be an integer >= {lo}, got {given[key]!r}")
     if arch == "perceiver":
@@ -489,7 +494,8 @@ def build(s):
                                  latents=ac.get("latents", 16), latent_layers=ac["latent_layers"])
     elif arch == "xl":
         model = XLDecoder(task.vocab, rng, d_model=s["d_model"], heads=s["heads"], layers=s["layers"], d_ff=s["d_ff"],
-                          segment=ac["segment"], mem_len=ac.get("mem_len"), dtype=s["dtype"], max_len=s["max_len"])
+                          segment=ac["segment"], mem_len=ac.get("mem_len"), cmem_len=ac.get("cmem_len", 0),
+                          rate=ac.get("rate", 2), dtype=s["dtype"], max_len=s["max_len"])
     elif task.mode == "encoder":
         model = cls(task.vocab, task.n_classes, rng, pool=s["pool"], **kw)
     elif task.mode == "decoder":
