@@ -128,6 +128,32 @@ def measure(spec, n, *, d=64, dtype="float32", causal=False, repeats=3, clock="w
             "time_s": float(np.median(times)), "peak_bytes": float(peak)}
 
 
+def time_median(f, repeats=3, clock="cpu", warmup=True):
+    """Median of ``repeats`` runs of f() on the clock ``clock`` ("cpu" or "wall"), after one warm-up run."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {clock!r}")
+    tick = CLOCKS[clock]
+    if warmup:
+        f()
+    times = []
+    for _ in range(check_int("repeats", repeats)):
+        t0 = tick()
+        f()
+        times.append(tick() - t0)
+    return float(np.median(times))
+
+
+def peak_bytes(f):
+    """The peak bytes tracemalloc sees while f() runs (what f allocates beyond what exists already)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        f()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def fit_exponent(ns, values):
     """Slope of the least-squares line through (log N, log value)."""
     pts = [(math.log(n), math.log(v)) for n, v in zip(ns, values) if v and v > 0 and math.isfinite(v)]

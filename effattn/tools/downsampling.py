@@ -13,10 +13,7 @@ shared machine); quote ratios from one run.
 """
 from __future__ import annotations
 
-import gc
 import json
-import time
-import tracemalloc
 
 import numpy as np
 
@@ -25,31 +22,7 @@ from ..backend import set_blas_threads
 from ..layers import perceiver as perceiver_layer
 from ..models import Encoder
 from ..models.downsampling import FunnelEncoder
-from .bench import fit_exponent
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def _time(f, repeats, clock):
-    tick = CLOCKS[clock]
-    f()
-    out = []
-    for _ in range(repeats):
-        t0 = tick()
-        f()
-        out.append(tick() - t0)
-    return float(np.median(out))
-
-
-def _peak(f):
-    gc.collect()
-    tracemalloc.start()
-    try:
-        f()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
+from .bench import fit_exponent, peak_bytes as _peak, time_median as _time
 
 def time_perceiver(ns=(1024, 2048, 4096, 8192, 16384), *, m=256, d=64, repeats=3, clock="cpu", full_max=16384):
     """Rows {n, perceiver_s, full_s, perceiver_bytes, full_bytes} and the exponents of both."""

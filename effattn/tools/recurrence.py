@@ -19,8 +19,6 @@ Peak memory: what tracemalloc sees forward + backward allocate beyond the inputs
 from __future__ import annotations
 
 import argparse
-import gc
-import tracemalloc
 from contextlib import contextmanager
 
 import numpy as np
@@ -29,7 +27,7 @@ from .. import backend
 from ..attention import full as full_kernel
 from ..layers import transformer_xl as xl
 from ..validate import check_int
-from .bench import CLOCKS, blas_threads, fit_exponent
+from .bench import CLOCKS, blas_threads, fit_exponent, peak_bytes as _peak, time_median as _time
 
 
 @contextmanager
@@ -42,32 +40,6 @@ def _pinned(threads):
     finally:
         if pinned and before is not None:
             backend.set_blas_threads(before)
-
-
-def _time(f, repeats, clock, warmup=True):
-    """Median of ``repeats`` runs of f() on the clock ``clock`` ("cpu" or "wall"), after one warm-up run."""
-    if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {clock!r}")
-    tick = CLOCKS[clock]
-    if warmup:
-        f()
-    times = []
-    for _ in range(check_int("repeats", repeats)):
-        t0 = tick()
-        f()
-        times.append(tick() - t0)
-    return float(np.median(times))
-
-
-def _peak(f):
-    """The peak bytes tracemalloc sees while f() runs (what f allocates beyond what exists already)."""
-    gc.collect()
-    tracemalloc.start()
-    try:
-        f()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def _layer_step(x, heads, params, *, memory=None, memory_mask=None, mem_len=None):
