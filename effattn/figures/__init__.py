@@ -11,6 +11,7 @@ mechanisms:
     neural_memory.py            04: Set Transformer's inducing points and seeds
     low_rank.py                 05: Linformer, Nystromformer
     kernels.py                  06: Performer's features
+    recurrence.py               07: Transformer-XL's segments and memory, its relative score and shift
     downsampling.py             08: the Funnel's pooled groups, Perceiver's cross-attention maps
     sparse_models.py            09: a mixture of experts' routing
     techniques.py               10: the online softmax of flash, tile by tile
@@ -29,7 +30,7 @@ import numpy as np
 
 from .. import registry
 from . import (background, combination_of_patterns, downsampling, fixed_patterns, kernels, learned_patterns,
-               low_rank, neural_memory, scaling, sparse_models, techniques)
+               low_rank, neural_memory, recurrence, scaling, sparse_models, techniques)
 from .style import mechanism_pattern_figure
 
 FIGURES = {
@@ -60,6 +61,8 @@ FIGURES = {
     "pkm": sparse_models.pkm_figures,
     "funnel": downsampling.funnel_figures,
     "perceiver": downsampling.perceiver_figures,
+    "transformer_xl": recurrence.transformer_xl_figures,
+    "compressive": recurrence.compressive_figures,
 }
 
 
