@@ -307,8 +307,7 @@ def compressive_memory(out_path, *, segment=4, n_segments=6, mem_len=4, cmem_len
         grid[s, mems[s]] = 2
         grid[s, (s + 1) * segment:] = np.nan if s + 1 < n_segments else grid[s, (s + 1) * segment:]
     fig, ax = plt.subplots(figsize=(7.5, 2.8))
-    cmap = ListedColormap(["#f2f2f2", "#9ecae1", "#08519c"])
-    cmap.set_bad("white")
+    cmap = ListedColormap(["#f2f2f2", "#9ecae1", "#08519c"]).with_extremes(bad="white")
     ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=2, aspect="auto", interpolation="nearest")
     for s in range(1, n_segments):
         ax.axvline(s * segment - 0.5, color="k", lw=0.6, alpha=0.4)
