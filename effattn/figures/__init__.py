@@ -11,7 +11,8 @@ mechanisms:
     neural_memory.py            04: Set Transformer's inducing points and seeds
     low_rank.py                 05: Linformer, Nystromformer
     kernels.py                  06: Performer's features
-    recurrence.py               07: Transformer-XL's segments and memory, its relative score and shift
+    recurrence.py               07: Transformer-XL's segments and memory, its relative score and shift;
+                                the Compressive Transformer's two memories and reconstruction loss
     downsampling.py             08: the Funnel's pooled groups, Perceiver's cross-attention maps
     sparse_models.py            09: a mixture of experts' routing
     techniques.py               10: the online softmax of flash, tile by tile

@@ -1,9 +1,11 @@
 """Figures of the recurrent layers (notebook 07): Transformer-XL's segments and memory, the four terms of
-its relative score, the relative shift step by step.
+its relative score, the relative shift step by step; the Compressive Transformer's two memories, segment by
+segment, and its reconstruction loss while only the compression trains.
 
 The numbers behind each figure come from the layer itself (:mod:`effattn.layers.transformer_xl`,
-:mod:`effattn.nn.relative`); the helpers that compute them (:func:`receptive_field`,
-:func:`score_terms`, :func:`shift_steps`) are public so that the notebook prints the same numbers.
+:mod:`effattn.nn.relative`, :mod:`effattn.layers.compressive`); the helpers that compute them
+(:func:`receptive_field`, :func:`score_terms`, :func:`shift_steps`, :func:`compressive_positions`,
+:func:`compression_training`) are public so that the notebook prints the same numbers.
 """
 from __future__ import annotations
 
@@ -269,55 +271,181 @@ def transformer_xl_figures(out_dir, rng=None):
             transformer_xl_shift(os.path.join(out_dir, "transformer_xl_shift.png"), rng)]
 
 
-# --------------------------------------------------------------------------- the Compressive Transformer
-def compressive_contents(*, segment=4, n_segments=6, mem_len=4, cmem_len=4, rate=2):
-    """Which input positions each slot holds after each segment: (memory [list of positions] per
-    segment, compressed [list of (first, last) position ranges] per segment), tracked through the
-    layer's own state update (``compress="mean"``, a one-hot position feature: the mean of a group
-    of c consecutive positions p.. p + c - 1 is p + (c - 1) / 2)."""
+# --------------------------------------------------------------------------- (d) the Compressive Transformer
+def compressive_positions(*, segment=4, n_segments=6, mem_len=4, cmem_len=4, rate=2):
+    """Which input positions the state of a ``compressive`` layer holds after each segment, tracked
+    through the layer's own update (``forward`` and ``next_memory``).
+
+    The input is the one-hot code of the position (x[p] = e_p, D = T rounded up to even, one head) and
+    the compression is ``"mean"``: a memory row is then some e_p, and a compressed row the mean of the
+    one-hot codes of the positions it summarises, (1 / c) sum_{p in group} e_p; its members are its
+    non-zero entries (each checked to be 1 / |group|). ``cmem_len = 0`` is Transformer-XL.
+
+    Returns a list with one dict per segment s (the state handed to segment s + 1): ``memory``, the
+    positions of the memory's rows, oldest first; ``compressed``, one list of positions per
+    compressed row, oldest first; ``forgotten``, the positions already read that neither holds.
+    """
     from ..layers import compressive as cp
 
-    rng = np.random.default_rng(0)
-    D = 2 * segment * n_segments + 2
-    p = cp.init_params(rng, D, 1, compress="mean")
-    x = np.zeros((1, segment * n_segments, D))
-    x[0, :, 0] = np.arange(segment * n_segments)              # feature 0: the position
-    state, mems, comps = {}, [], []
-    keys = ("memory", "memory_mask", "compressed", "compressed_mask")
+    t = segment * n_segments
+    D = t + t % 2
+    x = np.eye(t, D)[None]                                               # x[0, p] = e_p
+    params = cp.init_params(np.random.default_rng(0), D, 1, compress="mean")
+    state, out = {}, []
     for s in range(n_segments):
         _, cache = cp.forward(x[:, s * segment:(s + 1) * segment], **state, heads=1, mem_len=mem_len,
-                              cmem_len=cmem_len, rate=rate, compress="mean", causal=True, **p)
-        state = dict(zip(keys, cp.next_memory(cache)))
-        mems.append([] if state["memory"] is None else list(state["memory"][0, :, 0].astype(int)))
-        c = state["compressed"]
-        comps.append([] if c is None else [(v - (rate - 1) / 2, v + (rate - 1) / 2) for v in c[0, :, 0]])
-    return mems, comps
+                              cmem_len=cmem_len, rate=rate, compress="mean", causal=True, **params)
+        mem, mem_mask, comp, comp_mask = cp.next_memory(cache)
+        state = {"memory": mem, "memory_mask": mem_mask, "compressed": comp, "compressed_mask": comp_mask}
+        memory = [] if mem is None else [int(np.argmax(r)) for r in mem[0]]
+        groups = []
+        for r in ([] if comp is None else comp[0]):
+            members = np.flatnonzero(np.abs(r) > 1e-12)
+            assert np.allclose(r[members], 1.0 / len(members), atol=1e-12), "a compressed row is not a mean"
+            groups.append([int(m) for m in members])
+        assert mem is None or np.allclose(mem[0].max(axis=-1), 1.0), "a memory row is not one position"
+        held = set(memory) | {m for g in groups for m in g}
+        out.append({"memory": memory, "compressed": groups,
+                    "forgotten": [q for q in range((s + 1) * segment) if q not in held]})
+    return out
+
+
+def _positions_panel(ax, rows, segment, title):
+    """One row per segment: memory (orange), compressed (green, each slot outlined), forgotten (grey)."""
+    n_seg = len(rows)
+    t = n_seg * segment
+    kind = np.zeros((n_seg, t))
+    for s, r in enumerate(rows):
+        kind[s, :(s + 1) * segment] = 1                                 # read, and forgotten unless held
+        kind[s, r["memory"]] = 3
+        for g in r["compressed"]:
+            kind[s, g] = 2
+    ax.imshow(kind, cmap=ListedColormap(["#ffffff", "#d9d9d9", "#74c476", "#e69f00"]), vmin=0, vmax=3,
+              aspect="auto", interpolation="nearest")
+    for s, r in enumerate(rows):
+        for k, g in enumerate(r["compressed"]):
+            ax.add_patch(plt.Rectangle((min(g) - 0.5, s - 0.42), len(g), 0.84, fill=False, ec="k", lw=1.2))
+            ax.text((min(g) + max(g)) / 2, s, f"c{k}", ha="center", va="center", fontsize=7)
+        for q in r["forgotten"]:
+            ax.text(q, s, "x", ha="center", va="center", fontsize=7, color="#888888")
+        held = r["memory"] + [m for g in r["compressed"] for m in g]
+        slots = len(r["memory"]) + len(r["compressed"])
+        reach = (s + 1) * segment - min(held) if held else 0
+        ax.text(t - 0.2, s, f"  {slots} rows, {reach} back", ha="left", va="center", fontsize=8, clip_on=False)
+    for b in range(segment, t, segment):
+        ax.axvline(b - 0.5, color="k", lw=0.6, alpha=0.5)
+    for s in range(1, n_seg):
+        ax.axhline(s - 0.5, color="w", lw=2)
+    ax.set_xticks(range(0, t, segment))
+    ax.set_yticks(range(n_seg), [f"after {s + 1}" for s in range(n_seg)])
+    ax.set(xlabel="input position (lines: segment boundaries)", ylabel="state after segment", title=title)
 
 
 def compressive_memory(out_path, *, segment=4, n_segments=6, mem_len=4, cmem_len=4, rate=2):
-    """After each segment (rows): the positions the memory holds (dark) and the positions the
-    compressed memory summarises (light, c per slot), over the whole sequence (columns)."""
-    mems, comps = compressive_contents(segment=segment, n_segments=n_segments, mem_len=mem_len,
-                                       cmem_len=cmem_len, rate=rate)
-    T = segment * n_segments
-    grid = np.zeros((n_segments, T))
-    for s in range(n_segments):
-        for a, b in comps[s]:
-            grid[s, int(a):int(b) + 1] = 1
-        grid[s, mems[s]] = 2
-        grid[s, (s + 1) * segment:] = np.nan if s + 1 < n_segments else grid[s, (s + 1) * segment:]
-    fig, ax = plt.subplots(figsize=(7.5, 2.8))
-    cmap = ListedColormap(["#f2f2f2", "#9ecae1", "#08519c"]).with_extremes(bad="white")
-    ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=2, aspect="auto", interpolation="nearest")
-    for s in range(1, n_segments):
-        ax.axvline(s * segment - 0.5, color="k", lw=0.6, alpha=0.4)
-    ax.set_xlabel("input position")
-    ax.set_ylabel("after segment")
-    ax.set_yticks(range(n_segments), [str(s + 1) for s in range(n_segments)])
-    ax.set_title(f"Compressive memory: memory {mem_len} (dark), compressed {cmem_len} slots of c = {rate} (light)",
-                 fontsize=9)
+    """``compressive_memory.png``: after each segment (rows), which input positions (columns) the
+    memory holds (orange) and which each compressed row summarises (green, one outlined box per row
+    c0, c1, ...), the forgotten ones (x), as tracked by :func:`compressive_positions`; left the
+    Compressive Transformer (memory n_m, compressed memory n_cm, rate c), right Transformer-XL with
+    the same number of rows, n_m + n_cm."""
+    comp = compressive_positions(segment=segment, n_segments=n_segments, mem_len=mem_len, cmem_len=cmem_len,
+                                 rate=rate)
+    xl = compressive_positions(segment=segment, n_segments=n_segments, mem_len=mem_len + cmem_len, cmem_len=0,
+                               rate=rate)
+    fig, axes = plt.subplots(1, 2, figsize=(15.5, 4.2), layout="constrained")
+    _positions_panel(axes[0], comp, segment,
+                     f"Compressive Transformer: N = {segment}, memory n_m = {mem_len} (orange),\n"
+                     f"compressed memory n_cm = {cmem_len} rows of c = {rate} states each (green boxes)")
+    _positions_panel(axes[1], xl, segment,
+                     f"Transformer-XL with the same {mem_len + cmem_len} rows: memory {mem_len + cmem_len}\n"
+                     "(x: read, then forgotten)")
+    fig.suptitle("What the state holds after each segment (tracked through the layer: one-hot positions, mean "
+                 "compression)")
+    return save(fig, out_path)
+
+
+def _compression_case(rng, *, salient, n_batches, batch, N, L, D):
+    """Random segments x (B, N, D) and memories (B, L, D); ``salient``: the first state of every pair
+    of the memory scaled by 3, the second by 0.5 (a pair's attention is dominated by its first row)."""
+    scale = np.where(np.arange(L) % 2 == 0, 3.0, 0.5)[:, None] if salient else 1.0
+    return [(rng.standard_normal((batch, N, D)), rng.standard_normal((batch, L, D)) * scale)
+            for _ in range(n_batches)]
+
+
+def compression_training(rng=None, *, salient=False, steps=200, lr=None, D=16, heads=2, N=8, L=8, rate=2,
+                         batch=16, eval_every=10):
+    """Train only the convolution f_c of one ``compressive`` layer on its attention-reconstruction loss.
+
+    Each step draws a random segment x (batch, N, D) and memory (batch, L, D) (``mem_len = L``: the
+    L memory rows fall out and are compressed, L / rate groups), runs ``forward``, and takes a plain
+    gradient step W_c -= lr dW_c, b_c -= lr db_c with the gradient ``backward(0, cache)`` returns (the
+    reconstruction loss's alone: a zero upstream gradient gives every other parameter zero, asserted).
+    The other parameters stay at their random initial values. ``salient``: see :func:`_compression_case`
+    (default lr 1.0 for plain inputs, 0.15 for salient ones, whose gradients are about 9x larger).
+
+    Returns dict: ``steps`` and ``held_out`` (the loss on a fixed held-out set of 64 sequences, every
+    ``eval_every`` steps and at the end), ``train`` (each step's batch loss, before its update),
+    ``max`` and ``mean`` (the parameter-free pooling's held-out loss), ``Wc``, ``bc`` (trained).
+    """
+    from ..layers import compressive as cp
+
+    rng = np.random.default_rng(0) if rng is None else rng
+    lr = (0.15 if salient else 1.0) if lr is None else lr
+    params = cp.init_params(rng, D, heads, rate=rate)
+    cfg = {"heads": heads, "mem_len": L, "cmem_len": L, "rate": rate, "causal": True}
+    (xe, me), = _compression_case(rng, salient=salient, n_batches=1, batch=64, N=N, L=L, D=D)
+    train = _compression_case(rng, salient=salient, n_batches=steps, batch=batch, N=N, L=L, D=D)
+
+    def held(compress, p):
+        return cp.aux_loss(cp.forward(xe, memory=me, compress=compress, **cfg, **p)[1])
+
+    fixed = {k: v for k, v in params.items() if k not in ("Wc", "bc")}
+    out = {"max": held("max", fixed), "mean": held("mean", fixed), "steps": [], "held_out": [], "train": []}
+    for step, (x, m) in enumerate(train):
+        if step % eval_every == 0:
+            out["steps"].append(step)
+            out["held_out"].append(held("conv", params))
+        _, cache = cp.forward(x, memory=m, **cfg, **params)
+        out["train"].append(cp.aux_loss(cache))
+        g = cp.backward(np.zeros_like(x), cache)
+        assert all(not np.any(v) for k, v in g.items() if k not in ("Wc", "bc")), "the loss reached the layer"
+        params = {**params, "Wc": params["Wc"] - lr * g["Wc"], "bc": params["bc"] - lr * g["bc"]}
+    out["steps"].append(steps)
+    out["held_out"].append(held("conv", params))
+    out.update(Wc=params["Wc"], bc=params["bc"], lr=lr)
+    return out
+
+
+def compressive_reconstruction(out_path, rng=None, runs=None):
+    """``compressive_reconstruction.png``: the attention-reconstruction loss of a learned convolution
+    f_c against the gradient steps on W_c, b_c alone (:func:`compression_training`), with the max and
+    mean pooling's losses as horizontal lines; left plain random states, right states whose pairs have
+    a salient first row. ``runs``: the two results of :func:`compression_training` (plain, salient), if
+    already computed."""
+    if runs is None:
+        rng = np.random.default_rng(0) if rng is None else rng
+        runs = [compression_training(rng, salient=False), compression_training(rng, salient=True)]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), layout="constrained")
+    titles = ("random states: the convolution learns the mean\n(W_c[t] close to I / c at the end)",
+              "states whose pairs have a salient first row (x3, x0.5):\nthe convolution learns to keep it, "
+              "and beats both poolings")
+    for ax, r, title in zip(axes, runs, titles):
+        ax.plot(np.arange(len(r["train"])), r["train"], color="#9ecae1", lw=0.8, label="conv, each step's batch")
+        ax.plot(r["steps"], r["held_out"], "o-", color="#08519c", ms=3, label="conv, held out")
+        ax.axhline(r["mean"], color="k", ls="--", lw=1, label=f"mean pooling ({r['mean']:.3f})")
+        ax.axhline(r["max"], color="#d62728", ls=":", lw=1.2, label=f"max pooling ({r['max']:.3f})")
+        ax.set_yscale("log")
+        ax.set(xlabel=f"gradient step on W_c, b_c only (lr {r['lr']})", ylabel="reconstruction loss L_attn",
+               title=title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle("The attention-reconstruction loss trains the compression alone (c = 2, one layer, its other "
+                 "weights fixed at random)")
     return save(fig, out_path)
 
 
 def compressive_figures(out_dir, rng=None):
-    return [compressive_memory(os.path.join(out_dir, "compressive_memory.png"))]
+    """The two figures of ``compressive``: what the memories hold after each segment, and the
+    reconstruction loss falling while only the compression trains."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    return [compressive_memory(os.path.join(out_dir, "compressive_memory.png")),
+            compressive_reconstruction(os.path.join(out_dir, "compressive_reconstruction.png"), rng)]

@@ -6,8 +6,11 @@
 #   differences.
 # * Time and memory grow as $N^2$ (measured above: both exponents near 2): the score matrix is the bottleneck that the
 #   rest of the survey removes — with fixed patterns (notebook 01), combinations of patterns with global tokens (02),
-#   learnable patterns (03), neural memory (04), low rank (05) and kernels (06); `10_techniques` covers the efficiency
-#   techniques that change how a model runs rather than what it computes.
+#   learnable patterns (03), neural memory (04), low rank (05) and kernels (06),
+#   or by processing a long sequence in segments connected by a memory (recurrence, 07),
+#   by attending over a shorter, downsampled sequence (downsampling, 08),
+#   and by letting each token use only a few of many parameters (sparse models, 09); `10_techniques` covers the
+#   efficiency techniques that change how a model runs rather than what it computes.
 #
 # ### Exercises
 # 1. Pass `scale=1.0` instead of $1/\sqrt d$ and look at how peaked the rows of $P$ become for $d = 64$. Why did

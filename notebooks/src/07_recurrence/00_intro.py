@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 07 · Recurrence: Transformer-XL
+# # 07 · Recurrence: Transformer-XL and the Compressive Transformer
 #
 # *Efficient Transformers: A Survey* — Tay et al. ([arXiv 2009.06732](https://arxiv.org/abs/2009.06732)) gives
 # **recurrence** (RC) a class of its own. The blockwise models of notebook 01 cut a long sequence into blocks that
@@ -11,7 +11,7 @@
 # | layer | paper | a segment of N tokens attends over | cost per segment |
 # |---|---|---|---|
 # | `transformer_xl` | Dai et al. 2019 ([arXiv 1901.02860](https://arxiv.org/abs/1901.02860)) | [memory of L states; segment] | O(N (L + N) D) |
-# | Compressive Transformer | Rae et al. 2019 ([arXiv 1911.05507](https://arxiv.org/abs/1911.05507)) | [compressed memory; memory; segment] | not implemented yet |
+# | `compressive` | Rae et al. 2020 ([arXiv 1911.05507](https://arxiv.org/abs/1911.05507)) | [compressed memory of L_c rows, each c old states; memory; segment] | O(N (L_c + L + N) D) + the compression |
 #
 # **The intuition.** A language model trained on segments of N tokens knows nothing before its segment: the context
 # is cut at every boundary, and predicting token by token over a long text would mean recomputing a whole window at
@@ -20,6 +20,11 @@
 # no gradient flows into it (the paper's stop-gradient SG), so a training step costs one segment's forward and
 # backward, whatever came before. Yet a layer's memory holds the outputs of the layer below, which themselves read
 # *their* memory: the context grows by about L tokens per layer (section 1).
+#
+# The **Compressive Transformer** (section 3) keeps what Transformer-XL forgets: the states that leave the memory
+# are compressed c : 1 into a second memory, so that the same number of keys reaches further back. Sections 1–2: the
+# Transformer-XL layer and its relative positions; 3: the Compressive Transformer; 4: the cost; 5: both trained, with
+# and without memory, on a task whose answers lie one or two segments back.
 #
 # **Why relative positions.** With absolute positions, token 3 of this segment and token 3 of the previous one
 # would carry the same position embedding, and the memory's keys would collide with the segment's. So the score of
@@ -56,10 +61,12 @@ import numpy as np
 from effattn.backend import set_blas_threads
 from effattn.figures import recurrence as figs
 from effattn.gradcheck import numerical_gradient
+from effattn.layers import compressive as cp
 from effattn.layers import transformer_xl as xl
 from effattn.nn import relative
 from effattn.tools import recurrence
 from effattn.tools.teach import check, load_answer, show_source
+from effattn.tools.train import evaluate, train_model
 
 T0 = time.time()
 set_blas_threads(1)          # timings below on one thread and the CPU clock (steady on a shared machine)

@@ -1,5 +1,5 @@
 # %% [markdown]
-# ## 3 · Cost
+# ## 4 · Cost
 #
 # ### Per segment, against the memory length
 #
@@ -43,3 +43,10 @@ assert r["full_over_xl_memory"] > 2 and r["at_once_over_xl_memory"] > 4
 # (14–15× the time, 107× the memory). Against the bare causal kernel the segments are 8× cheaper in memory but not
 # yet in time at this T (exercise 3). Per segment at N = 512, L = 512 ... 4096, the memory the keys add grew with
 # exponent 0.99 in L, the time they add with 0.7–1.0 (the spread of a shared machine).
+#
+# The Compressive Transformer's segment is Transformer-XL's over M = L_c + L + N keys — the same cost with L_c more
+# keys, each standing for c states — plus the state update: the convolution of the k rows that fall out (k / c
+# products of a (c D)-vector with a (c D, D) matrix, O(k D²)) and, in training, the reconstruction loss (two more
+# attentions of the N queries, over the k old rows and over their k / c compressed rows, O(N k D)). For a reach of
+# L + c L_c states it scores N (L_c + L + N) pairs, where Transformer-XL with that reach would score
+# N (c L_c + L + N).

@@ -83,3 +83,62 @@ reach_ok(my_reach);
 # %%
 answer = load_answer("07_recurrence/80_exercise.py", "my_reach")
 assert reach_ok(answer)
+
+# %% [markdown]
+# ### 3 · The compressed memory by hand
+#
+# Follow positions through the Compressive Transformer's state update (section 3) without the layer: segment s holds
+# the positions s N, ..., s N + N − 1; after it, all = [memory; segment], the memory keeps the last n_m positions of
+# all, the k older ones fall out, the oldest k mod c of those are dropped and the rest form groups of c consecutive
+# positions, appended to the compressed memory, which keeps its last n_cm groups. Write
+# `my_compressed_groups(segment, n_segments, mem_len, cmem_len, rate)` returning, after each segment, the list of
+# compressed rows, each the list of positions it summarises (oldest first); it is checked against
+# `figs.compressive_positions`, which tracks one-hot positions through the layer itself.
+
+# %%
+def my_compressed_groups(segment, n_segments, mem_len, cmem_len, rate):
+    """[after segment 1, 2, ...: [[positions of compressed row 0], [positions of row 1], ...]]."""
+    return None          # replace with your code
+
+
+def groups_ok(fn):
+    cases = [(4, 6, 4, 4, 2), (3, 5, 3, 4, 2), (4, 5, 2, 3, 3), (5, 4, 4, 2, 2), (4, 4, 0, 3, 2)]
+    good = True
+    for c in cases:
+        want = [r["compressed"] for r in figs.compressive_positions(segment=c[0], n_segments=c[1], mem_len=c[2],
+                                                                    cmem_len=c[3], rate=c[4])]
+        got = fn(*c)
+        good = good and got is not None and [[list(g) for g in row] for row in got] == want
+    print("my_compressed_groups:", "PASS, equal to the layer's own state" if good else
+          "not yet equal to the layer's state")
+    return good
+
+
+groups_ok(my_compressed_groups);
+
+# %% [markdown]
+# <details><summary>Answer (try first!)</summary>
+#
+# ```python
+# def my_compressed_groups(segment, n_segments, mem_len, cmem_len, rate):
+#     mem, comp, out = [], [], []
+#     for s in range(n_segments):
+#         all_ = mem + list(range(s * segment, (s + 1) * segment))
+#         keep = min(mem_len, len(all_))
+#         old, mem = all_[:len(all_) - keep], all_[len(all_) - keep:]
+#         g = len(old) // rate
+#         old = old[len(old) - g * rate:]                  # the oldest k mod c fill no group
+#         comp = comp + [old[i * rate:(i + 1) * rate] for i in range(g)]
+#         comp = comp[max(0, len(comp) - cmem_len):] if cmem_len else []
+#         out.append(comp)
+#     return out
+# ```
+#
+# Two slips are easy: `comp[-cmem_len:]` is wrong when `cmem_len` is 0 (it keeps everything), and the groups start at
+# the *newest* end of `old` (the layer drops the oldest rows that fill no group, so the groups line up with the
+# memory's edge). With n_m = 0 the whole segment falls out at once: the layer is then a compressed memory alone.
+# </details>
+
+# %%
+answer = load_answer("07_recurrence/80_exercise.py", "my_compressed_groups")
+assert groups_ok(answer)
